@@ -1,0 +1,31 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+# Both create (or refresh, when the package's requirements change) the virtual
+# environment .venv, pinning the CPU build of torch before DeepSpeed.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH  := torch==2.13.0
+
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: demo test venv clean
+
+demo: $(STAMP)
+	$(PY) -m deepspeed_dualpipe demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.cfg
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[test,plot]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,0 +1,70 @@
+"""Where each model stage of a schedule lives: the path of a micro-batch.
+
+A micro-batch visits the model's stages in order; each visit happens at a
+*location* ``(rank, chunk)``. Every schedule in this package is described by the
+path of each micro-batch, from which follow its peers, its first stage (which
+loads inputs) and its last stage (which computes the loss).
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+Location = Tuple[int, int]  # (pipeline rank, chunk on that rank)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Stage placement of one schedule kind for ``ranks`` ranks and ``micro_batches``."""
+
+    kind: str  # "linear" (1F1B, ZB1P), "bidirectional" (DualPipe) or "v" (DualPipeV)
+    ranks: int
+    micro_batches: int
+
+    @property
+    def chunks_per_rank(self) -> int:
+        return 1 if self.kind == "linear" else 2
+
+    @property
+    def model_stages(self) -> int:
+        """How many pieces the model is cut into."""
+        return 2 * self.ranks if self.kind == "v" else self.ranks
+
+    @property
+    def param_copies(self) -> int:
+        """How many copies of every parameter the pipeline holds."""
+        return 2 if self.kind == "bidirectional" else 1
+
+    def path(self, micro_batch: int) -> List[Location]:
+        """The locations ``micro_batch`` visits, in model-stage order."""
+        P = self.ranks
+        if self.kind == "linear":
+            return [(r, 0) for r in range(P)]
+        if self.kind == "bidirectional":
+            if micro_batch < self.micro_batches // 2:
+                return [(r, 0) for r in range(P)]  # forward direction: enters at rank 0
+            return [(P - 1 - s, 1) for s in range(P)]  # reverse direction: enters at rank P-1
+        return [(r, 0) for r in range(P)] + [(r, 1) for r in reversed(range(P))]
+
+    def model_stage(self, rank: int, chunk: int) -> int:
+        """The model stage held by ``chunk`` of ``rank``."""
+        P = self.ranks
+        if chunk == 0:
+            return rank
+        return P - 1 - rank if self.kind == "bidirectional" else 2 * P - 1 - rank
+
+    def _neighbour(self, rank: int, chunk: int, micro_batch: int, step: int) -> Optional[Location]:
+        path = self.path(micro_batch)
+        i = path.index((rank, chunk)) + step
+        return path[i] if 0 <= i < len(path) else None
+
+    def upstream(self, rank: int, chunk: int, micro_batch: int) -> Optional[Location]:
+        """The location feeding activations into ``(rank, chunk)``; None at the first stage."""
+        return self._neighbour(rank, chunk, micro_batch, -1)
+
+    def downstream(self, rank: int, chunk: int, micro_batch: int) -> Optional[Location]:
+        """The location receiving activations from ``(rank, chunk)``; None at the loss stage."""
+        return self._neighbour(rank, chunk, micro_batch, +1)
+
+    def micro_batches_of(self, rank: int, chunk: int) -> List[int]:
+        """The micro-batches that pass through ``(rank, chunk)``, in id order."""
+        return [m for m in range(self.micro_batches) if (rank, chunk) in self.path(m)]
