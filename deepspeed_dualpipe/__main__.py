@@ -1,0 +1,5 @@
+import sys
+
+from deepspeed_dualpipe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,132 @@
+"""``python -m deepspeed_dualpipe``: print, verify, simulate and draw schedules."""
+
+import argparse
+import json
+import sys
+
+from deepspeed_dualpipe.executor import Costs, ScheduleError
+from deepspeed_dualpipe.schedules import SCHEDULES, get_spec
+
+DEFAULT_COSTS = "F=1,B=2,W=1"
+
+
+def _names(text: str):
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        get_spec(name)  # raises ValueError naming the valid schedules
+    return names
+
+
+def _add_shape(p, schedule=True):
+    if schedule:
+        p.add_argument("--schedule", required=True, help=f"one of: {', '.join(SCHEDULES)}")
+    p.add_argument("--stages", "-P", type=int, required=True, help="pipeline ranks P")
+    p.add_argument("--micro-batches", "-M", type=int, required=True, help="micro-batches per batch M")
+
+
+def _add_costs(p, default=DEFAULT_COSTS):
+    p.add_argument("--cost", default=default,
+                   help=f"per-chunk costs F,B (full backward),W (its weight part),FB (overlapped pair),latency "
+                        f"(default {default})")
+
+
+def cmd_schedule(args) -> None:
+    from deepspeed_dualpipe.render import render_text, schedule_json
+    get_spec(args.schedule).validate(args.stages, args.micro_batches)
+    if args.format == "json":
+        print(json.dumps(schedule_json(args.schedule, args.stages, args.micro_batches), indent=1))
+    elif args.format == "torch-csv":
+        from deepspeed_dualpipe.torch_format import to_torch_csv
+        sys.stdout.write(to_torch_csv(args.schedule, args.stages, args.micro_batches))
+    else:
+        print(render_text(args.schedule, args.stages, args.micro_batches, Costs.parse(args.cost)))
+
+
+def cmd_simulate(args) -> None:
+    from deepspeed_dualpipe.simulate import simulate, table
+    costs = Costs.parse(args.cost)
+    names = _names(args.schedules)
+    results = []
+    for name in names:
+        try:
+            get_spec(name).validate(args.stages, args.micro_batches)
+        except ValueError as error:
+            if len(names) == 1:
+                raise
+            print(f"skipping {name}: {error}", file=sys.stderr)
+            continue
+        results.append(simulate(name, args.stages, args.micro_batches, costs))
+    if args.json:
+        print(json.dumps({"schedules": {s.schedule: s.to_json() for s in results}}, indent=1))
+        return
+    print(f"P={args.stages} ranks, M={args.micro_batches} micro-batches, per-chunk costs F={costs.F:g} "
+          f"B={costs.B:g} W={costs.W:g} F&B={costs.pair:g} latency={costs.latency:g}")
+    print(table(results))
+
+
+def cmd_verify(args) -> None:
+    from deepspeed_dualpipe.verify import verify
+    for name in _names(args.schedules):
+        result = verify(name, args.stages, args.micro_batches)
+        print(f"{name}: ok, P={args.stages} M={args.micro_batches}, "
+              f"peak live activations per rank {result.peak_activations}")
+
+
+def cmd_plot(args) -> None:
+    from deepspeed_dualpipe.plot import plot_timeline
+    get_spec(args.schedule).validate(args.stages, args.micro_batches)
+    print(plot_timeline(args.schedule, args.stages, args.micro_batches, Costs.parse(args.cost), args.out))
+
+
+def cmd_demo(args) -> None:
+    """Until the training job lands: a DualPipe schedule and the simulated bubble table."""
+    from deepspeed_dualpipe.render import render_text
+    from deepspeed_dualpipe.simulate import simulate, table
+    costs = Costs.parse("F=1,B=2,W=1,FB=2.5")
+    print(render_text("dualpipe", 4, 10, costs))
+    print()
+    print("Simulated, P=8 ranks, M=20 micro-batches, costs F=1 B=2 W=1 F&B=2.5 (per chunk):")
+    print(table([simulate(name, 8, 20, costs) for name in SCHEDULES]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m deepspeed_dualpipe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("schedule", help="print one schedule: a picture, its JSON, or torch's CSV")
+    _add_shape(p)
+    p.add_argument("--format", choices=["text", "json", "torch-csv"], default="text")
+    _add_costs(p)
+    p.set_defaults(func=cmd_schedule)
+
+    p = sub.add_parser("simulate", help="simulated makespan, bubble and memory beside the report's Table 2")
+    _add_shape(p, schedule=False)
+    _add_costs(p)
+    p.add_argument("--schedules", default=",".join(SCHEDULES))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("verify", help="symbolically execute every rank's instruction stream")
+    _add_shape(p, schedule=False)
+    p.add_argument("--schedules", default=",".join(SCHEDULES))
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("plot", help="draw a schedule's timeline (PNG or SVG)")
+    _add_shape(p)
+    _add_costs(p)
+    p.add_argument("--out", required=True, help="FILE.png or FILE.svg")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("demo", help="the main job (for now: a DualPipe schedule and its simulated bubbles)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, ScheduleError) as error:
+        parser.exit(2, f"error: {error}\n")
+    return 0
