@@ -234,5 +234,5 @@ def _missing(rank, event, layout, arrival) -> str:
             payload = "act" if part.op == "F" else "grad"
             if _message(payload, m, source, here) not in arrival:
                 what = "activation" if payload == "act" else "gradient"
-                return f"the {what} of micro-batch {m} from rank {source[0]} (never sent before it blocks)"
+                return f"the {what} of micro-batch {m} from rank {source[0]}, which is never sent"
     return "an unknown dependency"

@@ -32,6 +32,24 @@ def test_torch_validator_accepts_every_expressible_schedule(name, P, M):
     assert tf.validate_with_torch(name, P, M) == _placement(name, P, M)
 
 
+@pytest.mark.parametrize("name,P,M", [(n, P, M) for n, P, M in CASES if P > 1])
+def test_torch_lowers_compute_actions_to_sends_and_receives_without_deadlock(name, P, M):
+    """torch's validator checks each stage alone; its comms lowering checks the data flow between stages."""
+    placement = _placement(name, P, M)
+    stages = get_spec(name).layout(P, M).model_stages
+    ts._add_send_recv(tf.to_torch_actions(name, P, M), lambda s: placement[s], stages)
+
+
+def test_torch_lowering_rejects_a_cross_stage_deadlock_that_its_validator_accepts():
+    F, B = ts._ComputationType.FORWARD, ts._ComputationType.FULL_BACKWARD
+    a = ts._Action
+    # rank 0 waits for micro-batch 0's gradient before sending micro-batch 1, which rank 1 needs first
+    actions = {0: [a(0, F, 0), a(0, B, 0), a(0, F, 1), a(0, B, 1)], 1: [a(1, F, 0), a(1, F, 1), a(1, B, 0), a(1, B, 1)]}
+    ts._validate_schedule(actions, 2, 2, 2)
+    with pytest.raises(AssertionError, match="Malformed compute schedule"):
+        ts._add_send_recv(actions, lambda s: s, 2)
+
+
 @pytest.mark.parametrize("name,P,M", [(n, P, M) for n, P, M in CASES if P in (2, 4)])
 def test_csv_round_trips_through_torchs_own_load_csv(name, P, M, tmp_path):
     path = tmp_path / "schedule.csv"
