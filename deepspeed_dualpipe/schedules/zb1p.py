@@ -1,10 +1,10 @@
 """ZB-H1 (ZeroBubble, Qi et al. 2023): 1F1B with backward split into I and W.
 
-Rank r runs 1F1B, but splits each backward into an input-gradient pass I, sent on at
-once, and a weight pass W that it holds back: r of them, the number of steps by which
-its first backward arrives earlier than on the last rank... wait, later. The held-back
-W passes fill the cool-down bubble, so the bubble shrinks from (P-1)(F+B) to
-(P-1)(F+B-2W) with the same peak activation memory as 1F1B on rank 0.
+Rank r runs 1F1B, but splits each backward into an input-gradient pass I, which it
+sends on at once, and a weight pass W. It postpones its first r weight passes, so that
+input gradients travel upstream sooner; they run at the end, where 1F1B leaves rank r
+idle. The bubble shrinks from (P-1)(F+B) to (P-1)(F+B-2W); every rank holds at most P
+activations, 1F1B's maximum (reached there on rank 0 only).
 """
 
 from deepspeed_dualpipe.schedules.base import ProgramSchedule
