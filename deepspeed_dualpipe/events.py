@@ -115,9 +115,7 @@ def _event(ins, layout, rank, counters):
         if plugin:
             return Comm(*kind, chunk, ins.micro_batch, ins.peer, ins.buffer_id)
         micro_batch = counters.next(kind, chunk)
-        upstream = kind in (("recv", "act"), ("send", "grad"))
-        neighbour = (layout.upstream if upstream else layout.downstream)(rank, chunk, micro_batch)
-        return Comm(*kind, chunk, micro_batch, neighbour[0], ins.buffer_id)
+        return Comm(*kind, chunk, micro_batch, layout.other_end(rank, chunk, micro_batch, *kind)[0], ins.buffer_id)
     for cls, op in _COMPUTE:
         if isinstance(ins, cls):
             micro_batch = ins.micro_batch if plugin else counters.next(op, chunk)

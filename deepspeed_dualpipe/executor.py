@@ -132,9 +132,8 @@ def execute(streams: List[list], layout: Layout, costs: Costs = Costs(), forward
 
 def _advance(rank, event, layout, costs, arrival, execution, forward_only) -> bool:
     """Run one event if it can run now; False if it must wait for another rank."""
-    here = (rank.rank, event.chunk) if isinstance(event, Comm) else None
     if isinstance(event, Comm):
-        source, target = _endpoints(layout, here, event)
+        source, target = _endpoints(layout, (rank.rank, event.chunk), event)
         if (source if event.direction == "send" else target)[0] != rank.rank or \
                 (target if event.direction == "send" else source)[0] != event.peer:
             raise ScheduleError(f"rank {rank.rank}: {event} names peer {event.peer}, but that message runs "
@@ -180,13 +179,8 @@ def _advance(rank, event, layout, costs, arrival, execution, forward_only) -> bo
 
 def _endpoints(layout, here, comm):
     """(source location, target location) of the message a Comm at location ``here`` carries."""
-    m = comm.micro_batch
-    if comm.payload == "act":
-        other = layout.downstream(*here, m) if comm.direction == "send" else layout.upstream(*here, m)
-        pair = (here, other) if comm.direction == "send" else (other, here)
-    else:
-        other = layout.upstream(*here, m) if comm.direction == "send" else layout.downstream(*here, m)
-        pair = (here, other) if comm.direction == "send" else (other, here)
+    other = layout.other_end(*here, comm.micro_batch, comm.direction, comm.payload)
+    pair = (here, other) if comm.direction == "send" else (other, here)
     if pair[0] is None or pair[1] is None:
         raise ScheduleError(f"rank {here[0]}: {comm} has no peer: chunk {here[1]} is at the end of the pipe")
     return pair

@@ -65,6 +65,14 @@ class Layout:
         """The location receiving activations from ``(rank, chunk)``; None at the loss stage."""
         return self._neighbour(rank, chunk, micro_batch, +1)
 
+    def other_end(self, rank: int, chunk: int, micro_batch: int, direction: str, payload: str) -> Optional[Location]:
+        """Where a ``direction`` ("send"/"recv") of ``payload`` ("act"/"grad") at (rank, chunk) goes or comes from.
+
+        Activations flow downstream and gradients upstream.
+        """
+        downstream = (payload == "act") == (direction == "send")
+        return (self.downstream if downstream else self.upstream)(rank, chunk, micro_batch)
+
     def micro_batches_of(self, rank: int, chunk: int) -> List[int]:
         """The micro-batches that pass through ``(rank, chunk)``, in id order."""
         return [m for m in range(self.micro_batches) if (rank, chunk) in self.path(m)]
