@@ -3,7 +3,8 @@
 Semantics (those of the engine): sends and receives are posted without blocking; a
 compute operation starts once its inputs are there -- a received tensor once its
 send has been posted (plus ``latency``), a tensor from the same rank once the
-operation that makes it has run. Every rank runs its stream in order. Run with any
+operation that makes it has run. The one blocking post is the first activation
+receive on a channel: the engine learns the tensor shapes from it. Every rank runs its stream in order. Run with any
 costs this finds deadlocks; run with the report's costs it is the simulator.
 """
 
@@ -101,6 +102,7 @@ class _Rank:
         self.next = 0
         self.clock = 0.0
         self.posted = set()
+        self.shaped = set()  # (peer, chunk) activation channels whose shapes are known
         self.done: Dict[Tuple[str, int, int], float] = {}  # (op, chunk, micro_batch) -> end time
         self.live = 0
         self.peak = 0
@@ -149,6 +151,12 @@ def _advance(rank, event, layout, costs, arrival, execution, forward_only) -> bo
             arrival[message] = rank.clock + costs.latency
             execution.sent.setdefault(channel, []).append(message)
         else:
+            if event.payload == "act" and (event.peer, event.chunk) not in rank.shaped:
+                # The engine learns a channel's tensor shapes from the first message's metadata,
+                # so the first activation receive on a channel waits for its send.
+                if message not in arrival:
+                    return False
+                rank.shaped.add((event.peer, event.chunk))
             rank.posted.add(message)
             execution.received.setdefault(channel, []).append(message)
         return True
@@ -220,7 +228,7 @@ def _needs(rank, part: Op, layout, arrival, forward_only) -> Optional[float]:
 
 def _missing(rank, event, layout, arrival) -> str:
     if isinstance(event, Comm):
-        return "nothing"
+        return f"the activation of micro-batch {event.micro_batch} from rank {event.peer}, which is never sent"
     for part in event.parts():
         here, m = (rank.rank, part.chunk), part.micro_batch
         source = layout.upstream(*here, m) if part.op == "F" else layout.downstream(*here, m)

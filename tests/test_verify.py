@@ -63,7 +63,7 @@ def test_intact_streams_pass():
 def test_a_dropped_send_is_a_deadlock_that_names_the_waiting_rank():
     streams, layout = streams_of()
     del streams[0][index_of(streams[0], lambda e: isinstance(e, Comm) and e.direction == "send")]
-    with pytest.raises(ScheduleError, match="rank 1 waits at 0F0 for the activation of micro-batch 0 from rank 0, which is never sent"):
+    with pytest.raises(ScheduleError, match="rank 1 waits at recv_act.0,0.<-0 for the activation of micro-batch 0 from rank 0, which is never sent"):
         verify_streams(streams, layout)
 
 
