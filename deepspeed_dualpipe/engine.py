@@ -1,0 +1,365 @@
+"""``DualPipeEngine``: DeepSpeed's ``PipelineEngine`` as an interpreter of the plugin's schedules.
+
+One ``_exec_*`` method per instruction, as in DeepSpeed. What differs from 1F1B:
+- state is kept per buffer slot (inputs, outputs, received gradients, losses, pending
+  weight passes, pending receives), never once per engine;
+- point-to-point traffic is non-blocking: a receive is posted when the schedule says and
+  waited only when the computation that needs it starts; sends are waited at the end of
+  the batch. Each wait is bounded by ``dualpipe.p2p_timeout_s``;
+- a channel's tensor shapes travel once, as metadata before its first message;
+- backward may be split into input gradients now (``BackwardInput``) and weight
+  gradients later (``BackwardWeight``);
+- losses come from whichever rank holds a micro-batch's loss stage and are summed over
+  the pipeline, so ``train_batch()`` returns the same global mean on every rank.
+"""
+
+from datetime import timedelta
+import torch
+from deepspeed import comm as dist
+from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.utils import logger
+
+from deepspeed_dualpipe import instructions as I
+from deepspeed_dualpipe.module import DualPipeModule
+from deepspeed_dualpipe.schedules import build_schedule
+from deepspeed_dualpipe.split_backward import SplitBackward, module_supports_split
+
+_META_SIZE = 64  # int32 slots: count, then (dtype id, ndim, *shape) per tensor
+
+
+class PipelineTimeout(RuntimeError):
+    """A pipeline wait that outlived ``dualpipe.p2p_timeout_s``: the peer is dead, stuck or mis-scheduled."""
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x, )
+
+
+class DualPipeEngine(PipelineEngine):
+    """Runs a :class:`~deepspeed_dualpipe.module.DualPipeModule` with its schedule."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.module, DualPipeModule):
+            raise TypeError("DualPipeEngine needs a deepspeed_dualpipe.DualPipeModule; build one with "
+                            "DualPipeModule(..., schedule=...) or use deepspeed_dualpipe.initialize()")
+        from deepspeed_dualpipe.config import dualpipe_config  # local: the config module imports the registry
+        self.dualpipe = dualpipe_config(self._config._param_dict)
+        self.schedule_name = self.module.schedule
+        self._timeout = timedelta(seconds=self.dualpipe.p2p_timeout_s)
+        self._split = self.dualpipe.split_backward and module_supports_split(self.module)
+        for key in ("grads", "input_grads", "losses", "weights", "recv_reqs", "grad_reqs"):
+            self.pipe_buffers[key] = [None] * self.num_pipe_buffers
+        self._shapes = {}  # chunk -> [(shape, dtype)] of its received activations
+        self._meta_sent = set()  # chunks whose activation metadata was sent
+        self._send_reqs = []
+        self._handoff = {}  # (chunk, micro_batch) -> tensors passed between chunks on this rank
+        if self.dualpipe.verify_schedule:
+            from deepspeed_dualpipe.verify import verify
+            verify(self.schedule_name, self.num_stages, self.micro_batches)
+        if self.global_rank == 0:
+            logger.info(f"deepspeed_dualpipe: schedule={self.schedule_name} stages={self.num_stages} "
+                        f"micro_batches={self.micro_batches} split_backward={self._split}")
+
+    # ----- schedules and batches ----------------------------------------------------------------
+    def _train_schedule(self):
+        return build_schedule(self.schedule_name, self.micro_batches, self.num_stages, self.stage_id)
+
+    def _inference_schedule(self, micro_batches):
+        return build_schedule(self.schedule_name, micro_batches, self.num_stages, self.stage_id, forward_only=True)
+
+    def _exec_schedule(self, pipe_schedule):
+        self._batch = {}
+        self.layout = pipe_schedule.layout  # paths depend on M: DualPipe feeds half from each end
+        self._batch_count = pipe_schedule.micro_batches
+        self._loss_sum = torch.zeros((), device=self.device)
+        try:
+            super()._exec_schedule(pipe_schedule)
+            self._drain_sends()
+        finally:
+            self._batch, self._handoff = {}, {}
+
+    def train_batch(self, data_iter=None):
+        super().train_batch(data_iter)
+        return self.agg_train_loss
+
+    def _aggregate_total_loss(self):
+        """The mean loss of the batch over all micro-batches and data-parallel ranks, on every rank."""
+        total = self._loss_sum.detach().clone().float()
+        if self.is_pipe_parallel:
+            dist.all_reduce(total, group=self.grid.get_pipe_parallel_group())
+        self.dp_group_loss = total / self._batch_count
+        agg = self.dp_group_loss.clone()
+        if self.is_data_parallel:
+            dist.all_reduce(agg, group=self.mpu.get_data_parallel_group())
+            agg /= self.dp_world_size
+        return agg
+
+    def eval_batch(self, data_iter, return_logits=False, compute_loss=True, reduce_output="avg", bcast_loss=True,
+                   num_micro_batches=None):
+        """Forward-only schedule; returns the mean loss on every rank (and this rank's loss-stage outputs)."""
+        self.module.eval()
+        self._compute_loss = compute_loss
+        self.eval_return_logits = return_logits
+        self._eval_outputs = []
+        train_iterator = self.data_iterator
+        self.set_dataiterator(data_iter)
+        micro_batches = self.micro_batches if num_micro_batches is None else num_micro_batches
+        try:
+            with torch.no_grad():
+                self._exec_schedule(self._inference_schedule(micro_batches))
+                loss = self._aggregate_total_loss()
+        finally:
+            self.set_dataiterator(train_iterator)
+            self.eval_return_logits = False
+        return (loss, self._eval_outputs) if return_logits else loss
+
+    def _micro_batch(self, micro_batch: int):
+        """Micro-batch ``micro_batch`` of this batch, read in order from the data iterator."""
+        while len(self._batch) <= micro_batch:
+            self._batch[len(self._batch)] = self._next_batch()
+        return self._batch[micro_batch]
+
+    # ----- where this rank sits on a micro-batch's path -----------------------------------------
+    def _upstream(self, chunk, micro_batch):
+        return self.layout.upstream(self.stage_id, chunk, micro_batch)
+
+    def _downstream(self, chunk, micro_batch):
+        return self.layout.downstream(self.stage_id, chunk, micro_batch)
+
+    def _local(self, location) -> bool:
+        return location is not None and location[0] == self.stage_id
+
+    # ----- instructions --------------------------------------------------------------------------
+    def _exec_load_micro_batch(self, buffer_id, chunk, micro_batch):
+        inputs, labels = self._micro_batch(micro_batch)
+        if self._upstream(chunk, micro_batch) is None:
+            loaded = tuple(t.clone().detach().to(self.device) for t in _as_tuple(inputs))
+            self.pipe_buffers["inputs"][buffer_id] = loaded if isinstance(inputs, (tuple, list)) else loaded[0]
+        if self._downstream(chunk, micro_batch) is None:
+            self.pipe_buffers["labels"][buffer_id] = tuple(t.to(self.device) for t in _as_tuple(labels)) \
+                if isinstance(labels, (tuple, list)) else labels.to(self.device)
+
+    def _exec_forward_pass(self, buffer_id, chunk, micro_batch):
+        inputs = self._inputs(buffer_id, chunk, micro_batch)
+        with self.module.chunk(chunk):
+            outputs = self.module(inputs)
+        downstream = self._downstream(chunk, micro_batch)
+        if downstream is None:
+            self._loss_stage(buffer_id, outputs)
+        else:
+            self.pipe_buffers["outputs"][buffer_id] = outputs
+            if self._local(downstream):  # the V turns here: hand the tensors to the next chunk
+                self._handoff[downstream[1], micro_batch] = _detached(outputs)
+        if not torch.is_grad_enabled():
+            self.pipe_buffers["inputs"][buffer_id] = None
+            if downstream is None or self._local(downstream):
+                self.pipe_buffers["outputs"][buffer_id] = None
+
+    def _loss_stage(self, buffer_id, outputs):
+        if self._compute_loss and self.module.loss_fn is not None:
+            loss = self.module.loss_fn(outputs, self.pipe_buffers["labels"][buffer_id])
+        else:
+            loss = outputs
+        self.pipe_buffers["labels"][buffer_id] = None
+        if self.eval_return_logits:
+            self._eval_outputs.append(outputs)
+        self._loss_sum += loss.detach().float()
+        self.pipe_buffers["losses"][buffer_id] = loss if torch.is_grad_enabled() else None
+
+    def _inputs(self, buffer_id, chunk, micro_batch):
+        upstream = self._upstream(chunk, micro_batch)
+        if self._local(upstream):
+            inputs = self._handoff.pop((chunk, micro_batch))
+            self.pipe_buffers["inputs"][buffer_id] = inputs
+            return inputs
+        self._wait(self.pipe_buffers["recv_reqs"], buffer_id, "the activation", chunk, micro_batch, upstream)
+        return self.pipe_buffers["inputs"][buffer_id]
+
+    def _exec_backward_pass(self, buffer_id, chunk, micro_batch):
+        self._backward(buffer_id, chunk, micro_batch, split=False)
+
+    def _exec_backward_input(self, buffer_id, chunk, micro_batch):
+        self.pipe_buffers["weights"][buffer_id] = self._backward(buffer_id, chunk, micro_batch, split=self._split)
+
+    def _exec_backward_weight(self, buffer_id, chunk, micro_batch):
+        handle = self.pipe_buffers["weights"][buffer_id]
+        self.pipe_buffers["weights"][buffer_id] = None
+        handle.weight_part()
+
+    def _backward(self, buffer_id, chunk, micro_batch, split: bool) -> SplitBackward:
+        downstream = self._downstream(chunk, micro_batch)
+        if downstream is None:  # loss stage: every micro-batch weighs 1/M in the batch mean
+            outputs, grads = self.pipe_buffers["losses"][buffer_id] / self._batch_count, None
+            self.pipe_buffers["losses"][buffer_id] = None
+        else:
+            outputs = self.pipe_buffers["outputs"][buffer_id]
+            if self._local(downstream):
+                grads = self._handoff.pop(("grad", chunk, micro_batch))
+            else:
+                self._wait(self.pipe_buffers["grad_reqs"], buffer_id, "the gradient", chunk, micro_batch, downstream)
+                grads = self.pipe_buffers["grads"][buffer_id]
+            outputs, grads = _with_grads(outputs, grads)
+        inputs = _as_tuple(self.pipe_buffers["inputs"][buffer_id])
+        handle = SplitBackward.input_part(outputs, grads, inputs, self.module.chunk_parameters(chunk), split=split)
+        input_grads = tuple(g for t, g in zip(inputs, handle.input_grads) if t.is_floating_point())
+        upstream = self._upstream(chunk, micro_batch)
+        if self._local(upstream):
+            self._handoff["grad", upstream[1], micro_batch] = input_grads
+        elif upstream is not None:
+            self.pipe_buffers["input_grads"][buffer_id] = input_grads
+        self.pipe_buffers["outputs"][buffer_id] = None
+        self.pipe_buffers["grads"][buffer_id] = None
+        if upstream is None or self._local(upstream):
+            self.pipe_buffers["inputs"][buffer_id] = None
+        return handle
+
+    def _exec_overlapped_forward_backward(self, forward_buffer, forward_chunk, forward_micro_batch, backward_buffer,
+                                          backward_chunk, backward_micro_batch, backward_op):
+        # Without a layer that exposes its phases, the pair runs one half after the other.
+        self._exec_forward_pass(forward_buffer, forward_chunk, forward_micro_batch)
+        if backward_op == "I":
+            self._exec_backward_input(backward_buffer, backward_chunk, backward_micro_batch)
+        else:
+            self._exec_backward_pass(backward_buffer, backward_chunk, backward_micro_batch)
+
+    # ----- point-to-point ------------------------------------------------------------------------
+    def _peer(self, peer: int) -> int:
+        return self.grid.stage_to_global(stage_id=peer)
+
+    def _exec_send_activations(self, buffer_id, chunk, micro_batch, peer):
+        outputs = _as_tuple(self.pipe_buffers["outputs"][buffer_id])
+        _check_sendable(outputs, self.stage_id, chunk)
+        if chunk not in self._meta_sent:
+            self._meta_sent.add(chunk)
+            self._isend([_encode_meta(outputs, self.DTYPE_TO_ID, self.device)], peer)
+        self._isend(outputs, peer)
+
+    def _exec_recv_activations(self, buffer_id, chunk, micro_batch, peer):
+        if chunk not in self._shapes:  # first message on this channel: its shapes come first
+            meta = torch.zeros(_META_SIZE, dtype=torch.int32, device=self.device)
+            self._wait_requests(self._irecv([meta], peer), "the shapes of the activations", chunk, micro_batch, peer)
+            self._shapes[chunk] = _decode_meta(meta, self.ID_TO_DTYPE)
+        tensors = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in self._shapes[chunk]]
+        self.pipe_buffers["recv_reqs"][buffer_id] = self._irecv(tensors, peer)
+        for t in tensors:
+            t.requires_grad_(t.is_floating_point())
+        self.pipe_buffers["inputs"][buffer_id] = tensors[0] if len(tensors) == 1 else tuple(tensors)
+
+    def _exec_send_grads(self, buffer_id, chunk, micro_batch, peer):
+        self._isend(self.pipe_buffers["input_grads"][buffer_id], peer)
+        self.pipe_buffers["input_grads"][buffer_id] = None
+        self.pipe_buffers["inputs"][buffer_id] = None
+
+    def _exec_recv_grads(self, buffer_id, chunk, micro_batch, peer):
+        outputs = _as_tuple(self.pipe_buffers["outputs"][buffer_id])
+        grads = [torch.empty_like(t) for t in outputs if t.is_floating_point()]
+        self.pipe_buffers["grad_reqs"][buffer_id] = self._irecv(grads, peer)
+        self.pipe_buffers["grads"][buffer_id] = tuple(grads)
+
+    def _isend(self, tensors, peer):
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self._peer(peer)) for t in tensors]
+        self._send_reqs.append((dist.batch_isend_irecv(ops), ops, peer))
+
+    def _irecv(self, tensors, peer):
+        return dist.batch_isend_irecv([dist.P2POp(dist.irecv, t, self._peer(peer)) for t in tensors])
+
+    def _wait(self, requests, buffer_id, what, chunk, micro_batch, location):
+        pending = requests[buffer_id]
+        requests[buffer_id] = None
+        if pending is not None:
+            self._wait_requests(pending, what, chunk, micro_batch, location[0])
+
+    def _wait_requests(self, requests, what, chunk, micro_batch, peer):
+        try:
+            for request in requests:
+                request.wait(self._timeout)
+        except RuntimeError as error:
+            raise PipelineTimeout(
+                f"pipeline rank {self.stage_id} (global rank {self.global_rank}) waited more than "
+                f"{self._timeout.total_seconds():g} s for {what} of micro-batch {micro_batch} (chunk {chunk}) from "
+                f"pipeline rank {peer} (global rank {self._peer(peer)}), schedule {self.schedule_name}: that rank "
+                f"died, hangs, or runs a different schedule. Raise dualpipe.p2p_timeout_s if it is only slow. "
+                f"({error})") from error
+
+    def _drain_sends(self):
+        sends, self._send_reqs = self._send_reqs, []
+        for requests, _, peer in sends:
+            self._wait_requests(requests, "a send to be received", -1, -1, peer)
+
+    # ----- gradient reductions -------------------------------------------------------------------
+    def _exec_reduce_mirror_grads(self):
+        """Sum every gradient across the mirror pair (r, P-1-r): both copies of a stage see half the batch."""
+        self._drain_sends()
+        tensors = [p for _, p in self.module.named_mirror_tensors() if isinstance(p, torch.nn.Parameter)
+                   and p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.module.mirror_group)
+        offset = 0
+        for p, g in zip(tensors, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+
+    def _exec_reduce_tied_grads(self):
+        self._drain_sends()
+        super()._exec_reduce_tied_grads()
+
+    _INSTRUCTION_MAP = {
+        **PipelineEngine._INSTRUCTION_MAP,
+        I.LoadMicroBatch: _exec_load_micro_batch,
+        I.ForwardPass: _exec_forward_pass,
+        I.BackwardPass: _exec_backward_pass,
+        I.BackwardInput: _exec_backward_input,
+        I.BackwardWeight: _exec_backward_weight,
+        I.OverlappedForwardBackward: _exec_overlapped_forward_backward,
+        I.SendActivation: _exec_send_activations,
+        I.RecvActivation: _exec_recv_activations,
+        I.SendGrad: _exec_send_grads,
+        I.RecvGrad: _exec_recv_grads,
+        I.ReduceMirrorGrads: _exec_reduce_mirror_grads,
+        I.ReduceTiedGrads: _exec_reduce_tied_grads,
+    }
+
+
+def _detached(outputs):
+    """The tensors a next chunk on the same rank starts from: cut from this chunk's graph."""
+    tensors = tuple(t.detach().requires_grad_(t.is_floating_point() and torch.is_grad_enabled())
+                    for t in _as_tuple(outputs))
+    return tensors if isinstance(outputs, (tuple, list)) else tensors[0]
+
+
+def _with_grads(outputs, grads):
+    """The floating-point outputs and their gradients, pairwise (integer outputs carry no gradient)."""
+    outs = [t for t in _as_tuple(outputs) if t.is_floating_point()]
+    grads = _as_tuple(grads)
+    if len(outs) != len(grads):
+        raise RuntimeError(f"{len(outs)} floating-point outputs but {len(grads)} gradients received")
+    return tuple(outs), tuple(grads)
+
+
+def _check_sendable(outputs, stage: int, chunk: int) -> None:
+    for t in outputs:
+        if not torch.is_tensor(t):
+            raise TypeError(f"pipeline rank {stage}, chunk {chunk}: a stage must return a tensor or a tuple of "
+                            f"tensors to send downstream, got {type(t).__name__}")
+
+
+def _encode_meta(tensors, dtype_to_id, device) -> torch.Tensor:
+    values = [len(tensors)]
+    for t in tensors:
+        values += [dtype_to_id[t.dtype], t.dim(), *t.shape]
+    if len(values) > _META_SIZE:
+        raise ValueError(f"activation metadata needs {len(values)} slots, more than {_META_SIZE}")
+    meta = torch.zeros(_META_SIZE, dtype=torch.int32, device=device)
+    meta[:len(values)] = torch.tensor(values, dtype=torch.int32)
+    return meta
+
+
+def _decode_meta(meta: torch.Tensor, id_to_dtype):
+    values, specs, i = meta.tolist(), [], 1
+    for _ in range(values[0]):
+        dtype, ndim = id_to_dtype[values[i]], values[i + 1]
+        specs.append((tuple(values[i + 2:i + 2 + ndim]), dtype))
+        i += 2 + ndim
+    return specs
