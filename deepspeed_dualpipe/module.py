@@ -47,12 +47,8 @@ class DualPipeModule(PipelineModule):
         """Rebuild a user's ``PipelineModule`` (same layers and settings) for ``schedule``."""
         if isinstance(module, DualPipeModule) and module.schedule == schedule:
             return module
-        recorded = getattr(module, "_dualpipe_init_args", None)
-        if recorded is None:
-            raise ValueError("cannot rebuild this PipelineModule for a DualPipe schedule: its constructor arguments "
-                             "were not recorded. Import deepspeed_dualpipe before building the model, or build a "
-                             "deepspeed_dualpipe.DualPipeModule(..., schedule=...) directly")
-        args, kwargs = recorded
+        from deepspeed_dualpipe.entry import pipeline_module_init_args
+        args, kwargs = pipeline_module_init_args(module)
         return cls(*args, schedule=schedule, **kwargs)
 
     # ----- partitioning --------------------------------------------------------------------------
@@ -201,24 +197,4 @@ def _argument(function, name, args, kwargs, *leading):
     bound = inspect.signature(function).bind(None, *leading, *args, **kwargs)
     bound.apply_defaults()
     return bound.arguments[name]
-
-
-def record_init_arguments() -> None:
-    """Make every ``PipelineModule`` remember its constructor arguments, so it can be rebuilt.
-
-    Idempotent. ``deepspeed_dualpipe`` calls it on import: a script that imports the
-    plugin before building its model can then switch schedule from the config alone.
-    """
-    if getattr(PipelineModule.__init__, "_dualpipe_records", False):
-        return
-    original = PipelineModule.__init__
-
-    def __init__(self, *args, **kwargs):
-        if not isinstance(self, DualPipeModule):
-            object.__setattr__(self, "_dualpipe_init_args", (args, dict(kwargs)))
-        original(self, *args, **kwargs)
-
-    __init__._dualpipe_records = True
-    __init__.__wrapped__ = original
-    PipelineModule.__init__ = __init__
 

@@ -1,0 +1,187 @@
+"""The plugin's settings, read from the DeepSpeed config.
+
+Two places in the DeepSpeed config dict matter::
+
+    {
+      "pipeline": {"schedule": "dualpipev"},      # which schedule; "1f1b" when absent
+      "dualpipe": {                              # optional; knobs of the plugin's engine
+        "split_backward": true,
+        "overlap_moe_a2a": true,
+        "p2p_timeout_s": 300,
+        "verify_schedule": true
+      }
+    }
+
+DeepSpeed copies ``pipeline`` keys through untouched and ignores unknown top-level keys,
+so neither needs a change in DeepSpeed. Both are validated here, up front, with errors that
+name the key path instead of a pydantic traceback.
+"""
+
+import difflib
+import math
+from typing import Any, Dict, Union
+
+from pydantic import Field, ValidationError, field_validator
+
+from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+from deepspeed.utils import logger
+
+DEFAULT_SCHEDULE = "1f1b"
+# Schedules run by the plugin's own DualPipeEngine; the others are DeepSpeed's engines, untouched.
+PLUGIN_SCHEDULES = ("zb1p", "dualpipe", "dualpipev")
+# Run by DeepSpeed's own engines, which never read the "dualpipe" section.
+DEEPSPEED_SCHEDULES = ("1f1b", "ds-dualpipev")
+
+
+class DualPipeSection(DeepSpeedConfigModel):
+    """The top-level ``"dualpipe"`` section. Unknown keys are errors (``extra="forbid"``)."""
+
+    split_backward: bool = True
+    """Run the input-gradient (I) and weight-gradient (W) halves of backward separately, as the
+    schedule places them. ``False`` runs a full backward wherever the schedule has I, and skips W."""
+
+    overlap_moe_a2a: bool = True
+    """Overlap MoE dispatch/combine all-to-all with the paired chunk's compute."""
+
+    p2p_timeout_s: float = Field(300.0, gt=0)
+    """Longest any pipeline wait may block before the engine raises an error naming the peer."""
+
+    verify_schedule: bool = True
+    """Run the symbolic verifier on every rank's instruction stream once at start-up."""
+
+    @field_validator("p2p_timeout_s")
+    @classmethod
+    def _finite(cls, value):
+        # inf would mean "hang forever", which is exactly what the timeout exists to prevent.
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number of seconds")
+        return value
+
+
+class DualPipeConfig(DeepSpeedConfigModel):
+    """Everything the plugin reads from a DeepSpeed config, in the config's own shape.
+
+    ``cfg.dualpipe.p2p_timeout_s`` mirrors the JSON path; the section's settings are also
+    readable directly (``cfg.p2p_timeout_s``).
+    """
+
+    schedule: str = DEFAULT_SCHEDULE
+    """``pipeline.schedule``: a name in :data:`deepspeed_dualpipe.schedules.SCHEDULES`."""
+
+    dualpipe: DualPipeSection = Field(default_factory=DualPipeSection)
+
+    @property
+    def uses_plugin_engine(self) -> bool:
+        return self.schedule in PLUGIN_SCHEDULES
+
+    @property
+    def split_backward(self) -> bool:
+        return self.dualpipe.split_backward
+
+    @property
+    def overlap_moe_a2a(self) -> bool:
+        return self.dualpipe.overlap_moe_a2a
+
+    @property
+    def p2p_timeout_s(self) -> float:
+        return self.dualpipe.p2p_timeout_s
+
+    @property
+    def verify_schedule(self) -> bool:
+        return self.dualpipe.verify_schedule
+
+
+def load_config(ds_config: Union[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """The config as a dict, accepted exactly as ``deepspeed.initialize`` accepts it
+    (a dict, a path to a JSON/HJSON file, or base64-encoded JSON)."""
+    from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
+    if not isinstance(ds_config, (dict, str)):
+        raise ValueError(f"DeepSpeed config must be a dict or a path to a JSON file, got {type(ds_config).__name__}")
+    return load_ds_config(ds_config)
+
+
+def config_schedule(ds_config: Dict[str, Any]) -> str:
+    """``pipeline.schedule`` as written (unvalidated), ``"1f1b"`` when absent."""
+    pipeline = ds_config.get("pipeline") or {}
+    return pipeline.get("schedule", DEFAULT_SCHEDULE) if isinstance(pipeline, dict) else DEFAULT_SCHEDULE
+
+
+def dualpipe_config(ds_config: Union[str, Dict[str, Any]]) -> DualPipeConfig:
+    """Validate the plugin's part of a DeepSpeed config.
+
+    Raises ``ValueError`` naming the offending key path for: an unknown ``pipeline.schedule``,
+    an unknown or ill-typed key in the ``dualpipe`` section, and a plugin schedule combined with
+    ZeRO stage >= 2 or with fp16/bf16.
+
+    A ``dualpipe`` section next to a schedule that ignores it ("1f1b", "ds-dualpipev") only
+    *warns*: those schedules run DeepSpeed's own engines, which never read the section, so it
+    cannot change their behaviour; and the point of the baselines is a side-by-side comparison
+    in which only ``pipeline.schedule`` is flipped, which an error would break. The section is
+    still validated, so a typo in it is an error whatever the schedule.
+    """
+    from deepspeed_dualpipe.schedules import SCHEDULES
+
+    cfg = load_config(ds_config)
+    pipeline = cfg.get("pipeline", {})
+    if not isinstance(pipeline, dict):
+        raise ValueError(f"'pipeline' must be a dict, got {type(pipeline).__name__}")
+    schedule = pipeline.get("schedule", DEFAULT_SCHEDULE)
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
+        raise ValueError(f"pipeline.schedule={schedule!r} is not a schedule{_did_you_mean(schedule, SCHEDULES)}; "
+                         f"valid: {', '.join(SCHEDULES)}")
+
+    section = cfg.get("dualpipe")
+    if section is None:
+        section = {}
+    elif not isinstance(section, dict):
+        raise ValueError(f"'dualpipe' must be a dict of settings, got {type(section).__name__}")
+    try:
+        result = DualPipeConfig(schedule=schedule, dualpipe=DualPipeSection(**section))
+    except ValidationError as err:
+        raise ValueError(_describe(err, "dualpipe", DualPipeSection)) from None
+
+    if "dualpipe" in cfg and schedule in DEEPSPEED_SCHEDULES:
+        logger.warning(f"the 'dualpipe' config section is ignored with pipeline.schedule={schedule!r}, which runs "
+                       f"DeepSpeed's own engine; it applies to {', '.join(PLUGIN_SCHEDULES)}")
+    if result.uses_plugin_engine:
+        _check_engine_support(cfg, schedule)
+    return result
+
+
+def _check_engine_support(cfg: Dict[str, Any], schedule: str) -> None:
+    zero = cfg.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if isinstance(stage, (int, float)) and stage >= 2:
+        raise ValueError(f"zero_optimization.stage={stage} cannot be used with pipeline.schedule={schedule!r}: "
+                         "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only")
+    # "bfloat16" is DeepSpeed's older spelling of "bf16"; name whichever key the user wrote.
+    for key in ("fp16", "bf16", "bfloat16"):
+        section = cfg.get(key) or {}
+        if isinstance(section, dict) and section.get("enabled", False) not in (False, "auto"):
+            raise ValueError(f"{key}.enabled=true is not supported yet with pipeline.schedule={schedule!r} "
+                             f"(the plugin's engine runs fp32 only); schedules that support it: "
+                             f"{', '.join(DEEPSPEED_SCHEDULES)}")
+
+
+def _did_you_mean(word, choices) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _describe(err: ValidationError, prefix: str, model) -> str:
+    """One line per pydantic error, each naming its full key path."""
+    valid = list(model.model_fields)
+    lines = []
+    for e in err.errors():
+        path = ".".join([prefix, *map(str, e["loc"])])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{path} is not a valid key{_did_you_mean(e['loc'][-1], valid)}; "
+                         f"valid keys: {', '.join(valid)}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{path}={e.get('input')!r} is invalid: {msg}")
+    return "; ".join(lines)
+
+
+__all__ = ["DualPipeConfig", "DualPipeSection", "dualpipe_config", "load_config", "config_schedule",
+           "DEFAULT_SCHEDULE", "PLUGIN_SCHEDULES", "DEEPSPEED_SCHEDULES"]
