@@ -1,0 +1,423 @@
+"""Multi-process equivalence harness for pipeline schedules.
+
+Proves "a pipeline schedule trains to the same losses and parameters as one
+process running the same model on the same global batch".  Pieces:
+
+* ``run_distributed(fn, world_size, *args)`` launches ranks on CPU/gloo and
+  returns their (picklable) results, never hanging the test suite.
+* ``train_pipeline(initialize, ...)`` runs inside a rank: builds a
+  ``PipelineModule``, trains it with any ``initialize`` function that returns
+  an engine with ``train_batch`` (DeepSpeed's own, or the plugin's) and
+  reports losses plus initial/final parameters under partition-independent
+  names.
+* ``train_reference(...)`` is the single-process ground truth.
+* ``compare(...)`` checks one against the other.
+
+Parameter naming (identical on both sides, independent of partitioning):
+``layer{idx}.{param}`` for ordinary layers (``idx`` = position in the spec
+list, which is what ``PipelineModule`` uses as the submodule name) and
+``tied.{key}.{param}`` for ``TiedLayerSpec`` modules.
+"""
+
+import functools
+import os
+import pickle
+import queue as queue_mod
+import socket
+import time
+import traceback
+
+import numpy as np
+import torch
+
+LR = 0.1  # large enough that 3 SGD steps move every parameter measurably
+SEQ_LEN = 6
+
+
+# --------------------------------------------------------------------------
+# Process launching
+# --------------------------------------------------------------------------
+
+def _free_port():
+    # Ask the kernel for an unused port.  A fresh port per launch avoids
+    # "address already in use" from a previous launch's TCPStore in TIME_WAIT.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_env(rank, world_size, port):
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "DS_ACCELERATOR": "cpu",
+        # 2-core machine, up to 4 ranks: more threads only oversubscribe.
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def _worker(rank, env, fn, args, result_queue):
+    os.environ.update(env)  # also inherited at spawn time; set again for safety
+    try:
+        torch.set_num_threads(1)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        result = fn(*args)
+        pickle.dumps(result)  # fail here (reported) rather than in the queue's feeder thread (silent)
+        result_queue.put((rank, "ok", result))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        result_queue.put((rank, "error", traceback.format_exc()))
+        return
+    try:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # teardown problems must not turn a pass into a failure
+        pass
+
+
+def run_distributed(fn, world_size, *args, timeout=180):
+    """Run ``fn(*args)`` on ``world_size`` spawned ranks; return results by rank.
+
+    ``fn`` and ``args`` must be picklable (module-level functions, partials).
+    Raises AssertionError naming the failing rank (with its traceback) or the
+    ranks that did not finish within ``timeout`` seconds; all ranks are killed
+    in either case.
+    """
+    ctx = torch.multiprocessing.get_context("spawn")
+    result_queue = ctx.Queue()
+    port = _free_port()
+    procs = []
+    saved = dict(os.environ)
+    try:
+        for rank in range(world_size):
+            env = _rank_env(rank, world_size, port)
+            # Spawned children inherit os.environ as it is at start(), so
+            # OMP_NUM_THREADS etc. are in place before torch is imported there.
+            os.environ.update(env)
+            p = ctx.Process(target=_worker, args=(rank, env, fn, args, result_queue), daemon=True)
+            p.start()
+            procs.append(p)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+    results = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(results))
+                raise AssertionError(f"run_distributed: timeout after {timeout}s; ranks {missing} did not finish")
+            try:
+                rank, status, payload = result_queue.get(timeout=min(remaining, 1.0))
+            except queue_mod.Empty:
+                # A rank that died without reporting (segfault, os._exit)
+                # would otherwise make us wait for the full timeout.  A rank
+                # flushes its queue before exiting, so dead + still nothing
+                # after a last short wait means its result is lost.
+                dead = [r for r, p in enumerate(procs) if r not in results and not p.is_alive()]
+                if not dead:
+                    continue
+                try:
+                    rank, status, payload = result_queue.get(timeout=2.0)
+                except queue_mod.Empty:
+                    raise AssertionError("run_distributed: " + ", ".join(
+                        f"rank {r} exited with code {procs[r].exitcode} without a result" for r in dead)) from None
+            if status != "ok":
+                raise AssertionError(f"run_distributed: rank {rank} raised:\n{payload}")
+            results[rank] = payload
+        # Results are in; let ranks finish teardown, but never wait long.
+        for p in procs:
+            p.join(timeout=max(0.1, min(10.0, deadline - time.monotonic())))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        result_queue.close()
+    return [results[r] for r in range(world_size)]
+
+
+# --------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------
+
+def make_batches(seed, steps, dp, micro_batches, micro_batch_size, seq_len=SEQ_LEN, vocab=32):
+    """``batches[step][dp_rank]`` = list of ``micro_batches`` (inputs, labels).
+
+    Inputs and labels are int64 token ids of shape [micro_batch_size, seq_len];
+    generated from one seeded generator so every rank and the reference see
+    exactly the same tensors.
+    """
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(steps):
+        per_dp = []
+        for _ in range(dp):
+            mbs = []
+            for _ in range(micro_batches):
+                x = torch.randint(0, vocab, (micro_batch_size, seq_len), generator=g)
+                y = torch.randint(0, vocab, (micro_batch_size, seq_len), generator=g)
+                mbs.append((x, y))
+            per_dp.append(mbs)
+        batches.append(per_dp)
+    return batches
+
+
+# --------------------------------------------------------------------------
+# Parameter naming
+# --------------------------------------------------------------------------
+
+def _global_name(local_name):
+    """PipelineModule parameter name -> partition-independent name."""
+    head, _, rest = local_name.partition(".")
+    if head == "tied_modules":
+        key, _, param = rest.partition(".")
+        return f"tied.{key}.{param}"
+    assert head.isdigit(), f"unexpected PipelineModule parameter {local_name!r}"
+    return f"layer{head}.{rest}"
+
+
+def _unwrap(engine):
+    return engine.module if hasattr(engine, "module") else engine
+
+
+def pipeline_params(module):
+    """{global name: numpy copy} of the parameters this rank holds."""
+    return {_global_name(n): p.detach().cpu().numpy().copy() for n, p in module.named_parameters()}
+
+
+# --------------------------------------------------------------------------
+# Pipeline side (inside a rank)
+# --------------------------------------------------------------------------
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=LR)
+
+
+def train_pipeline(initialize, config, specs_fn, P, steps, batches, loss_fn=None, seed=1234):
+    """Train ``PipelineModule(specs_fn(), P stages)`` with ``initialize``.
+
+    ``initialize`` has ``deepspeed.initialize``'s signature (keyword args
+    ``model``, ``config``, ``optimizer``) and returns a tuple whose first
+    element is an engine with ``train_batch(data_iter=...)``.
+    ``config`` must set ``"gradient_clipping": 0.0``: DeepSpeed 0.19.8 clips
+    to norm 1.0 by default, which the plain-SGD reference does not do.
+    Returns {"losses", "initial_params", "params", "rank", "stage", "dp_rank"}.
+    """
+    import deepspeed.comm as dist
+    from deepspeed.pipe import PipelineModule
+
+    assert config.get("gradient_clipping") == 0.0, "set gradient_clipping=0.0 (DeepSpeed defaults to 1.0)"
+
+    if loss_fn is None:
+        from models import loss_fn  # same loss as the reference
+
+    # Same seed on every rank: initial weights are then reproducible; DeepSpeed
+    # additionally broadcasts them over data-parallel groups and tied groups.
+    torch.manual_seed(seed)
+    # no_grad: PipelineModule.__init__ broadcasts tied weights in place
+    # (dist.broadcast on the Parameter itself, not .data).  Under grad mode
+    # torch records that c10d::broadcast_ in the autograd graph and warns
+    # "autograd kernel was not registered" at every backward; building
+    # under no_grad keeps the graph clean (results are the same either way).
+    with torch.no_grad():
+        model = PipelineModule(layers=specs_fn(), num_stages=P, loss_fn=loss_fn, partition_method="uniform")
+    engine = initialize(model=model, config=config, optimizer=_sgd)[0]
+    module = _unwrap(engine)
+
+    initial = pipeline_params(module)
+    dp_rank = engine.grid.get_data_parallel_id() if hasattr(engine, "grid") else 0
+    stage = engine.stage_id if hasattr(engine, "stage_id") else None
+
+    losses = []
+    for step in range(steps):
+        # Every stage of a pipeline gets the same iterator: the first stage
+        # uses the inputs, the last stage the labels.
+        loss = engine.train_batch(data_iter=iter(batches[step][dp_rank]))
+        losses.append(float(loss.detach()))
+
+    return {
+        "rank": dist.get_rank(),
+        "stage": stage,
+        "dp_rank": dp_rank,
+        "losses": losses,
+        "initial_params": initial,
+        "params": pipeline_params(module),
+    }
+
+
+# --------------------------------------------------------------------------
+# Reference side (single process, no DeepSpeed engine)
+# --------------------------------------------------------------------------
+
+def _build_reference(specs_fn):
+    """Build all layers in order; return (forward fns, {global name: param})."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    funcs, named, tied = [], {}, {}
+    for idx, spec in enumerate(specs_fn()):
+        if isinstance(spec, TiedLayerSpec):
+            # One module per key, shared by every occurrence (as PipelineModule).
+            if spec.key not in tied:
+                tied[spec.key] = spec.build()
+                for n, p in tied[spec.key].named_parameters():
+                    named[f"tied.{spec.key}.{n}"] = p
+            mod = tied[spec.key]
+            funcs.append(mod if spec.forward_fn is None else functools.partial(spec.forward_fn, mod))
+        elif isinstance(spec, LayerSpec):
+            mod = spec.build()
+            for n, p in mod.named_parameters():
+                named[f"layer{idx}.{n}"] = p
+            funcs.append(mod)
+        elif isinstance(spec, torch.nn.Module):
+            for n, p in spec.named_parameters():
+                named[f"layer{idx}.{n}"] = p
+            funcs.append(spec)
+        else:
+            funcs.append(spec)  # plain callable, no parameters
+    return funcs, named
+
+
+def train_reference(specs_fn, initial_params, batches, steps, loss_fn=None):
+    """Single-process ground truth starting from ``initial_params``.
+
+    Each step's loss is the mean over all micro-batches of all data-parallel
+    ranks, which is exactly the gradient DeepSpeed forms (per-micro-batch
+    loss / GAS, summed, then averaged over DP).
+    """
+    if loss_fn is None:
+        from models import loss_fn
+
+    funcs, named = _build_reference(specs_fn)
+    assert set(named) == set(initial_params), (
+        f"name mismatch: reference-only {sorted(set(named) - set(initial_params))}, "
+        f"pipeline-only {sorted(set(initial_params) - set(named))}")
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(torch.from_numpy(np.asarray(initial_params[n])))
+    opt = torch.optim.SGD(list(named.values()), lr=LR)
+
+    losses = []
+    for step in range(steps):
+        micro = [mb for per_dp in batches[step] for mb in per_dp]
+        opt.zero_grad()
+        total = 0.0
+        for x, y in micro:
+            out = x
+            for f in funcs:
+                out = f(out)
+            total = total + loss_fn(out, y)
+        loss = total / len(micro)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return {
+        "losses": losses,
+        "params": {n: p.detach().numpy().copy() for n, p in named.items()},
+    }
+
+
+def initial_params_from(results):
+    """Union of the ranks' initial parameters (copies checked identical)."""
+    merged = {}
+    for res in results:
+        for n, a in res["initial_params"].items():
+            if n in merged:
+                assert np.array_equal(merged[n], a), (
+                    f"initial copies of {n} differ (rank {res.get('rank')}): "
+                    f"max diff {np.abs(merged[n] - a).max():.3e}")
+            else:
+                merged[n] = a
+    return merged
+
+
+# --------------------------------------------------------------------------
+# Comparison
+# --------------------------------------------------------------------------
+
+# Relative tolerance 1e-6 is ~8 fp32 ulps: room for the different summation
+# orders (micro-batch grads accumulated in another order, DP all-reduce, tied
+# grad all-reduce) but far below any real scheduling bug.  The absolute floor
+# 1e-7 only matters for values near zero (e.g. LayerNorm bias entries that
+# start at 0), where a relative bound alone would demand bitwise equality of
+# tiny round-off; 1e-7 is still ~1e-6 of the O(0.1) typical weight/loss.
+ATOL = 1e-7
+
+
+def compare(results, reference, rtol=1e-6, atol=ATOL, max_report=20):
+    """Assert pipeline ranks match the reference and each other.
+
+    * every rank reports the same per-step losses (DeepSpeed broadcasts the
+      DP-averaged loss from the last stage) and they match the reference;
+    * every parameter on every rank matches the reference within rtol/atol;
+    * copies of one parameter across ranks (DP replicas, mirrored stages)
+      are bit-identical;
+    * every reference parameter is held by at least one rank.
+
+    All problems are collected and raised as one AssertionError (first
+    ``max_report`` lines), each line naming the rank, the parameter and the
+    max difference, so one run shows where divergence starts.
+    """
+    problems = []
+    ref_losses = np.asarray(reference["losses"], dtype=np.float64)
+    first = results[0]
+    for res in results:
+        r = res.get("rank")
+        got = np.asarray(res["losses"], dtype=np.float64)
+        if got.shape != ref_losses.shape:
+            problems.append(f"rank {r}: {len(got)} losses, reference has {len(ref_losses)}")
+        elif not np.allclose(got, ref_losses, rtol=rtol, atol=atol):
+            step = int(np.argmax(np.abs(got - ref_losses)))
+            problems.append(
+                f"rank {r}: losses differ from reference, max diff {np.abs(got - ref_losses).max():.3e} "
+                f"at step {step}: {got.tolist()} vs {ref_losses.tolist()}")
+        if list(res["losses"]) != list(first["losses"]):
+            problems.append(f"rank {r}: losses {res['losses']} not bit-identical to rank {first.get('rank')}'s "
+                            f"{first['losses']}")
+
+    seen = {}  # name -> (rank, array) of the first copy
+    for res in results:
+        r = res.get("rank")
+        for name, got in res["params"].items():
+            if name not in reference["params"]:
+                problems.append(f"parameter {name} on rank {r}: not in reference")
+                continue
+            want = reference["params"][name]
+            if got.shape != want.shape:
+                problems.append(f"parameter {name} on rank {r}: shape {got.shape} vs reference {want.shape}")
+                continue
+            g64, w64 = got.astype(np.float64), want.astype(np.float64)
+            diff = np.abs(g64 - w64)
+            excess = diff - (atol + rtol * np.abs(w64))
+            if np.any(excess > 0):
+                i = np.unravel_index(int(np.argmax(excess)), diff.shape)
+                problems.append(
+                    f"parameter {name} on rank {r}: max diff {diff.max():.3e} vs reference "
+                    f"(worst at {tuple(int(k) for k in i)}: {got[i]!r} vs {want[i]!r}; rtol={rtol}, atol={atol})")
+            if name in seen:
+                r0, a0 = seen[name]
+                if not np.array_equal(a0, got):
+                    problems.append(f"parameter {name}: copies on rank {r0} and rank {r} not bit-identical, "
+                                    f"max diff {np.abs(a0.astype(np.float64) - g64).max():.3e}")
+            else:
+                seen[name] = (r, got)
+    missing = sorted(set(reference["params"]) - set(seen))
+    if missing:
+        problems.append(f"parameters held by no rank: {missing}")
+    if problems:
+        more = len(problems) - max_report
+        raise AssertionError("pipeline does not match reference:\n  " + "\n  ".join(problems[:max_report]) +
+                             (f"\n  ... and {more} more" if more > 0 else ""))

@@ -1,0 +1,68 @@
+"""Tiny deterministic language models expressed as DeepSpeed LayerSpec lists.
+
+Used by the equivalence tests: the same spec list is handed to a
+``PipelineModule`` (split into stages) and to ``harness.train_reference``
+(one process, all layers in order), so both sides build identical layers.
+
+Everything is fp32 and dropout-free so the only differences between the
+pipelined and the single-process run are floating-point reduction orders.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+
+class ResidualMLP(nn.Module):
+    """Pre-norm residual MLP block: x + fc2(gelu(fc1(ln(x))))."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.ln = nn.LayerNorm(hidden)
+        self.fc1 = nn.Linear(hidden, 2 * hidden)
+        self.fc2 = nn.Linear(2 * hidden, hidden)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.ln(x))))
+
+
+def tied_head(module, x):
+    # Module-level (not a lambda) so specs stay picklable; the embedding
+    # matrix doubles as the output projection.
+    return x @ module.weight.t()
+
+
+def loss_fn(logits, labels):
+    """Token-level cross-entropy over the vocabulary (mean over all tokens)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def specs(num_layers=8, hidden=16, vocab=32, tied=True):
+    """Embedding + (num_layers - 2) residual MLP blocks + head = num_layers specs.
+
+    num_layers=8 splits uniformly into 2, 4 and 8 stages (one layer per stage
+    at 8).  With ``tied=False`` embedding and head are ordinary LayerSpecs.
+    With ``tied=True`` the head reuses the embedding weight through a
+    ``TiedLayerSpec`` with the same key, so the first and last stage share a
+    parameter (the case where DeepSpeed all-reduces the tied gradient).
+    """
+    assert num_layers >= 2
+    if tied:
+        layers = [TiedLayerSpec("embed", nn.Embedding, vocab, hidden)]
+    else:
+        layers = [LayerSpec(nn.Embedding, vocab, hidden)]
+    layers += [LayerSpec(ResidualMLP, hidden) for _ in range(num_layers - 2)]
+    if tied:
+        layers.append(TiedLayerSpec("embed", nn.Embedding, vocab, hidden, forward_fn=tied_head))
+    else:
+        layers.append(LayerSpec(nn.Linear, hidden, vocab, bias=False))
+    return layers
+
+
+def tied_specs():
+    return specs(tied=True)
+
+
+def untied_specs():
+    return specs(tied=False)

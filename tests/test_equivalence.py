@@ -1,0 +1,118 @@
+"""Every schedule trains to the numbers of a single process (fp32, 1e-6 relative).
+
+For each (P, data-parallel degree), one launch trains the same model with every schedule in
+turn (process start-up dominates the runtime on 2 cores): losses per step and every parameter
+after 3 SGD steps must equal a single process running the same model on the same global
+batches, and all copies of a parameter (data-parallel replicas, DualPipe's mirror copies, tied
+embedding and head) must stay bit-identical.
+"""
+
+import functools
+
+import pytest
+
+import harness
+import models
+
+SCHEDULES = ["1f1b", "zb1p", "dualpipe", "dualpipev", "ds-dualpipev"]
+MBS, STEPS, SEED = 2, 3, 0
+
+MODELS = {"tied": models.tied_specs, "untied": models.untied_specs}
+
+
+def micro_batches(P):
+    return 2 * P  # the least that every schedule accepts (DualPipe: even, >= 2P)
+
+
+def ds_config(schedule, P, **dualpipe):
+    config = {
+        "train_micro_batch_size_per_gpu": MBS,
+        "gradient_accumulation_steps": micro_batches(P),
+        "steps_per_print": 10**9,
+        "gradient_clipping": 0.0,  # DeepSpeed 0.19.8 clips at 1.0 by default; the reference is plain SGD
+        "pipeline": {"schedule": schedule},
+    }
+    if dualpipe:
+        config["dualpipe"] = dualpipe
+    return config
+
+
+RUNS = {  # name -> (schedule, model, dualpipe settings)
+    **{s: (s, "tied", {}) for s in SCHEDULES},
+    "dualpipe-untied": ("dualpipe", "untied", {}),
+    "dualpipe-full-backward": ("dualpipe", "tied", {"split_backward": False}),
+    "1f1b-untied": ("1f1b", "untied", {}),
+}
+
+
+def _train_all(P, dp, runs):
+    """Runs in every rank: each run's schedule through deepspeed_dualpipe.initialize."""
+    import deepspeed_dualpipe
+
+    batches = harness.make_batches(SEED, STEPS, dp, micro_batches(P), MBS)
+    results = {}
+    for name in runs:
+        schedule, model, settings = RUNS[name]
+        results[name] = harness.train_pipeline(deepspeed_dualpipe.initialize, ds_config(schedule, P, **settings),
+                                               MODELS[model], P, STEPS, batches)
+    return results
+
+
+@functools.lru_cache(maxsize=None)
+def _launch(P, dp):
+    runs = tuple(RUNS) if (P, dp) == (2, 1) else tuple(SCHEDULES)
+    return harness.run_distributed(_train_all, P * dp, P, dp, runs, timeout=600)
+
+
+def _check(P, dp, run, perturb=None):
+    results = [per_rank[run] for per_rank in _launch(P, dp)]
+    init = harness.initial_params_from(results)
+    if perturb is not None:
+        init = dict(init)
+        init[perturb] = init[perturb].copy()
+        init[perturb].flat[0] += 1e-3
+    batches = harness.make_batches(SEED, STEPS, dp, micro_batches(P), MBS)
+    reference = harness.train_reference(MODELS[RUNS[run][1]], init, batches, STEPS)
+    harness.compare(results, reference)
+    return results, reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("P, dp", [(2, 1), (4, 1), (2, 2), (4, 2)])
+def test_schedule_trains_to_the_losses_and_weights_of_a_single_process(P, dp, schedule):
+    results, reference = _check(P, dp, schedule)
+    assert reference["losses"][0] != reference["losses"][-1]  # training moved
+    assert sorted((r["stage"], r["dp_rank"]) for r in results) == [(s, d) for s in range(P) for d in range(dp)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["dualpipe-untied", "dualpipe-full-backward", "1f1b-untied"])
+def test_untied_models_and_the_full_backward_fallback_match_too(run):
+    _check(2, 1, run)
+
+
+@pytest.mark.slow
+def test_dualpipe_holds_every_stage_twice_and_the_copies_agree_bit_for_bit():
+    results = [per_rank["dualpipe"] for per_rank in _launch(4, 1)]
+    holders = {}
+    for r in results:
+        for name in r["params"]:
+            holders.setdefault(name, []).append(r["stage"])
+    assert all(len(stages) == 2 for stages in holders.values()), holders  # compare() checks they are equal
+    assert sorted(holders["layer2.fc1.weight"]) == [1, 2]  # stage 1 lives on rank 1 (chunk 0) and rank 2 (chunk 1)
+
+
+@pytest.mark.slow
+def test_the_comparison_can_fail():
+    name = "layer3.fc1.weight"
+    results = [dict(r, params=r["initial_params"], losses=[]) for r in
+               (per_rank["1f1b-untied"] for per_rank in _launch(2, 1))]
+    init = harness.initial_params_from(results)
+    init[name] = init[name].copy()
+    init[name].flat[0] += 1e-3
+    reference = harness.train_reference(MODELS["untied"], init, [], 0)
+    with pytest.raises(AssertionError, match=r"parameter layer3\.fc1\.weight on rank \d+: max diff 1\.000e-03"):
+        harness.compare(results, reference)
+    with pytest.raises(AssertionError, match=r"losses differ from reference"):
+        _check(2, 1, "1f1b-untied", perturb=name)
