@@ -301,6 +301,21 @@ class DualPipeEngine(PipelineEngine):
             p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
             offset += g.numel()
 
+    def clip_fp32_gradients(self):
+        """Clip to ``gradient_clipping`` by the global norm, counting every parameter once.
+
+        A stage held twice (DualPipe's mirror copies) or a tied module held by several ranks
+        is marked ``ds_pipe_replicated`` on all but one holder and left out of the norm.
+        """
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        owned = [p.grad.detach().float().pow(2).sum() for p in params if not getattr(p, "ds_pipe_replicated", False)]
+        total = torch.stack(owned).sum() if owned else torch.zeros((), device=self.device)
+        dist.all_reduce(total, group=self.grid.get_pipe_parallel_group())
+        coefficient = self.gradient_clipping() / (total.sqrt() + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
+        if coefficient < 1:
+            for p in params:
+                p.grad.mul_(coefficient)
+
     def _exec_reduce_tied_grads(self):
         self._drain_sends()
         super()._exec_reduce_tied_grads()

@@ -148,6 +148,10 @@ class DualPipeModule(PipelineModule):
                                  f"{sorted(stages)}")
         return {}
 
+    def _synchronize_tied_weights(self):
+        with torch.no_grad():  # an in-place broadcast into a parameter must not enter autograd
+            super()._synchronize_tied_weights()
+
     def _mirror_groups(self):
         """The process group of this rank and its mirror (same data-parallel index), for DualPipe."""
         if self.layout_kind != "bidirectional":

@@ -220,7 +220,7 @@ def train_pipeline(initialize, config, specs_fn, P, steps, batches, loss_fn=None
     import deepspeed.comm as dist
     from deepspeed.pipe import PipelineModule
 
-    assert config.get("gradient_clipping") == 0.0, "set gradient_clipping=0.0 (DeepSpeed defaults to 1.0)"
+    assert "gradient_clipping" in config, "set gradient_clipping explicitly (DeepSpeed defaults to 1.0)"
 
     if loss_fn is None:
         from models import loss_fn  # same loss as the reference
@@ -291,8 +291,11 @@ def _build_reference(specs_fn):
     return funcs, named
 
 
-def train_reference(specs_fn, initial_params, batches, steps, loss_fn=None):
+def train_reference(specs_fn, initial_params, batches, steps, loss_fn=None, clip=0.0):
     """Single-process ground truth starting from ``initial_params``.
+
+    ``clip`` > 0 clips the gradient to that global norm before each step, as DeepSpeed's
+    ``gradient_clipping`` does.
 
     Each step's loss is the mean over all micro-batches of all data-parallel
     ranks, which is exactly the gradient DeepSpeed forms (per-micro-batch
@@ -322,6 +325,8 @@ def train_reference(specs_fn, initial_params, batches, steps, loss_fn=None):
             total = total + loss_fn(out, y)
         loss = total / len(micro)
         loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(named.values()), clip)
         opt.step()
         losses.append(float(loss.detach()))
     return {

@@ -24,24 +24,33 @@ def micro_batches(P):
     return 2 * P  # the least that every schedule accepts (DualPipe: even, >= 2P)
 
 
-def ds_config(schedule, P, **dualpipe):
+CLIP = 0.05  # small enough that every step clips
+
+
+def ds_config(schedule, P, dualpipe=None, **extra):
     config = {
         "train_micro_batch_size_per_gpu": MBS,
         "gradient_accumulation_steps": micro_batches(P),
         "steps_per_print": 10**9,
         "gradient_clipping": 0.0,  # DeepSpeed 0.19.8 clips at 1.0 by default; the reference is plain SGD
         "pipeline": {"schedule": schedule},
+        **extra,
     }
     if dualpipe:
         config["dualpipe"] = dualpipe
     return config
 
 
-RUNS = {  # name -> (schedule, model, dualpipe settings)
-    **{s: (s, "tied", {}) for s in SCHEDULES},
-    "dualpipe-untied": ("dualpipe", "untied", {}),
-    "dualpipe-full-backward": ("dualpipe", "tied", {"split_backward": False}),
-    "1f1b-untied": ("1f1b", "untied", {}),
+RUNS = {  # name -> (schedule, model, dualpipe settings, other config keys)
+    **{s: (s, "tied", None, {}) for s in SCHEDULES},
+    "dualpipe-untied": ("dualpipe", "untied", None, {}),
+    "dualpipe-full-backward": ("dualpipe", "tied", {"split_backward": False}, {}),
+    "1f1b-untied": ("1f1b", "untied", None, {}),
+    "dualpipe-clipped": ("dualpipe", "tied", None, {"gradient_clipping": CLIP}),
+    "dualpipev-clipped": ("dualpipev", "tied", None, {"gradient_clipping": CLIP}),
+    "zb1p-clipped": ("zb1p", "tied", None, {"gradient_clipping": CLIP}),
+    "dualpipe-zero1": ("dualpipe", "tied", None, {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}),
+    "dualpipev-zero1": ("dualpipev", "tied", None, {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}),
 }
 
 
@@ -52,16 +61,19 @@ def _train_all(P, dp, runs):
     batches = harness.make_batches(SEED, STEPS, dp, micro_batches(P), MBS)
     results = {}
     for name in runs:
-        schedule, model, settings = RUNS[name]
-        results[name] = harness.train_pipeline(deepspeed_dualpipe.initialize, ds_config(schedule, P, **settings),
+        schedule, model, settings, extra = RUNS[name]
+        results[name] = harness.train_pipeline(deepspeed_dualpipe.initialize, ds_config(schedule, P, settings, **extra),
                                                MODELS[model], P, STEPS, batches)
     return results
 
 
 @functools.lru_cache(maxsize=None)
 def _launch(P, dp):
-    runs = tuple(RUNS) if (P, dp) == (2, 1) else tuple(SCHEDULES)
+    runs = tuple(RUNS) if (P, dp) == (2, 1) else tuple(SCHEDULES) + EXTRA.get((P, dp), ())
     return harness.run_distributed(_train_all, P * dp, P, dp, runs, timeout=600)
+
+
+EXTRA = {(2, 2): ("dualpipe-clipped", "dualpipe-zero1"), (4, 1): ("dualpipe-clipped", "dualpipev-clipped")}
 
 
 def _check(P, dp, run, perturb=None):
@@ -72,7 +84,8 @@ def _check(P, dp, run, perturb=None):
         init[perturb] = init[perturb].copy()
         init[perturb].flat[0] += 1e-3
     batches = harness.make_batches(SEED, STEPS, dp, micro_batches(P), MBS)
-    reference = harness.train_reference(MODELS[RUNS[run][1]], init, batches, STEPS)
+    clip = RUNS[run][3].get("gradient_clipping", 0.0)
+    reference = harness.train_reference(MODELS[RUNS[run][1]], init, batches, STEPS, clip=clip)
     harness.compare(results, reference)
     return results, reference
 
@@ -90,6 +103,19 @@ def test_schedule_trains_to_the_losses_and_weights_of_a_single_process(P, dp, sc
 @pytest.mark.parametrize("run", ["dualpipe-untied", "dualpipe-full-backward", "1f1b-untied"])
 def test_untied_models_and_the_full_backward_fallback_match_too(run):
     _check(2, 1, run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("P, dp, run", [(2, 1, r) for r in ("dualpipe-clipped", "dualpipev-clipped", "zb1p-clipped")] +
+                         [(2, 2, "dualpipe-clipped"), (4, 1, "dualpipe-clipped"), (4, 1, "dualpipev-clipped")])
+def test_gradient_clipping_counts_every_parameter_once(P, dp, run):
+    _check(P, dp, run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("P, dp, run", [(2, 1, "dualpipe-zero1"), (2, 1, "dualpipev-zero1"), (2, 2, "dualpipe-zero1")])
+def test_zero_stage_1_trains_to_the_same_numbers(P, dp, run):
+    _check(P, dp, run)
 
 
 @pytest.mark.slow
