@@ -207,7 +207,7 @@ def _sgd(params):
     return torch.optim.SGD(params, lr=LR)
 
 
-def train_pipeline(initialize, config, specs_fn, P, steps, batches, loss_fn=None, seed=1234):
+def train_pipeline(initialize, config, specs_fn, P, steps, batches, loss_fn=None, seed=1234, eval_batches=None):
     """Train ``PipelineModule(specs_fn(), P stages)`` with ``initialize``.
 
     ``initialize`` has ``deepspeed.initialize``'s signature (keyword args
@@ -248,8 +248,11 @@ def train_pipeline(initialize, config, specs_fn, P, steps, batches, loss_fn=None
         # uses the inputs, the last stage the labels.
         loss = engine.train_batch(data_iter=iter(batches[step][dp_rank]))
         losses.append(float(loss.detach()))
+    # After training: engine.eval_batch on each batch (this rank's data-parallel share).
+    eval_losses = [float(engine.eval_batch(iter(b[dp_rank]))) for b in (eval_batches or [])]
 
     return {
+        "eval_losses": eval_losses,
         "rank": dist.get_rank(),
         "stage": stage,
         "dp_rank": dp_rank,
@@ -289,6 +292,27 @@ def _build_reference(specs_fn):
         else:
             funcs.append(spec)  # plain callable, no parameters
     return funcs, named
+
+
+def evaluate_reference(specs_fn, params, batches, loss_fn=None):
+    """The mean loss of ``params`` over each batch's micro-batches (all data-parallel ranks)."""
+    if loss_fn is None:
+        from models import loss_fn
+    funcs, named = _build_reference(specs_fn)
+    losses = []
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(torch.from_numpy(np.asarray(params[n])))
+        for batch in batches:
+            micro = [mb for per_dp in batch for mb in per_dp]
+            total = 0.0
+            for x, y in micro:
+                out = x
+                for f in funcs:
+                    out = f(out)
+                total = total + loss_fn(out, y)
+            losses.append(float(total / len(micro)))
+    return losses
 
 
 def train_reference(specs_fn, initial_params, batches, steps, loss_fn=None, clip=0.0):

@@ -59,11 +59,12 @@ def _train_all(P, dp, runs):
     import deepspeed_dualpipe
 
     batches = harness.make_batches(SEED, STEPS, dp, micro_batches(P), MBS)
+    evals = harness.make_batches(SEED + 1, 2, dp, micro_batches(P), MBS)
     results = {}
     for name in runs:
         schedule, model, settings, extra = RUNS[name]
         results[name] = harness.train_pipeline(deepspeed_dualpipe.initialize, ds_config(schedule, P, settings, **extra),
-                                               MODELS[model], P, STEPS, batches)
+                                               MODELS[model], P, STEPS, batches, eval_batches=evals)
     return results
 
 
@@ -103,6 +104,18 @@ def test_schedule_trains_to_the_losses_and_weights_of_a_single_process(P, dp, sc
 @pytest.mark.parametrize("run", ["dualpipe-untied", "dualpipe-full-backward", "1f1b-untied"])
 def test_untied_models_and_the_full_backward_fallback_match_too(run):
     _check(2, 1, run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("P, dp", [(2, 1), (4, 1), (2, 2)])
+def test_eval_batch_returns_the_mean_loss_of_the_trained_model_on_every_rank(P, dp, schedule):
+    results = [per_rank[schedule] for per_rank in _launch(P, dp)]
+    evals = harness.make_batches(SEED + 1, 2, dp, micro_batches(P), MBS)
+    params = {name: value for r in results for name, value in r["params"].items()}
+    expected = harness.evaluate_reference(MODELS[RUNS[schedule][1]], params, evals)
+    for r in results:
+        assert r["eval_losses"] == pytest.approx(expected, rel=1e-6), (r["rank"], r["eval_losses"], expected)
 
 
 @pytest.mark.slow
