@@ -178,14 +178,25 @@ class DualPipeEngine(PipelineEngine):
 
     def _exec_backward_pass(self, buffer_id, chunk, micro_batch):
         self._backward(buffer_id, chunk, micro_batch, split=False)
+        self._weight_gradients_done()
 
     def _exec_backward_input(self, buffer_id, chunk, micro_batch):
-        self.pipe_buffers["weights"][buffer_id] = self._backward(buffer_id, chunk, micro_batch, split=self._split)
+        handle = self._backward(buffer_id, chunk, micro_batch, split=self._split)
+        self.pipe_buffers["weights"][buffer_id] = handle
+        if not handle.split:  # fell back to a full backward: the weight gradients are in already
+            self._weight_gradients_done()
 
     def _exec_backward_weight(self, buffer_id, chunk, micro_batch):
         handle = self.pipe_buffers["weights"][buffer_id]
         self.pipe_buffers["weights"][buffer_id] = None
         handle.weight_part()
+        self._weight_gradients_done()
+
+    def _weight_gradients_done(self):
+        """bf16: move finished weight gradients into the optimizer's fp32 accumulators (as DeepSpeed's
+        1F1B does after every backward), so micro-batches accumulate in fp32, not bf16."""
+        if self.using_bf16_optimizer:
+            self.optimizer.update_hp_grads(clear_lp_grads=True)
 
     def _backward(self, buffer_id, chunk, micro_batch, split: bool) -> SplitBackward:
         downstream = self._downstream(chunk, micro_batch)
@@ -291,15 +302,27 @@ class DualPipeEngine(PipelineEngine):
     def _exec_reduce_mirror_grads(self):
         """Sum every gradient across the mirror pair (r, P-1-r): both copies of a stage see half the batch."""
         self._drain_sends()
-        tensors = [p for _, p in self.module.named_mirror_tensors() if isinstance(p, torch.nn.Parameter)
-                   and p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        params = [p for _, p in self.module.named_mirror_tensors() if isinstance(p, torch.nn.Parameter)
+                  and p.requires_grad]
+        grads = [self._gradient(p) for p in params]
+        flat = torch.cat([g.reshape(-1) if g is not None else torch.zeros(p.numel(), dtype=self._grad_dtype(),
+                                                                          device=p.device) for p, g in zip(params, grads)])
         dist.all_reduce(flat, group=self.module.mirror_group)
         offset = 0
-        for p, g in zip(tensors, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-            offset += g.numel()
+        for p, g in zip(params, grads):
+            reduced = flat[offset:offset + p.numel()]
+            offset += p.numel()
+            if g is not None:
+                g.copy_(reduced.view_as(g))
+            elif not self.using_bf16_optimizer:
+                p.grad = reduced.view_as(p).clone()
+
+    def _gradient(self, p):
+        """Where ``p``'s accumulated gradient lives: the bf16 optimizer's fp32 copy, else ``p.grad``."""
+        return getattr(p, "_hp_grad", None) if self.using_bf16_optimizer else p.grad
+
+    def _grad_dtype(self):
+        return torch.float32 if self.using_bf16_optimizer else next(self.module.parameters()).dtype
 
     def clip_fp32_gradients(self):
         """Clip to ``gradient_clipping`` by the global norm, counting every parameter once.

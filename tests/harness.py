@@ -196,7 +196,7 @@ def _unwrap(engine):
 
 def pipeline_params(module):
     """{global name: numpy copy} of the parameters this rank holds."""
-    return {_global_name(n): p.detach().cpu().numpy().copy() for n, p in module.named_parameters()}
+    return {_global_name(n): p.detach().float().cpu().numpy().copy() for n, p in module.named_parameters()}
 
 
 # --------------------------------------------------------------------------
