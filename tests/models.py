@@ -66,3 +66,47 @@ def tied_specs():
 
 def untied_specs():
     return specs(tied=False)
+
+
+class EmbedWithStream(nn.Module):
+    """tokens -> (hidden, skip stream, positions): a tuple of two float tensors and an int64 one."""
+
+    def __init__(self, vocab, hidden):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens).contiguous()
+        return h, h * 0.5, positions
+
+
+class TupleBlock(nn.Module):
+    """A block that reads and writes every tensor of the tuple, so gradients flow through both floats."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.mlp = ResidualMLP(hidden)
+        self.mix = nn.Linear(hidden, hidden)
+
+    def forward(self, inputs):
+        h, skip, positions = inputs
+        h = self.mlp(h) + 0.1 * self.mix(skip) + 0.01 * positions.unsqueeze(-1).float()
+        return h, skip + 0.1 * h, positions
+
+
+class TupleHead(nn.Module):
+
+    def __init__(self, hidden, vocab):
+        super().__init__()
+        self.out = nn.Linear(hidden, vocab)
+
+    def forward(self, inputs):
+        h, skip, _ = inputs
+        return self.out(h + skip)
+
+
+def tuple_specs(num_layers=8, hidden=16, vocab=32):
+    """Stages exchange (float, float, int64) tuples: the engine must send all, and grads for the floats."""
+    return ([LayerSpec(EmbedWithStream, vocab, hidden)] +
+            [LayerSpec(TupleBlock, hidden) for _ in range(num_layers - 2)] + [LayerSpec(TupleHead, hidden, vocab)])

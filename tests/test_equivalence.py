@@ -17,7 +17,7 @@ import models
 SCHEDULES = ["1f1b", "zb1p", "dualpipe", "dualpipev", "ds-dualpipev"]
 MBS, STEPS, SEED = 2, 3, 0
 
-MODELS = {"tied": models.tied_specs, "untied": models.untied_specs}
+MODELS = {"tied": models.tied_specs, "untied": models.untied_specs, "tuple": models.tuple_specs}
 
 
 def micro_batches(P):
@@ -52,6 +52,7 @@ RUNS = {  # name -> (schedule, model, dualpipe settings, other config keys)
     "dualpipe-zero1": ("dualpipe", "tied", None, {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}),
     "dualpipev-zero1": ("dualpipev", "tied", None, {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}),
     **{f"{s}-bf16": (s, "tied", None, {"bf16": {"enabled": True}}) for s in ("zb1p", "dualpipe", "dualpipev")},
+    **{f"{s}-tuple": (s, "tuple", None, {}) for s in SCHEDULES},
 }
 
 
@@ -117,6 +118,12 @@ def test_eval_batch_returns_the_mean_loss_of_the_trained_model_on_every_rank(P, 
     expected = harness.evaluate_reference(MODELS[RUNS[schedule][1]], params, evals)
     for r in results:
         assert r["eval_losses"] == pytest.approx(expected, rel=1e-6), (r["rank"], r["eval_losses"], expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_stages_that_exchange_tuples_with_integer_tensors_train_to_the_same_numbers(schedule):
+    _check(2, 1, f"{schedule}-tuple")
 
 
 @pytest.mark.slow
