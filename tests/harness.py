@@ -294,60 +294,55 @@ def _build_reference(specs_fn):
     return funcs, named
 
 
-def evaluate_reference(specs_fn, params, batches, loss_fn=None):
-    """The mean loss of ``params`` over each batch's micro-batches (all data-parallel ranks)."""
-    if loss_fn is None:
-        from models import loss_fn
-    funcs, named = _build_reference(specs_fn)
-    losses = []
+def _batch_loss(funcs, batch, loss_fn):
+    """Mean loss over the micro-batches of all data-parallel ranks: the batch loss DeepSpeed forms
+    (per-micro-batch loss / GAS, summed, then averaged over DP)."""
+    micro = [mb for per_dp in batch for mb in per_dp]
+    total = 0.0
+    for x, y in micro:
+        out = x
+        for f in funcs:
+            out = f(out)
+        total = total + loss_fn(out, y)
+    return total / len(micro)
+
+
+def _load(named, params):
+    assert set(named) == set(params), (
+        f"name mismatch: reference-only {sorted(set(named) - set(params))}, "
+        f"pipeline-only {sorted(set(params) - set(named))}")
     with torch.no_grad():
         for n, p in named.items():
             p.copy_(torch.from_numpy(np.asarray(params[n])))
-        for batch in batches:
-            micro = [mb for per_dp in batch for mb in per_dp]
-            total = 0.0
-            for x, y in micro:
-                out = x
-                for f in funcs:
-                    out = f(out)
-                total = total + loss_fn(out, y)
-            losses.append(float(total / len(micro)))
-    return losses
+
+
+def evaluate_reference(specs_fn, params, batches, loss_fn=None):
+    """The batch loss of ``params`` on each of ``batches``."""
+    if loss_fn is None:
+        from models import loss_fn
+    funcs, named = _build_reference(specs_fn)
+    _load(named, params)
+    with torch.no_grad():
+        return [float(_batch_loss(funcs, batch, loss_fn)) for batch in batches]
 
 
 def train_reference(specs_fn, initial_params, batches, steps, loss_fn=None, clip=0.0):
     """Single-process ground truth starting from ``initial_params``.
 
     ``clip`` > 0 clips the gradient to that global norm before each step, as DeepSpeed's
-    ``gradient_clipping`` does.
-
-    Each step's loss is the mean over all micro-batches of all data-parallel
-    ranks, which is exactly the gradient DeepSpeed forms (per-micro-batch
-    loss / GAS, summed, then averaged over DP).
+    ``gradient_clipping`` does. Each step's loss is :func:`_batch_loss`.
     """
     if loss_fn is None:
         from models import loss_fn
 
     funcs, named = _build_reference(specs_fn)
-    assert set(named) == set(initial_params), (
-        f"name mismatch: reference-only {sorted(set(named) - set(initial_params))}, "
-        f"pipeline-only {sorted(set(initial_params) - set(named))}")
-    with torch.no_grad():
-        for n, p in named.items():
-            p.copy_(torch.from_numpy(np.asarray(initial_params[n])))
+    _load(named, initial_params)
     opt = torch.optim.SGD(list(named.values()), lr=LR)
 
     losses = []
     for step in range(steps):
-        micro = [mb for per_dp in batches[step] for mb in per_dp]
         opt.zero_grad()
-        total = 0.0
-        for x, y in micro:
-            out = x
-            for f in funcs:
-                out = f(out)
-            total = total + loss_fn(out, y)
-        loss = total / len(micro)
+        loss = _batch_loss(funcs, batches[step], loss_fn)
         loss.backward()
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(list(named.values()), clip)
