@@ -13,6 +13,8 @@ One ``_exec_*`` method per instruction, as in DeepSpeed. What differs from 1F1B:
   the pipeline, so ``train_batch()`` returns the same global mean on every rank.
 """
 
+import time
+from dataclasses import dataclass
 from datetime import timedelta
 import torch
 from deepspeed import comm as dist
@@ -25,6 +27,16 @@ from deepspeed_dualpipe.schedules import build_schedule
 from deepspeed_dualpipe.split_backward import SplitBackward, module_supports_split
 
 _META_SIZE = 64  # int32 slots: count, then (dtype id, ndim, *shape) per tensor
+
+
+@dataclass
+class InstructionTime:
+    """When one instruction ran on this rank (``time.perf_counter`` seconds) and how long it waited on peers."""
+
+    instruction: object
+    start: float
+    end: float
+    waited: float
 
 
 class PipelineTimeout(RuntimeError):
@@ -54,6 +66,8 @@ class DualPipeEngine(PipelineEngine):
         self._meta_sent = set()  # chunks whose activation metadata was sent
         self._send_reqs = []
         self._handoff = {}  # (chunk, micro_batch) -> tensors passed between chunks on this rank
+        self.trace = None  # set to [] to record an InstructionTime per executed instruction
+        self._waited = 0.0
         if self.dualpipe.verify_schedule:
             from deepspeed_dualpipe.verify import verify
             verify(self.schedule_name, self.num_stages, self.micro_batches)
@@ -74,10 +88,25 @@ class DualPipeEngine(PipelineEngine):
         self._batch_count = pipe_schedule.micro_batches
         self._loss_sum = torch.zeros((), device=self.device)
         try:
-            super()._exec_schedule(pipe_schedule)
+            self._run(pipe_schedule)
             self._drain_sends()
         finally:
             self._batch, self._handoff = {}, {}
+
+    def _run(self, pipe_schedule):
+        """DeepSpeed's instruction loop, timing each instruction when :attr:`trace` is a list."""
+        if self.trace is None:
+            return super()._exec_schedule(pipe_schedule)
+        self._reserve_pipe_buffers(pipe_schedule.num_pipe_buffers())
+        self.fwd_outputs = []
+        for step in pipe_schedule:
+            for cmd in step:
+                execute = self._INSTRUCTION_MAP.get(type(cmd))
+                if execute is None:
+                    raise RuntimeError(f"{type(self).__name__} does not understand instruction {cmd!r}")
+                self._waited, start = 0.0, time.perf_counter()
+                execute(self, **cmd.kwargs)
+                self.trace.append(InstructionTime(cmd, start, time.perf_counter(), self._waited))
 
     def train_batch(self, data_iter=None):
         super().train_batch(data_iter)
@@ -279,7 +308,9 @@ class DualPipeEngine(PipelineEngine):
         pending = requests[buffer_id]
         requests[buffer_id] = None
         if pending is not None:
+            start = time.perf_counter()
             self._wait_requests(pending, what, chunk, micro_batch, location[0])
+            self._waited += time.perf_counter() - start
 
     def _wait_requests(self, requests, what, chunk, micro_batch, peer):
         try:
