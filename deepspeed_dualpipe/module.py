@@ -131,6 +131,24 @@ class DualPipeModule(PipelineModule):
             self.chunk_checkpointable[c] = self.is_checkpointable_results
         self.activate_chunk(0)
 
+    # ----- checkpoints: DeepSpeed's layer files, indexed by global layer -------------------------
+    def save_state_dict(self, save_dir, checkpoint_engine, exclude_frozen_params=False):
+        """Write ``layer_XX-model_states.pt`` for this rank's layers, as ``PipelineModule`` does.
+
+        Files are named by global layer index, so a checkpoint written under one schedule loads
+        under another. Under DualPipe each stage is written once: by the rank that holds it as
+        chunk 0.
+        """
+        chunks = [0] if self.layout_kind == "bidirectional" else range(len(self.chunk_funcs))
+        for c in chunks:
+            with self.chunk(c):
+                super().save_state_dict(save_dir, checkpoint_engine, exclude_frozen_params)
+
+    def load_state_dir(self, load_dir, checkpoint_engine, strict=True):
+        for c in range(len(self.chunk_funcs)):
+            with self.chunk(c):
+                super().load_state_dir(load_dir, checkpoint_engine, strict)
+
     # ----- tied layers and mirror copies ---------------------------------------------------------
     def _index_tied_modules(self):
         if self.layout_kind != "bidirectional":
