@@ -23,7 +23,7 @@ from deepspeed.utils import logger
 
 from deepspeed_dualpipe import instructions as I
 from deepspeed_dualpipe.module import DualPipeModule
-from deepspeed_dualpipe.schedules import build_schedule
+from deepspeed_dualpipe.schedules import build_schedule, get_spec
 from deepspeed_dualpipe.split_backward import SplitBackward, module_supports_split
 
 _META_SIZE = 64  # int32 slots: count, then (dtype id, ndim, *shape) per tensor
@@ -63,11 +63,12 @@ class DualPipeEngine(PipelineEngine):
         for key in ("grads", "input_grads", "losses", "weights", "recv_reqs", "grad_reqs"):
             self.pipe_buffers[key] = [None] * self.num_pipe_buffers
         self._shapes = {}  # chunk -> [(shape, dtype)] of its received activations
-        self._meta_sent = set()  # chunks whose activation metadata was sent
+        self._sent_specs = {}  # chunk -> [(shape, dtype)] announced to the next stage in its metadata
         self._send_reqs = []
         self._handoff = {}  # (chunk, micro_batch) -> tensors passed between chunks on this rank
         self.trace = None  # set to [] to record an InstructionTime per executed instruction
         self._waited = 0.0
+        get_spec(self.schedule_name).validate(self.num_stages, self.micro_batches)  # before any step
         if self.dualpipe.verify_schedule:
             from deepspeed_dualpipe.verify import verify
             verify(self.schedule_name, self.num_stages, self.micro_batches)
@@ -146,8 +147,17 @@ class DualPipeEngine(PipelineEngine):
     def _micro_batch(self, micro_batch: int):
         """Micro-batch ``micro_batch`` of this batch, read in order from the data iterator."""
         while len(self._batch) <= micro_batch:
-            self._batch[len(self._batch)] = self._next_batch()
+            batch = self._next_batch()
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise ValueError(f"pipeline rank {self.stage_id}: micro-batch {len(self._batch)} from the data "
+                                 f"iterator is a {type(batch).__name__}, not an (inputs, labels) pair; yield "
+                                 f"(inputs, labels) micro-batches as for DeepSpeed's PipelineEngine")
+            self._batch[len(self._batch)] = batch
         return self._batch[micro_batch]
+
+    def _loss_ranks(self) -> str:
+        ends = sorted({self.layout.path(m)[-1][0] for m in range(self.layout.micro_batches)})
+        return "pipeline ranks " + ", ".join(map(str, ends))
 
     # ----- where this rank sits on a micro-batch's path -----------------------------------------
     def _upstream(self, chunk, micro_batch):
@@ -165,7 +175,7 @@ class DualPipeEngine(PipelineEngine):
         if self._upstream(chunk, micro_batch) is None:
             loaded = tuple(t.clone().detach().to(self.device) for t in _as_tuple(inputs))
             self.pipe_buffers["inputs"][buffer_id] = loaded if isinstance(inputs, (tuple, list)) else loaded[0]
-        if self._downstream(chunk, micro_batch) is None:
+        if self._downstream(chunk, micro_batch) is None and labels is not None:  # None: named at the loss
             self.pipe_buffers["labels"][buffer_id] = tuple(t.to(self.device) for t in _as_tuple(labels)) \
                 if isinstance(labels, (tuple, list)) else labels.to(self.device)
 
@@ -187,7 +197,12 @@ class DualPipeEngine(PipelineEngine):
 
     def _loss_stage(self, buffer_id, outputs):
         if self._compute_loss and self.module.loss_fn is not None:
-            loss = self.module.loss_fn(outputs, self.pipe_buffers["labels"][buffer_id])
+            labels = self.pipe_buffers["labels"][buffer_id]
+            if labels is None:
+                raise ValueError(f"pipeline rank {self.stage_id} computes the loss but its micro-batch has no labels "
+                                 f"(None): the data iterator must yield (inputs, labels) on every rank that holds a "
+                                 f"loss stage ({self._loss_ranks()})")
+            loss = self.module.loss_fn(outputs, labels)
         else:
             loss = outputs
         self.pipe_buffers["labels"][buffer_id] = None
@@ -270,9 +285,15 @@ class DualPipeEngine(PipelineEngine):
     def _exec_send_activations(self, buffer_id, chunk, micro_batch, peer):
         outputs = _as_tuple(self.pipe_buffers["outputs"][buffer_id])
         _check_sendable(outputs, self.stage_id, chunk)
-        if chunk not in self._meta_sent:
-            self._meta_sent.add(chunk)
+        specs = [(tuple(t.shape), t.dtype) for t in outputs]
+        if chunk not in self._sent_specs:
+            self._sent_specs[chunk] = specs
             self._isend([_encode_meta(outputs, self.DTYPE_TO_ID, self.device)], peer)
+        elif specs != self._sent_specs[chunk]:
+            raise ValueError(f"pipeline rank {self.stage_id}, chunk {chunk}: micro-batch {micro_batch}'s outputs have "
+                             f"shapes/dtypes {_describe(specs)}, but this channel was set up for "
+                             f"{_describe(self._sent_specs[chunk])}; the plugin's schedules need the same activation "
+                             f"shapes on every micro-batch and step (pad or bucket your batches)")
         self._isend(outputs, peer)
 
     def _exec_recv_activations(self, buffer_id, chunk, micro_batch, peer):
@@ -412,6 +433,10 @@ def _check_sendable(outputs, stage: int, chunk: int) -> None:
         if not torch.is_tensor(t):
             raise TypeError(f"pipeline rank {stage}, chunk {chunk}: a stage must return a tensor or a tuple of "
                             f"tensors to send downstream, got {type(t).__name__}")
+
+
+def _describe(specs) -> str:
+    return ", ".join(f"{list(shape)} {str(dtype).replace('torch.', '')}" for shape, dtype in specs)
 
 
 def _encode_meta(tensors, dtype_to_id, device) -> torch.Tensor:
