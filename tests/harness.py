@@ -30,6 +30,8 @@ import traceback
 import numpy as np
 import torch
 
+from deepspeed_dualpipe.shm import release_shared_memory
+
 LR = 0.1  # large enough that 3 SGD steps move every parameter measurably
 SEQ_LEN = 6
 
@@ -147,6 +149,7 @@ def run_distributed(fn, world_size, *args, timeout=180):
                 p.kill()
                 p.join(timeout=5)
         result_queue.close()
+        release_shared_memory(port)
     return [results[r] for r in range(world_size)]
 
 

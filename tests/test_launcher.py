@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from deepspeed_dualpipe.shm import release_shared_memory
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -17,10 +19,14 @@ def test_the_deepspeed_launcher_trains_with_the_schedule_its_config_names(tmp_pa
     out = tmp_path / "losses.json"
     launcher = Path(sys.executable).with_name("deepspeed")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    command = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()),
+    port = _free_port()
+    command = [str(launcher), "--num_gpus", "2", "--master_port", str(port),
                str(ROOT / "examples" / "train_pipeline.py"), "--deepspeed_config",
                str(ROOT / "configs" / f"{schedule}.json"), "--steps", "6", "--out", str(out)]
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    try:
+        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    finally:
+        release_shared_memory(port)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["engine"] == engine
