@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml setup.cfg
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[test,plot]'
+	@# DeepSpeed JIT-compiles its CPU shared-memory op on first use (minutes on 2 cores): do it here,
+	@# once, rather than inside the first multi-process test's time limit.
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(STAMP)
 
 clean:
