@@ -40,7 +40,40 @@ class InstructionTime:
 
 
 class PipelineTimeout(RuntimeError):
-    """A pipeline wait that outlived ``dualpipe.p2p_timeout_s``: the peer is dead, stuck or mis-scheduled."""
+    """A point-to-point operation of the pipeline that failed, never one that hangs.
+
+    Either a wait outlived ``dualpipe.p2p_timeout_s`` (the peer is stuck, mis-scheduled, or gone
+    without closing its connection), or gloo lost the connection to the peer (the peer died: gloo
+    reports a crashed, killed or exited process at once, without waiting for the timeout). The
+    message names this rank, the peer, what was awaited and the micro-batch, and says which it was.
+    """
+
+    @classmethod
+    def gave_up(cls, engine, error, peer, awaited, source, waited):
+        """The wait for ``awaited`` ("the activation of micro-batch 2 (chunk 1)") ``source`` ("from"
+        or "by") pipeline rank ``peer`` ran out of time after ``waited`` seconds."""
+        return cls(f"{cls._who(engine)} gave up waiting for {awaited} {source} "
+                   f"{cls._who(engine, peer)} after {waited:.1f} s (dualpipe.p2p_timeout_s="
+                   f"{engine._timeout.total_seconds():g}), schedule {engine.schedule_name}: that rank is stuck, runs "
+                   f"a different schedule or died without closing its connection; check its log, or raise "
+                   f"dualpipe.p2p_timeout_s if it is only slow (gloo: {error})")
+
+    @classmethod
+    def lost_connection(cls, engine, error, peer, during):
+        """gloo's connection to pipeline rank ``peer`` failed ``during`` ("while sending the activation
+        of micro-batch 3 (chunk 0) to it"): at once, whatever the timeout."""
+        cause = ("an earlier wait on this rank timed out, and gloo closes the connection on a timeout; the first "
+                 "error is the one to read" if "timeout caused pair closure" in str(error) else
+                 "that rank probably died (crashed, was killed or exited); check its log for the first error")
+        return cls(f"{cls._who(engine)} lost its connection to {cls._who(engine, peer)} "
+                   f"{during}, schedule {engine.schedule_name}: {cause} (gloo: {error})")
+
+    @staticmethod
+    def _who(engine, stage=None):
+        """Names ``engine``'s own rank, or its peer at pipeline rank ``stage``: "pipeline rank S (global rank G)"."""
+        if stage is None:
+            return f"pipeline rank {engine.stage_id} (global rank {engine.global_rank})"
+        return f"pipeline rank {stage} (global rank {engine._peer(stage)})"
 
 
 def _as_tuple(x):
@@ -110,7 +143,15 @@ class DualPipeEngine(PipelineEngine):
                 self.trace.append(InstructionTime(cmd, start, time.perf_counter(), self._waited))
 
     def train_batch(self, data_iter=None):
-        super().train_batch(data_iter)
+        try:
+            super().train_batch(data_iter)
+        except BaseException:
+            # A failed batch (a peer timed out, bad data) leaves DeepSpeed's timers running, and the
+            # next train_batch would then fail on "timer has already been started" instead of its own error.
+            for timer in getattr(self.timers, "timers", {}).values():
+                if getattr(timer, "started_", False):
+                    timer.reset()
+            raise
         return self.agg_train_loss
 
     def _aggregate_total_loss(self):
@@ -320,10 +361,18 @@ class DualPipeEngine(PipelineEngine):
 
     def _isend(self, tensors, peer):
         ops = [dist.P2POp(dist.isend, t.contiguous(), self._peer(peer)) for t in tensors]
-        self._send_reqs.append((dist.batch_isend_irecv(ops), ops, peer))
+        self._send_reqs.append((self._post(ops, peer, "while sending to it"), ops, peer))
 
     def _irecv(self, tensors, peer):
-        return dist.batch_isend_irecv([dist.P2POp(dist.irecv, t, self._peer(peer)) for t in tensors])
+        return self._post([dist.P2POp(dist.irecv, t, self._peer(peer)) for t in tensors], peer,
+                          "while posting a receive from it")
+
+    def _post(self, ops, peer, during):
+        """``batch_isend_irecv``; gloo refuses to post to a peer whose connection is gone: say who and why."""
+        try:
+            return dist.batch_isend_irecv(ops)
+        except RuntimeError as error:
+            raise PipelineTimeout.lost_connection(self, error, peer, during) from error
 
     def _wait(self, requests, buffer_id, what, chunk, micro_batch, location):
         pending = requests[buffer_id]
@@ -333,22 +382,37 @@ class DualPipeEngine(PipelineEngine):
             self._wait_requests(pending, what, chunk, micro_batch, location[0])
             self._waited += time.perf_counter() - start
 
-    def _wait_requests(self, requests, what, chunk, micro_batch, peer):
+    def _wait_requests(self, requests, what, chunk, micro_batch, peer, deadline=None, source="from"):
+        """Wait for one ``batch_isend_irecv``'s requests until ``deadline`` (``time.monotonic()``;
+        default ``dualpipe.p2p_timeout_s`` from now), else raise :class:`PipelineTimeout`.
+
+        gloo fails a wait either when its timeout expires or, at once, when the connection to the
+        peer drops (the peer crashed, was killed or exited; also every wait after an earlier timeout
+        with that peer, since gloo closes the connection on a timeout). The message says which.
+        """
+        start = time.monotonic()
+        deadline = start + self._timeout.total_seconds() if deadline is None else deadline
         try:
             for request in requests:
-                request.wait(self._timeout)
+                # At least 1 ms: gloo reads a zero timeout as "the process group's default" (30 min).
+                if request.wait(timedelta(seconds=max(deadline - time.monotonic(), 1e-3))) is False:
+                    raise RuntimeError("timed out: the wait returned without completing")
         except RuntimeError as error:
-            raise PipelineTimeout(
-                f"pipeline rank {self.stage_id} (global rank {self.global_rank}) waited more than "
-                f"{self._timeout.total_seconds():g} s for {what} of micro-batch {micro_batch} (chunk {chunk}) from "
-                f"pipeline rank {peer} (global rank {self._peer(peer)}), schedule {self.schedule_name}: that rank "
-                f"died, hangs, or runs a different schedule. Raise dualpipe.p2p_timeout_s if it is only slow. "
-                f"({error})") from error
+            waited = time.monotonic() - start
+            awaited = what if micro_batch is None else f"{what} of micro-batch {micro_batch} (chunk {chunk})"
+            if time.monotonic() >= deadline - 0.01 or "timed out" in str(error).lower():
+                raise PipelineTimeout.gave_up(self, error, peer, awaited, source, waited) from error
+            raise PipelineTimeout.lost_connection(self, error, peer, f"after {waited:.1f} s of waiting for {awaited} "
+                                                  f"{source} it") from error
 
     def _drain_sends(self):
+        """Wait for every send of the batch, all within one ``dualpipe.p2p_timeout_s``: a receiver that
+        died or never receives fails this like any other wait instead of hanging the end of the batch."""
         sends, self._send_reqs = self._send_reqs, []
+        deadline = time.monotonic() + self._timeout.total_seconds()
         for requests, _, peer in sends:
-            self._wait_requests(requests, "a send to be received", -1, -1, peer)
+            self._wait_requests(requests, f"{len(requests)} tensor(s) this rank sent to be received", None, None,
+                                peer, deadline=deadline, source="by")
 
     # ----- gradient reductions -------------------------------------------------------------------
     def _exec_reduce_mirror_grads(self):

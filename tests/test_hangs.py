@@ -1,0 +1,191 @@
+"""A peer that never sends, or dies, makes the others fail within ``dualpipe.p2p_timeout_s``.
+
+Two ranks. Pipeline rank 1 builds its engine (so the start-up collectives complete) and then
+misbehaves; pipeline rank 0 trains and must raise ``PipelineTimeout`` naming itself, the peer,
+what it waited for and the micro-batch, instead of hanging. One launch per behaviour (process
+start-up dominates), each scenario's steps reported back and checked by its own test:
+
+* "silent" (schedule dualpipe, timeout 2 s): rank 1 sleeps instead of training. gloo gives up
+  after the timeout, and closes its connection to rank 1 as it does.
+* "dies" (schedule dualpipev, timeout 5 s): rank 1 ``os._exit(1)``s shortly after start-up, while
+  rank 0 waits for it. gloo sees the connection drop at once; the error must say so (not claim a
+  timeout) and come well before the timeout. Then the next batch, which starts with the peer
+  already dead, must fail the same way.
+"""
+
+import functools
+import os
+import queue as queue_mod
+import time
+
+import pytest
+import torch
+
+import harness
+import models
+
+SILENT_TIMEOUT_S = 2
+DIES_TIMEOUT_S = 5
+DIES_AFTER_S = 1  # rank 1 dies this long after start-up, while rank 0 waits for its first message
+SLACK_S = 8  # an error may come this much later than the timeout (2 cores, busy machine)
+
+
+def _config(schedule, timeout_s):
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "steps_per_print": 10**9,
+            "gradient_clipping": 0.0, "pipeline": {"schedule": schedule}, "dualpipe": {"p2p_timeout_s": timeout_s}}
+
+
+def _outcome(action):
+    """(exception type name, message, seconds) of ``action()``."""
+    start = time.monotonic()
+    try:
+        action()
+    except Exception as error:  # noqa: BLE001 - the test inspects what the user would see
+        return type(error).__name__, str(error), time.monotonic() - start
+    return "no error", "", time.monotonic() - start
+
+
+def _misbehave(schedule, timeout_s, behaviour):
+    """Runs in every rank. Pipeline rank 1 misbehaves; pipeline rank 0 reports what each step raised."""
+    import deepspeed_dualpipe
+    from deepspeed.pipe import PipelineModule
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = PipelineModule(layers=models.tied_specs(), num_stages=2, loss_fn=models.loss_fn,
+                               partition_method="uniform")
+    engine = deepspeed_dualpipe.initialize(model=model, config=_config(schedule, timeout_s),
+                                           optimizer=harness._sgd)[0]
+    if engine.stage_id == 1:
+        if behaviour == "dies":
+            time.sleep(DIES_AFTER_S)
+            os._exit(1)  # hard death: no cleanup, the kernel closes the sockets
+        time.sleep(3 * timeout_s)  # alive, but never calls train_batch, so never sends or receives
+        return None
+    batch = harness.make_batches(0, 1, 1, 4, 2)[0][0]
+    steps = {"train_batch": _outcome(lambda: engine.train_batch(data_iter=iter(batch)))}
+    # The batch failed before its end, where the engine waits for its sends: wait for them as it would.
+    steps["pending sends"] = len(engine._send_reqs)
+    steps["drain sends"] = _outcome(engine._drain_sends)
+    if behaviour == "dies":
+        steps["next batch"] = _outcome(lambda: engine.train_batch(data_iter=iter(batch)))
+    return steps
+
+
+def _launch_expecting_death(fn, world_size, *args, dies=(), timeout=120):
+    """``harness.run_distributed``, except that the ranks in ``dies`` must exit without a result.
+
+    Returns ({rank: result} of the others, {rank: exit code} of those in ``dies``).
+    """
+    ctx = torch.multiprocessing.get_context("spawn")
+    result_queue = ctx.Queue()
+    port = harness._free_port()
+    procs, saved = [], dict(os.environ)
+    try:
+        for rank in range(world_size):
+            env = harness._rank_env(rank, world_size, port)
+            os.environ.update(env)  # spawned children inherit os.environ as it is at start()
+            p = ctx.Process(target=harness._worker, args=(rank, env, fn, args, result_queue), daemon=True)
+            p.start()
+            procs.append(p)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    survivors = set(range(world_size)) - set(dies)
+    results, deadline = {}, time.monotonic() + timeout
+    try:
+        while set(results) != survivors:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timeout after {timeout}s; ranks {sorted(survivors - set(results))} "
+                                     "did not finish")
+            try:
+                rank, status, payload = result_queue.get(timeout=min(remaining, 1.0))
+            except queue_mod.Empty:
+                lost = [r for r in survivors - set(results) if not procs[r].is_alive()]
+                if lost and result_queue.empty():
+                    time.sleep(2.0)  # a rank flushes its result before it exits: one last look
+                    if result_queue.empty():
+                        raise AssertionError(f"ranks {lost} exited without a result") from None
+                continue
+            assert rank in survivors, f"rank {rank} was meant to die but reported {status}: {payload}"
+            assert status == "ok", f"rank {rank} raised:\n{payload}"
+            results[rank] = payload
+        for r in dies:
+            procs[r].join(timeout=max(0.1, deadline - time.monotonic()))
+        codes = {r: procs[r].exitcode for r in dies}
+        for p in procs:
+            p.join(timeout=10)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        result_queue.close()
+    return results, codes
+
+
+@functools.lru_cache(maxsize=None)
+def _silent():
+    return harness.run_distributed(_misbehave, 2, "dualpipe", SILENT_TIMEOUT_S, "silent", timeout=120)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _dies():
+    results, codes = _launch_expecting_death(_misbehave, 2, "dualpipev", DIES_TIMEOUT_S, "dies", dies=(1, ),
+                                             timeout=120)
+    assert codes == {1: 1}, codes
+    return results[0]
+
+
+def _names_both_ranks(kind, message, schedule):
+    assert kind == "PipelineTimeout", f"rank 0 raised {kind}: {message}"
+    assert message.startswith("pipeline rank 0 (global rank 0) "), message
+    assert "pipeline rank 1 (global rank 1)" in message, message
+    assert f"schedule {schedule}" in message, message
+
+
+@pytest.mark.slow
+def test_a_peer_that_never_sends_fails_the_wait_after_the_timeout_naming_both_ranks():
+    kind, message, elapsed = _silent()["train_batch"]
+    _names_both_ranks(kind, message, "dualpipe")
+    assert any(f"gave up waiting for {what} of micro-batch " in message
+               for what in ("the activation", "the gradient", "the shapes of the activations")), message
+    assert f"s (dualpipe.p2p_timeout_s={SILENT_TIMEOUT_S:g})" in message and "raise dualpipe.p2p_timeout_s" in message
+    assert SILENT_TIMEOUT_S - 0.1 <= elapsed < SILENT_TIMEOUT_S + SLACK_S, f"took {elapsed:.1f} s"
+
+
+@pytest.mark.slow
+def test_sends_to_a_peer_that_never_receives_fail_too():
+    steps = _silent()
+    assert steps["pending sends"] > 0  # rank 0 sent activations before it had to wait
+    kind, message, elapsed = steps["drain sends"]
+    _names_both_ranks(kind, message, "dualpipe")
+    assert "sent to be received by" in message, message
+    assert elapsed < SILENT_TIMEOUT_S + SLACK_S, f"took {elapsed:.1f} s"
+
+
+@pytest.mark.slow
+def test_a_peer_that_dies_fails_the_wait_at_once_saying_it_may_have_died():
+    kind, message, elapsed = _dies()["train_batch"]
+    _names_both_ranks(kind, message, "dualpipev")
+    assert "lost its connection to pipeline rank 1" in message and "died" in message, message
+    assert " of micro-batch " in message, message
+    assert elapsed < DIES_TIMEOUT_S, f"took {elapsed:.1f} s: the death was not noticed before the timeout"
+
+
+@pytest.mark.slow
+def test_sends_to_a_dead_peer_do_not_hang_the_end_of_the_batch():
+    kind, message, elapsed = _dies()["drain sends"]
+    assert kind in ("no error", "PipelineTimeout"), f"{kind}: {message}"  # sent before the death, or failed
+    if kind == "PipelineTimeout":
+        _names_both_ranks(kind, message, "dualpipev")
+    assert elapsed < DIES_TIMEOUT_S + SLACK_S, f"took {elapsed:.1f} s"
+
+
+@pytest.mark.slow
+def test_the_next_batch_after_a_peer_died_fails_naming_the_peer_too():
+    kind, message, elapsed = _dies()["next batch"]
+    _names_both_ranks(kind, message, "dualpipev")
+    assert "died" in message, message
+    assert elapsed < DIES_TIMEOUT_S + SLACK_S, f"took {elapsed:.1f} s"
