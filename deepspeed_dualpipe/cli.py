@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job (for now: a DualPipe schedule and its simulated bubbles)")
     p.set_defaults(func=cmd_demo)
+
+    from deepspeed_dualpipe.bench.run import add_parser as add_bench  # bench: real engine, timed
+    add_bench(sub)
     return parser
 
 

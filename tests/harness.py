@@ -20,17 +20,11 @@ list, which is what ``PipelineModule`` uses as the submodule name) and
 """
 
 import functools
-import os
-import pickle
-import queue as queue_mod
-import socket
-import time
-import traceback
 
 import numpy as np
 import torch
 
-from deepspeed_dualpipe.shm import release_shared_memory
+from deepspeed_dualpipe.launch import run_ranks
 
 LR = 0.1  # large enough that 3 SGD steps move every parameter measurably
 SEQ_LEN = 6
@@ -40,117 +34,13 @@ SEQ_LEN = 6
 # Process launching
 # --------------------------------------------------------------------------
 
-def _free_port():
-    # Ask the kernel for an unused port.  A fresh port per launch avoids
-    # "address already in use" from a previous launch's TCPStore in TIME_WAIT.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_env(rank, world_size, port):
-    return {
-        "RANK": str(rank),
-        "LOCAL_RANK": str(rank),
-        "WORLD_SIZE": str(world_size),
-        "LOCAL_SIZE": str(world_size),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "DS_ACCELERATOR": "cpu",
-        # 2-core machine, up to 4 ranks: more threads only oversubscribe.
-        "OMP_NUM_THREADS": "1",
-    }
-
-
-def _worker(rank, env, fn, args, result_queue):
-    os.environ.update(env)  # also inherited at spawn time; set again for safety
-    try:
-        torch.set_num_threads(1)
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-        result = fn(*args)
-        pickle.dumps(result)  # fail here (reported) rather than in the queue's feeder thread (silent)
-        result_queue.put((rank, "ok", result))
-    except BaseException:  # noqa: BLE001 - report everything to the parent
-        result_queue.put((rank, "error", traceback.format_exc()))
-        return
-    try:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception:  # teardown problems must not turn a pass into a failure
-        pass
-
-
 def run_distributed(fn, world_size, *args, timeout=180):
-    """Run ``fn(*args)`` on ``world_size`` spawned ranks; return results by rank.
+    """Run ``fn(*args)`` on ``world_size`` spawned gloo ranks; return results by rank.
 
-    ``fn`` and ``args`` must be picklable (module-level functions, partials).
-    Raises AssertionError naming the failing rank (with its traceback) or the
-    ranks that did not finish within ``timeout`` seconds; all ranks are killed
-    in either case.
+    ``fn`` and ``args`` must be picklable (module-level functions, partials). A rank that raises,
+    dies or hangs fails the test (``RankFailure``, an AssertionError) naming the rank.
     """
-    ctx = torch.multiprocessing.get_context("spawn")
-    result_queue = ctx.Queue()
-    port = _free_port()
-    procs = []
-    saved = dict(os.environ)
-    try:
-        for rank in range(world_size):
-            env = _rank_env(rank, world_size, port)
-            # Spawned children inherit os.environ as it is at start(), so
-            # OMP_NUM_THREADS etc. are in place before torch is imported there.
-            os.environ.update(env)
-            p = ctx.Process(target=_worker, args=(rank, env, fn, args, result_queue), daemon=True)
-            p.start()
-            procs.append(p)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-    results = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(results) < world_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                missing = sorted(set(range(world_size)) - set(results))
-                raise AssertionError(f"run_distributed: timeout after {timeout}s; ranks {missing} did not finish")
-            try:
-                rank, status, payload = result_queue.get(timeout=min(remaining, 1.0))
-            except queue_mod.Empty:
-                # A rank that died without reporting (segfault, os._exit)
-                # would otherwise make us wait for the full timeout.  A rank
-                # flushes its queue before exiting, so dead + still nothing
-                # after a last short wait means its result is lost.
-                dead = [r for r, p in enumerate(procs) if r not in results and not p.is_alive()]
-                if not dead:
-                    continue
-                try:
-                    rank, status, payload = result_queue.get(timeout=2.0)
-                except queue_mod.Empty:
-                    raise AssertionError("run_distributed: " + ", ".join(
-                        f"rank {r} exited with code {procs[r].exitcode} without a result" for r in dead)) from None
-            if status != "ok":
-                raise AssertionError(f"run_distributed: rank {rank} raised:\n{payload}")
-            results[rank] = payload
-        # Results are in; let ranks finish teardown, but never wait long.
-        for p in procs:
-            p.join(timeout=max(0.1, min(10.0, deadline - time.monotonic())))
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-        result_queue.close()
-        release_shared_memory(port)
-    return [results[r] for r in range(world_size)]
+    return run_ranks(fn, world_size, *args, timeout=timeout)
 
 
 # --------------------------------------------------------------------------

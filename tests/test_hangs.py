@@ -15,7 +15,6 @@ start-up dominates), each scenario's steps reported back and checked by its own 
 
 import functools
 import os
-import queue as queue_mod
 import time
 
 import pytest
@@ -23,6 +22,7 @@ import torch
 
 import harness
 import models
+from deepspeed_dualpipe.launch import run_ranks
 
 SILENT_TIMEOUT_S = 2
 DIES_TIMEOUT_S = 5
@@ -72,59 +72,6 @@ def _misbehave(schedule, timeout_s, behaviour):
     return steps
 
 
-def _launch_expecting_death(fn, world_size, *args, dies=(), timeout=120):
-    """``harness.run_distributed``, except that the ranks in ``dies`` must exit without a result.
-
-    Returns ({rank: result} of the others, {rank: exit code} of those in ``dies``).
-    """
-    ctx = torch.multiprocessing.get_context("spawn")
-    result_queue = ctx.Queue()
-    port = harness._free_port()
-    procs, saved = [], dict(os.environ)
-    try:
-        for rank in range(world_size):
-            env = harness._rank_env(rank, world_size, port)
-            os.environ.update(env)  # spawned children inherit os.environ as it is at start()
-            p = ctx.Process(target=harness._worker, args=(rank, env, fn, args, result_queue), daemon=True)
-            p.start()
-            procs.append(p)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    survivors = set(range(world_size)) - set(dies)
-    results, deadline = {}, time.monotonic() + timeout
-    try:
-        while set(results) != survivors:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"timeout after {timeout}s; ranks {sorted(survivors - set(results))} "
-                                     "did not finish")
-            try:
-                rank, status, payload = result_queue.get(timeout=min(remaining, 1.0))
-            except queue_mod.Empty:
-                lost = [r for r in survivors - set(results) if not procs[r].is_alive()]
-                if lost and result_queue.empty():
-                    time.sleep(2.0)  # a rank flushes its result before it exits: one last look
-                    if result_queue.empty():
-                        raise AssertionError(f"ranks {lost} exited without a result") from None
-                continue
-            assert rank in survivors, f"rank {rank} was meant to die but reported {status}: {payload}"
-            assert status == "ok", f"rank {rank} raised:\n{payload}"
-            results[rank] = payload
-        for r in dies:
-            procs[r].join(timeout=max(0.1, deadline - time.monotonic()))
-        codes = {r: procs[r].exitcode for r in dies}
-        for p in procs:
-            p.join(timeout=10)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-        result_queue.close()
-    return results, codes
-
-
 @functools.lru_cache(maxsize=None)
 def _silent():
     return harness.run_distributed(_misbehave, 2, "dualpipe", SILENT_TIMEOUT_S, "silent", timeout=120)[0]
@@ -132,8 +79,7 @@ def _silent():
 
 @functools.lru_cache(maxsize=None)
 def _dies():
-    results, codes = _launch_expecting_death(_misbehave, 2, "dualpipev", DIES_TIMEOUT_S, "dies", dies=(1, ),
-                                             timeout=120)
+    results, codes = run_ranks(_misbehave, 2, "dualpipev", DIES_TIMEOUT_S, "dies", dies=(1, ), timeout=120)
     assert codes == {1: 1}, codes
     return results[0]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from deepspeed_dualpipe.launch import free_port
 from deepspeed_dualpipe.shm import release_shared_memory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,7 +20,7 @@ def test_the_deepspeed_launcher_trains_with_the_schedule_its_config_names(tmp_pa
     out = tmp_path / "losses.json"
     launcher = Path(sys.executable).with_name("deepspeed")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    port = _free_port()
+    port = free_port()
     command = [str(launcher), "--num_gpus", "2", "--master_port", str(port),
                str(ROOT / "examples" / "train_pipeline.py"), "--deepspeed_config",
                str(ROOT / "configs" / f"{schedule}.json"), "--steps", "6", "--out", str(out)]
@@ -32,9 +33,3 @@ def test_the_deepspeed_launcher_trains_with_the_schedule_its_config_names(tmp_pa
     assert result["engine"] == engine
     assert len(result["losses"]) == 6 and result["losses"][-1] < result["losses"][0]
 
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
