@@ -18,10 +18,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 import torch
 from deepspeed import comm as dist
+from deepspeed.runtime.base_optimizer import ZeROOptimizer
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.utils import logger
 
 from deepspeed_dualpipe import instructions as I
+from deepspeed_dualpipe import phases
+from deepspeed_dualpipe.moe.aux_loss import aux_loss_scale
 from deepspeed_dualpipe.module import DualPipeModule
 from deepspeed_dualpipe.schedules import build_schedule, get_spec
 from deepspeed_dualpipe.split_backward import SplitBackward, module_supports_split
@@ -93,13 +97,14 @@ class DualPipeEngine(PipelineEngine):
         self.schedule_name = self.module.schedule
         self._timeout = timedelta(seconds=self.dualpipe.p2p_timeout_s)
         self._split = self.dualpipe.split_backward and module_supports_split(self.module)
-        for key in ("grads", "input_grads", "losses", "weights", "recv_reqs", "grad_reqs"):
+        for key in ("grads", "input_grads", "losses", "weights", "tapes", "recv_reqs", "grad_reqs"):
             self.pipe_buffers[key] = [None] * self.num_pipe_buffers
         self._shapes = {}  # chunk -> [(shape, dtype)] of its received activations
         self._sent_specs = {}  # chunk -> [(shape, dtype)] announced to the next stage in its metadata
         self._send_reqs = []
         self._handoff = {}  # (chunk, micro_batch) -> tensors passed between chunks on this rank
         self.trace = None  # set to [] to record an InstructionTime per executed instruction
+        self.phase_events = None  # set to [] to record (label, start, end) of each phase of the overlapped pairs
         self._waited = 0.0
         get_spec(self.schedule_name).validate(self.num_stages, self.micro_batches)  # before any step
         if self.dualpipe.verify_schedule:
@@ -122,7 +127,9 @@ class DualPipeEngine(PipelineEngine):
         self._batch_count = pipe_schedule.micro_batches
         self._loss_sum = torch.zeros((), device=self.device)
         try:
-            self._run(pipe_schedule)
+            # MoE aux losses weigh 1/M, as the losses do, and carry the fp16 loss scale, as they do
+            with aux_loss_scale(self._loss_scale() / self._batch_count):
+                self._run(pipe_schedule)
             self._drain_sends()
         finally:
             self._batch, self._handoff = {}, {}
@@ -185,6 +192,27 @@ class DualPipeEngine(PipelineEngine):
             self.eval_return_logits = False
         return (loss, self._eval_outputs) if return_logits else loss
 
+    # ----- checkpoints: DeepSpeed's files, saved atomically (deepspeed_dualpipe.checkpoint) -----
+    def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, exclude_frozen_parameters=False):
+        """DeepSpeed's ``save_checkpoint`` (same files), never left half-written: every rank writes into a
+        staging directory, which is renamed to ``tag`` once all have written; ``latest`` changes only then.
+        A rank that dies mid-save makes the others raise ``CheckpointError`` within ``dualpipe.p2p_timeout_s``."""
+        from deepspeed_dualpipe import checkpoint
+        return checkpoint.save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters,
+                                          timeout_s=self.dualpipe.p2p_timeout_s)
+
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+        """DeepSpeed's ``load_checkpoint``, from a checkpoint written under any schedule and pipeline depth that
+        can cut the model. Optimizer state loads only into the placement it was saved from; elsewhere this
+        raises ``CheckpointError`` unless ``load_optimizer_states=False`` (weights, steps and scheduler only)."""
+        from deepspeed_dualpipe import checkpoint
+        tag = checkpoint.prepare_load(self, load_dir, tag, load_optimizer_states, load_module_only)
+        return super().load_checkpoint(load_dir, tag, load_module_strict=load_module_strict,
+                                       load_optimizer_states=load_optimizer_states,
+                                       load_lr_scheduler_states=load_lr_scheduler_states,
+                                       load_module_only=load_module_only, custom_load_fn=custom_load_fn)
+
     def _micro_batch(self, micro_batch: int):
         """Micro-batch ``micro_batch`` of this batch, read in order from the data iterator."""
         while len(self._batch) <= micro_batch:
@@ -221,9 +249,24 @@ class DualPipeEngine(PipelineEngine):
                 if isinstance(labels, (tuple, list)) else labels.to(self.device)
 
     def _exec_forward_pass(self, buffer_id, chunk, micro_batch):
+        phases.run(self._forward_steps(buffer_id, chunk, micro_batch))
+
+    def _forward_steps(self, buffer_id, chunk, micro_batch):
+        """One micro-batch's forward through ``chunk``, as steps (a generator, see :mod:`.phases`).
+
+        A chunk with phased layers (``forward_steps``, e.g. :class:`~deepspeed_dualpipe.moe.DualPipeMoE`)
+        is recorded on a tape of autograd islands and yields at every all-to-all it launches, so an
+        overlapped pair can run the other micro-batch meanwhile; any other chunk runs as DeepSpeed's
+        ``PipelineModule.forward`` (activation checkpointing included) in one step.
+        """
         inputs = self._inputs(buffer_id, chunk, micro_batch)
-        with self.module.chunk(chunk):
-            outputs = self.module(inputs)
+        if self.module.chunk_is_phased(chunk):
+            tape = phases.Tape()
+            outputs = yield from phases.forward_steps(self.module.chunk_funcs[chunk], inputs, tape)
+            self.pipe_buffers["tapes"][buffer_id] = tape if torch.is_grad_enabled() else None
+        else:
+            with self.module.chunk(chunk):
+                outputs = self.module(inputs)
         downstream = self._downstream(chunk, micro_batch)
         if downstream is None:
             self._loss_stage(buffer_id, outputs)
@@ -262,11 +305,13 @@ class DualPipeEngine(PipelineEngine):
         return self.pipe_buffers["inputs"][buffer_id]
 
     def _exec_backward_pass(self, buffer_id, chunk, micro_batch):
-        self._backward(buffer_id, chunk, micro_batch, split=False)
+        phases.run(self._backward_steps(buffer_id, chunk, micro_batch, split=False))
         self._weight_gradients_done()
 
     def _exec_backward_input(self, buffer_id, chunk, micro_batch):
-        handle = self._backward(buffer_id, chunk, micro_batch, split=self._split)
+        self._keep_weight_part(buffer_id, phases.run(self._backward_steps(buffer_id, chunk, micro_batch, self._split)))
+
+    def _keep_weight_part(self, buffer_id, handle):
         self.pipe_buffers["weights"][buffer_id] = handle
         if not handle.split:  # fell back to a full backward: the weight gradients are in already
             self._weight_gradients_done()
@@ -283,10 +328,12 @@ class DualPipeEngine(PipelineEngine):
         if self.using_bf16_optimizer:
             self.optimizer.update_hp_grads(clear_lp_grads=True)
 
-    def _backward(self, buffer_id, chunk, micro_batch, split: bool) -> SplitBackward:
+    def _backward_steps(self, buffer_id, chunk, micro_batch, split: bool):
+        """One micro-batch's backward through ``chunk`` as steps (a generator): input gradients now,
+        weight gradients kept in the returned handle when ``split`` (``handle.weight_part()`` later)."""
         downstream = self._downstream(chunk, micro_batch)
         if downstream is None:  # loss stage: every micro-batch weighs 1/M in the batch mean
-            outputs, grads = self.pipe_buffers["losses"][buffer_id] / self._batch_count, None
+            outputs, grads = self._scale_loss(self.pipe_buffers["losses"][buffer_id] / self._batch_count), None
             self.pipe_buffers["losses"][buffer_id] = None
         else:
             outputs = self.pipe_buffers["outputs"][buffer_id]
@@ -297,8 +344,14 @@ class DualPipeEngine(PipelineEngine):
                 grads = self.pipe_buffers["grads"][buffer_id]
             outputs, grads = _with_grads(outputs, grads)
         inputs = _as_tuple(self.pipe_buffers["inputs"][buffer_id])
-        handle = SplitBackward.input_part(outputs, grads, inputs, self.module.chunk_parameters(chunk), split=split)
-        input_grads = tuple(g for t, g in zip(inputs, handle.input_grads) if t.is_floating_point())
+        tape, self.pipe_buffers["tapes"][buffer_id] = self.pipe_buffers["tapes"][buffer_id], None
+        if tape is not None:
+            input_grads, handle = yield from phases.backward_steps(tape, outputs, grads, split=split)
+        else:
+            handle = SplitBackward.input_part(outputs, grads, inputs, self.module.chunk_parameters(chunk), split=split)
+            input_grads = handle.input_grads
+        input_grads = tuple(torch.zeros_like(t) if g is None else g
+                            for t, g in zip(inputs, input_grads) if t.is_floating_point())
         upstream = self._upstream(chunk, micro_batch)
         if self._local(upstream):
             self._handoff["grad", upstream[1], micro_batch] = input_grads
@@ -312,12 +365,23 @@ class DualPipeEngine(PipelineEngine):
 
     def _exec_overlapped_forward_backward(self, forward_buffer, forward_chunk, forward_micro_batch, backward_buffer,
                                           backward_chunk, backward_micro_batch, backward_op):
-        # Without a layer that exposes its phases, the pair runs one half after the other.
-        self._exec_forward_pass(forward_buffer, forward_chunk, forward_micro_batch)
+        """DualPipe's overlapped pair: with phased (MoE) chunks, each all-to-all of one micro-batch runs
+        while the other computes. The backward leads (Megatron-core's order: its first step launches the
+        combine's gradient all-to-all, which then hides under the forward's attention). Chunks without
+        phases, or ``dualpipe.overlap_moe_a2a: false``, run the two halves one after the other."""
+        split = backward_op == "I" and self._split
+        backward = self._backward_steps(backward_buffer, backward_chunk, backward_micro_batch, split)
+        forward = self._forward_steps(forward_buffer, forward_chunk, forward_micro_batch)
+        if self.dualpipe.overlap_moe_a2a:
+            labels = (f"B{backward_micro_batch}.{backward_chunk}", f"F{forward_micro_batch}.{forward_chunk}")
+            handle, _ = phases.interleave(backward, forward, events=self.phase_events, labels=labels)
+        else:  # the plain order: the whole forward, then the whole backward
+            phases.run(forward)
+            handle = phases.run(backward)
         if backward_op == "I":
-            self._exec_backward_input(backward_buffer, backward_chunk, backward_micro_batch)
+            self._keep_weight_part(backward_buffer, handle)
         else:
-            self._exec_backward_pass(backward_buffer, backward_chunk, backward_micro_batch)
+            self._weight_gradients_done()
 
     # ----- point-to-point ------------------------------------------------------------------------
     def _peer(self, peer: int) -> int:
@@ -454,6 +518,54 @@ class DualPipeEngine(PipelineEngine):
         if coefficient < 1:
             for p in params:
                 p.grad.mul_(coefficient)
+
+    # ----- fp16 loss scaling ---------------------------------------------------------------------
+    def _scale_loss(self, loss):
+        """fp16: ``loss`` times the optimizer's current loss scale, else ``loss`` unchanged.
+
+        Every gradient this rank computes from it, and sends upstream, is then scaled, as DeepSpeed's
+        fp16 optimizers expect: their ``step()`` unscales, skips the step on inf/nan in any rank's
+        gradients (an all-reduce over the model-parallel group, which is the whole pipeline of this
+        data-parallel replica) and updates the scale. The rule is theirs: ``FP16_Optimizer`` /
+        ``FP16_UnfusedOptimizer.backward()`` (fp32 loss times ``cur_scale``, or the external scale
+        set by ``override_loss_scale``) and ZeRO's ``scale_if_loss``. (DeepSpeed 0.19.8's own
+        ``engine.backward`` skips this at ZeRO stage 0, so its 1F1B fp16 updates come out divided by
+        the scale; here the loss is scaled at ZeRO stage 0 and 1 alike.)
+        """
+        if not self.fp16_enabled():
+            return loss
+        if isinstance(self.optimizer, ZeROOptimizer):
+            return self.optimizer.scale_if_loss(loss)
+        return loss.float() * self._loss_scale()
+
+    def _loss_scale(self) -> float:
+        """The factor :meth:`_scale_loss` applies: the fp16 optimizer's ``loss_scale`` (its ``cur_scale``,
+        or the external scale), 1.0 without fp16. Constant within a batch: only ``step()`` changes it."""
+        if not self.fp16_enabled() or self.optimizer is None:
+            return 1.0
+        return float(self.optimizer.loss_scale)
+
+    def _take_model_step(self, lr_kwargs):
+        """DeepSpeed's optimizer step. fp16 at ZeRO stage 0 with a non-fused optimizer
+        (``FP16_UnfusedOptimizer``) clips and reports by a global norm of the *gradients*, which
+        DeepSpeed checks for ``ds_pipe_replicated`` (a second copy of a parameter, see
+        :meth:`DualPipeModule._mark_replicas`) but finds on the parameters only; the gradients of
+        the copies are tagged for the step, so that norm counts every parameter once, as
+        :meth:`clip_fp32_gradients` does. (``FP16_Optimizer`` and ZeRO read the tag on the parameters.
+        The optimizer's fused-LAMB branch flattens the gradients first, losing the tag: the config
+        refuses clipping there.)
+        """
+        tagged = []
+        if isinstance(self.optimizer, FP16_UnfusedOptimizer):
+            for p in self.module.parameters():
+                if getattr(p, "ds_pipe_replicated", False) and p.grad is not None:
+                    p.grad.ds_pipe_replicated = True
+                    tagged.append(p.grad)
+        try:
+            super()._take_model_step(lr_kwargs)
+        finally:
+            for grad in tagged:
+                del grad.ds_pipe_replicated
 
     def _exec_reduce_tied_grads(self):
         self._drain_sends()

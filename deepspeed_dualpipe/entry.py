@@ -139,12 +139,12 @@ def initialize(args=None, model=None, *positional, **kwargs):
 
     schedule = dualpipe_config(config).schedule
     if schedule == "1f1b":
-        return ds_initialize(args=args, model=model, **kwargs)
+        return _weigh_aux_losses_by_gas(ds_initialize(args=args, model=model, **kwargs))
 
     _ACTIVE = True
     try:
         if schedule == "ds-dualpipev":
-            return ds_initialize(args=args, model=_as_dualpipev_module(model), **kwargs)
+            return _weigh_aux_losses_by_gas(ds_initialize(args=args, model=_as_dualpipev_module(model), **kwargs))
         DualPipeModule, DualPipeEngine = _plugin_classes()
         if not isinstance(model, DualPipeModule):
             model = DualPipeModule.from_pipeline_module(model, schedule)
@@ -152,6 +152,18 @@ def initialize(args=None, model=None, *positional, **kwargs):
             return ds_initialize(args=args, model=model, **kwargs)
     finally:
         _ACTIVE = False
+
+
+def _weigh_aux_losses_by_gas(result):
+    """DeepSpeed's own engines divide each micro-batch's loss by gradient_accumulation_steps before
+    its backward; the MoE aux losses of :class:`~deepspeed_dualpipe.moe.MoETransformerBlock` get their
+    gradient outside the loss (see :mod:`deepspeed_dualpipe.moe.aux_loss`), so they must be scaled
+    alike. (The plugin's engine sets the scale per batch itself.)"""
+    from deepspeed_dualpipe.moe.aux_loss import aux_loss_scale
+    steps = getattr(result[0], "gradient_accumulation_steps", None)
+    if callable(steps):
+        aux_loss_scale(1.0 / steps())
+    return result
 
 
 class _pipeline_engine:

@@ -107,6 +107,11 @@ class DualPipeModule(PipelineModule):
                         params.append(p)
         return params
 
+    def chunk_is_phased(self, chunk: int) -> bool:
+        """True if one of ``chunk``'s layers splits its forward into phases (``forward_steps``, e.g. an
+        MoE block): the engine then runs the chunk phase by phase, overlapping all-to-alls in pairs."""
+        return any(hasattr(func, "forward_steps") for func in self.chunk_funcs[chunk])
+
     def activate_chunk(self, chunk: int) -> None:
         """Make ``forward()`` run ``chunk``'s layers."""
         self.active_chunk = chunk

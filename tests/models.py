@@ -110,3 +110,23 @@ def tuple_specs(num_layers=8, hidden=16, vocab=32):
     """Stages exchange (float, float, int64) tuples: the engine must send all, and grads for the floats."""
     return ([LayerSpec(EmbedWithStream, vocab, hidden)] +
             [LayerSpec(TupleBlock, hidden) for _ in range(num_layers - 2)] + [LayerSpec(TupleHead, hidden, vocab)])
+
+
+# --- a small DeepSeek-V3-style MoE model ---------------------------------------------------------
+
+def moe_specs(ep_size=1, num_layers=8, hidden=16, vocab=32, num_experts=4):
+    """Embedding + a dense block + (num_layers - 3) MoE blocks (top-2 of ``num_experts`` routed
+    experts, a shared expert, token dropping) + tied head = num_layers specs.
+
+    ``ep_size`` experts-parallel ranks each build ``num_experts / ep_size`` of the experts; the
+    single-process reference builds them all (``ep_size=1``).
+    """
+    from deepspeed_dualpipe.moe import MoETransformerBlock
+
+    def block(dense):
+        return LayerSpec(MoETransformerBlock, hidden, 2, num_experts, ep_size=ep_size, k=2, ffn_hidden_size=2 * hidden,
+                         capacity_factor=1.0, min_capacity=2, aux_loss_coef=0.1, dense=dense)
+
+    return ([TiedLayerSpec("embed", nn.Embedding, vocab, hidden), block(True)]
+            + [block(False) for _ in range(num_layers - 3)]
+            + [TiedLayerSpec("embed", nn.Embedding, vocab, hidden, forward_fn=tied_head)])

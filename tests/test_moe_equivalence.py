@@ -1,0 +1,90 @@
+"""An MoE transformer trains under the plugin's schedules to the numbers of a single process.
+
+Model: embedding, a dense block, five blocks of attention + DualPipeMoE (top-2 of 4 experts, a
+shared expert, token dropping, aux loss) and a tied head. Two pipeline ranks per stage carry
+the same stage for two data-parallel replicas, and their experts are split between them
+(expert parallelism 2 inside data parallelism 2): every MoE block's dispatch and combine are
+real all-to-alls between the replicas. Under dualpipe and dualpipev, with the all-to-alls of
+the overlapped pairs interleaved with the other micro-batch's compute (``overlap_moe_a2a``) and
+without, the per-step losses and every parameter after 3 SGD steps equal one process running
+the whole model (all 4 experts, no all-to-all) on the same global batches, to 1e-6 relative.
+"""
+
+import functools
+import re
+
+import pytest
+
+import harness
+import models
+
+P, DP, EP, MBS, STEPS, SEED = 2, 2, 2, 2, 3, 0
+NUM_EXPERTS = 4
+
+
+def ds_config(schedule, overlap, P):
+    return {"train_micro_batch_size_per_gpu": MBS, "gradient_accumulation_steps": 2 * P, "steps_per_print": 10**9,
+            "gradient_clipping": 0.0, "pipeline": {"schedule": schedule}, "dualpipe": {"overlap_moe_a2a": overlap}}
+
+
+def _global_expert_names(named, ep_rank):
+    """Local expert ``i`` of expert-parallel rank ``e`` is global expert ``e * (E / EP) + i``."""
+    local = NUM_EXPERTS // EP
+
+    def rename(name):
+        return re.sub(r"deepspeed_experts\.(\d+)\.", lambda m: f"deepspeed_experts.{ep_rank * local + int(m[1])}.",
+                      name)
+    return {rename(n): v for n, v in named.items()}
+
+
+def _train(P, runs):
+    """Runs in every rank: each (schedule, overlap) in turn, expert names made global."""
+    import deepspeed_dualpipe
+    from deepspeed.utils import groups
+
+    batches = harness.make_batches(SEED, STEPS, DP, 2 * P, MBS)
+    results = {}
+    for schedule, overlap in runs:
+        result = harness.train_pipeline(deepspeed_dualpipe.initialize, ds_config(schedule, overlap, P),
+                                        functools.partial(models.moe_specs, ep_size=EP), P, STEPS, batches)
+        ep_rank = groups._get_expert_parallel_rank(f"ep_size_{EP}")
+        for key in ("initial_params", "params"):
+            result[key] = _global_expert_names(result[key], ep_rank)
+        results[schedule, overlap] = result
+    return results
+
+
+@functools.lru_cache(maxsize=None)
+def _launch(P, runs):
+    return harness.run_distributed(_train, P * DP, P, runs, timeout=600)
+
+
+def _reference(P, results):
+    from deepspeed_dualpipe.moe import aux_loss_scale
+    batches = harness.make_batches(SEED, STEPS, DP, 2 * P, MBS)
+    # The reference's loss is the mean over DP x M micro-batches; the aux losses weigh the same.
+    with aux_loss_scale(1.0 / (DP * 2 * P)):
+        return harness.train_reference(functools.partial(models.moe_specs, ep_size=1),
+                                       harness.initial_params_from(results), batches, STEPS)
+
+
+RUNS_P2 = (("dualpipe", True), ("dualpipe", False), ("dualpipev", True), ("dualpipev", False), ("1f1b", True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule, overlap", RUNS_P2)
+def test_moe_model_with_expert_parallelism_matches_one_process_at_P2(schedule, overlap):
+    results = [r[schedule, overlap] for r in _launch(2, RUNS_P2)]
+    reference = _reference(2, results)
+    harness.compare(results, reference)
+    assert reference["losses"][0] != reference["losses"][-1]
+
+
+RUNS_P4 = (("dualpipe", True), ("dualpipev", False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule, overlap", RUNS_P4)
+def test_moe_model_with_expert_parallelism_matches_one_process_at_P4(schedule, overlap):
+    results = [r[schedule, overlap] for r in _launch(4, RUNS_P4)]
+    harness.compare(results, _reference(4, results))
