@@ -129,6 +129,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+    from deepspeed_dualpipe.bench.overlap import add_parser as add_overlap  # one MoE pair, overlapped or not
+    add_overlap(sub)
         args.func(args)
     except (ValueError, ScheduleError) as error:
         parser.exit(2, f"error: {error}\n")
