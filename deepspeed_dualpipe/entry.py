@@ -138,6 +138,7 @@ def initialize(args=None, model=None, *positional, **kwargs):
         return ds_initialize(args=args, model=model, **kwargs)
 
     schedule = dualpipe_config(config).schedule
+    _check_expert_parallelism(model)
     if schedule == "1f1b":
         return _weigh_aux_losses_by_gas(ds_initialize(args=args, model=model, **kwargs))
 
@@ -152,6 +153,22 @@ def initialize(args=None, model=None, *positional, **kwargs):
             return ds_initialize(args=args, model=model, **kwargs)
     finally:
         _ACTIVE = False
+
+
+def _check_expert_parallelism(model) -> None:
+    """Every ``ep_size`` of the model's MoE layers must divide the data-parallel degree: DeepSpeed
+    carves expert-parallel groups out of each stage's data-parallel ranks (else: a bare assertion
+    deep inside its group set-up). Layers are looked at in the specs, so every rank decides alike."""
+    from deepspeed.pipe import LayerSpec
+    dp = model._topo.get_dim("data")
+    for index, spec in enumerate(model._layer_specs):
+        ep_size = spec.module_kwargs.get("ep_size", 1) if isinstance(spec, LayerSpec) else 1
+        if isinstance(ep_size, int) and ep_size > 1 and dp % ep_size:
+            valid = [d for d in range(1, dp + 1) if dp % d == 0]
+            raise ValueError(f"layer {index} ({spec.typename.__name__}) has ep_size={ep_size}, but the data-parallel "
+                             f"degree is {dp} (world size {model._topo.world_size()} / {model.num_stages} pipeline "
+                             f"stages): expert-parallel groups are cut from each stage's data-parallel ranks, so "
+                             f"ep_size must divide {dp}; use ep_size in {valid} or more ranks")
 
 
 def _weigh_aux_losses_by_gas(result):

@@ -42,6 +42,15 @@ def _scenario(name):
         engine = _engine(_config())
         second = _outcome(lambda: engine.train_batch(iter([x for x, _ in batches])))
         return dist.get_rank(), [first, second]
+    if name == "ep_size does not divide the data-parallel degree":
+        from deepspeed.pipe import PipelineModule
+        import deepspeed_dualpipe
+        with torch.no_grad():
+            model = PipelineModule(layers=models.moe_specs(ep_size=2), num_stages=P, loss_fn=models.loss_fn,
+                                   partition_method="uniform")
+        return dist.get_rank(), [_outcome(lambda: deepspeed_dualpipe.initialize(model=model, config=_config(schedule),
+                                                                              optimizer=harness._sgd))
+                                 for schedule in ("dualpipe", "1f1b")]
     engine = _engine(_config())
     if name == "labels missing":
         return dist.get_rank(), [_outcome(lambda: engine.train_batch(iter([(x, None) for x, _ in batches])))]
@@ -83,3 +92,11 @@ def test_activation_shapes_that_change_between_steps_are_an_error_that_names_the
     messages = " ".join(message for _, message in second.values())
     assert any(kind == "ValueError" for kind, _ in second.values())
     assert "was set up for" in messages and f"{harness.SEQ_LEN + 2}" in messages
+
+
+@pytest.mark.slow
+def test_an_ep_size_that_does_not_divide_the_data_parallel_degree_is_named_before_any_step():
+    for outcomes in _run("ep_size does not divide the data-parallel degree").values():
+        for kind, message in outcomes:  # the plugin's schedules and DeepSpeed's own 1F1B alike
+            assert kind == "ValueError", message
+            assert "has ep_size=2, but the data-parallel degree is 1" in message and "ep_size in [1]" in message
