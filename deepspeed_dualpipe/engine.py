@@ -107,6 +107,11 @@ class DualPipeEngine(PipelineEngine):
         self.phase_events = None  # set to [] to record (label, start, end) of each phase of the overlapped pairs
         self._waited = 0.0
         get_spec(self.schedule_name).validate(self.num_stages, self.micro_batches)  # before any step
+        phased = [c for c in range(len(self.module.chunk_funcs)) if self.module.chunk_is_phased(c)]
+        if phased and self.module.activation_checkpoint_interval > 0:
+            logger.warning(f"deepspeed_dualpipe: chunks {phased} hold phased (MoE) layers and run phase by phase, "
+                           f"without activation checkpointing (activation_checkpoint_interval="
+                           f"{self.module.activation_checkpoint_interval} applies to the other chunks only)")
         if self.dualpipe.verify_schedule:
             from deepspeed_dualpipe.verify import verify
             verify(self.schedule_name, self.num_stages, self.micro_batches)
