@@ -21,7 +21,7 @@ from deepspeed import comm as dist
 from deepspeed.runtime.base_optimizer import ZeROOptimizer
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.runtime.pipe.engine import PipelineEngine
-from deepspeed.utils import logger
+from deepspeed.utils import groups, logger
 
 from deepspeed_dualpipe import instructions as I
 from deepspeed_dualpipe import phases
@@ -516,13 +516,27 @@ class DualPipeEngine(PipelineEngine):
         is marked ``ds_pipe_replicated`` on all but one holder and left out of the norm.
         """
         params = [p for p in self.module.parameters() if p.grad is not None]
-        owned = [p.grad.detach().float().pow(2).sum() for p in params if not getattr(p, "ds_pipe_replicated", False)]
-        total = torch.stack(owned).sum() if owned else torch.zeros((), device=self.device)
+        owned = [p for p in params if not getattr(p, "ds_pipe_replicated", False)]
+        total = self._squared_norm([p for p in owned if getattr(p, "allreduce", True)])
+        # MoE experts (DeepSpeed marks them allreduce=False): each expert-parallel rank holds other experts
+        # of the same stage, so their share of the norm is summed over the expert-parallel group first.
+        experts = {}
+        for p in owned:
+            if not getattr(p, "allreduce", True):
+                experts.setdefault(p.group_name, []).append(p)
+        for name, group_params in sorted(experts.items()):
+            share = self._squared_norm(group_params)
+            dist.all_reduce(share, group=groups._get_expert_parallel_group(name))
+            total += share
         dist.all_reduce(total, group=self.grid.get_pipe_parallel_group())
         coefficient = self.gradient_clipping() / (total.sqrt() + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
         if coefficient < 1:
             for p in params:
                 p.grad.mul_(coefficient)
+
+    def _squared_norm(self, params):
+        squares = [p.grad.detach().float().pow(2).sum() for p in params]
+        return torch.stack(squares).sum() if squares else torch.zeros((), device=self.device)
 
     # ----- fp16 loss scaling ---------------------------------------------------------------------
     def _scale_loss(self, loss):

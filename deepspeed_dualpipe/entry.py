@@ -145,14 +145,41 @@ def initialize(args=None, model=None, *positional, **kwargs):
     _ACTIVE = True
     try:
         if schedule == "ds-dualpipev":
-            return _weigh_aux_losses_by_gas(ds_initialize(args=args, model=_as_dualpipev_module(model), **kwargs))
+            rebuilt = _as_dualpipev_module(model)
+            kwargs = _parameters_of(rebuilt, model, kwargs, schedule)
+            return _weigh_aux_losses_by_gas(ds_initialize(args=args, model=rebuilt, **kwargs))
         DualPipeModule, DualPipeEngine = _plugin_classes()
         if not isinstance(model, DualPipeModule):
-            model = DualPipeModule.from_pipeline_module(model, schedule)
+            rebuilt = DualPipeModule.from_pipeline_module(model, schedule)
+            model, kwargs = rebuilt, _parameters_of(rebuilt, model, kwargs, schedule)
         with _pipeline_engine(DualPipeEngine):
             return ds_initialize(args=args, model=model, **kwargs)
     finally:
         _ACTIVE = False
+
+
+def _parameters_of(rebuilt, original, kwargs, schedule):
+    """``model_parameters`` for the rebuilt module. A script that passed ``model.parameters()`` of the
+    module it built meant "all of them", and those belong to the module that is now replaced (and
+    that does not hold a mirror chunk): the rebuilt module's own parameters take their place.
+    Parameter groups cannot be carried over automatically, so they are an error that says what to do."""
+    given = kwargs.get("model_parameters")
+    if given is None:
+        return kwargs
+    given = list(given)
+    if any(isinstance(g, dict) for g in given):
+        raise ValueError(f"pipeline.schedule={schedule!r} rebuilds the PipelineModule, so parameter groups "
+                         f"(model_parameters=[{{'params': ...}}, ...]) built from the original module would train "
+                         f"nothing; build deepspeed_dualpipe.DualPipeModule(..., schedule={schedule!r}) yourself and "
+                         f"make the groups from its parameters, or pass a callable optimizer")
+    ids = {id(p) for p in given}
+    if ids == {id(p) for p in original.parameters()}:
+        return {**kwargs, "model_parameters": list(rebuilt.parameters())}
+    if ids == {id(p) for p in original.parameters() if p.requires_grad}:
+        return {**kwargs, "model_parameters": [p for p in rebuilt.parameters() if p.requires_grad]}
+    raise ValueError(f"pipeline.schedule={schedule!r} rebuilds the PipelineModule, so model_parameters must be all "
+                     f"of its parameters (or all trainable ones) to be carried over; for another selection build "
+                     f"deepspeed_dualpipe.DualPipeModule(..., schedule={schedule!r}) yourself and pass its parameters")
 
 
 def _check_expert_parallelism(model) -> None:
@@ -160,13 +187,16 @@ def _check_expert_parallelism(model) -> None:
     carves expert-parallel groups out of each stage's data-parallel ranks (else: a bare assertion
     deep inside its group set-up). Layers are looked at in the specs, so every rank decides alike."""
     from deepspeed.pipe import LayerSpec
-    dp = model._topo.get_dim("data")
+    topology = getattr(model, "_topo", None)
+    if topology is None:  # not built by PipelineModule.__init__: DeepSpeed reports what is wrong with it
+        return
+    dp = topology.get_dim("data")
     for index, spec in enumerate(model._layer_specs):
         ep_size = spec.module_kwargs.get("ep_size", 1) if isinstance(spec, LayerSpec) else 1
         if isinstance(ep_size, int) and ep_size > 1 and dp % ep_size:
             valid = [d for d in range(1, dp + 1) if dp % d == 0]
             raise ValueError(f"layer {index} ({spec.typename.__name__}) has ep_size={ep_size}, but the data-parallel "
-                             f"degree is {dp} (world size {model._topo.world_size()} / {model.num_stages} pipeline "
+                             f"degree is {dp} (world size {topology.world_size()} / {model.num_stages} pipeline "
                              f"stages): expert-parallel groups are cut from each stage's data-parallel ranks, so "
                              f"ep_size must divide {dp}; use ep_size in {valid} or more ranks")
 

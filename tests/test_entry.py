@@ -297,3 +297,43 @@ def test_patched_schedule_lookup_reads_config_like_initialize(ds_copy, tmp_path)
     assert lookup(None, ds_config(), None) is None
     assert lookup(None, None, None) is None
     assert lookup(None, "/no/such/file.json", None) is None  # initialize reports it as before
+
+
+# --- model_parameters of a rebuilt module -----------------------------------------------------------
+
+def _optimizer_holds_the_engines_parameters(schedule, selection):
+    """Runs in each of 2 ranks: a script passes ``model.parameters()`` (or the trainable ones) of the
+    PipelineModule it built; the plugin rebuilds the module, so the optimizer must get the new one's."""
+    import torch
+    import deepspeed_dualpipe
+    import harness
+    import models
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = PipelineModule(layers=models.tied_specs(), num_stages=2, loss_fn=models.loss_fn,
+                               partition_method="uniform")
+    given = model.parameters() if selection == "all" else [p for p in model.parameters() if p.requires_grad]
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "steps_per_print": 10**9,
+              "gradient_clipping": 0.0, "pipeline": {"schedule": schedule}}
+    engine = deepspeed_dualpipe.initialize(model=model, model_parameters=given, config=config,
+                                           optimizer=harness._sgd)[0]
+    in_optimizer = {id(p) for group in engine.optimizer.param_groups for p in group["params"]}
+    return sorted(id(p) in in_optimizer for p in engine.module.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule, selection", [("dualpipe", "all"), ("dualpipev", "trainable")])
+def test_model_parameters_of_the_original_module_become_the_rebuilt_modules(schedule, selection):
+    import harness
+    for held in harness.run_distributed(_optimizer_holds_the_engines_parameters, 2, schedule, selection):
+        assert held and all(held), f"{held.count(False)} of {len(held)} parameters are not trained"
+
+
+def test_parameter_groups_of_a_module_that_is_rebuilt_are_an_error_that_says_what_to_do():
+    import torch
+    original = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="parameter groups .* build deepspeed_dualpipe.DualPipeModule"):
+        entry._parameters_of(torch.nn.Linear(2, 2), original, {"model_parameters": [{"params": [original.weight]}]},
+                             "dualpipe")
+    with pytest.raises(ValueError, match="must be all of its parameters"):
+        entry._parameters_of(torch.nn.Linear(2, 2), original, {"model_parameters": [original.weight]}, "dualpipe")

@@ -22,9 +22,13 @@ P, DP, EP, MBS, STEPS, SEED = 2, 2, 2, 2, 3, 0
 NUM_EXPERTS = 4
 
 
+CLIP = 0.5  # small enough that every step clips
+
+
 def ds_config(schedule, overlap, P):
     return {"train_micro_batch_size_per_gpu": MBS, "gradient_accumulation_steps": 2 * P, "steps_per_print": 10**9,
-            "gradient_clipping": 0.0, "pipeline": {"schedule": schedule}, "dualpipe": {"overlap_moe_a2a": overlap}}
+            "gradient_clipping": CLIP if overlap == "clipped" else 0.0, "pipeline": {"schedule": schedule},
+            "dualpipe": {"overlap_moe_a2a": overlap is not False}}
 
 
 def _global_expert_names(named, ep_rank):
@@ -76,23 +80,30 @@ def _launch(P, runs):
     return harness.run_distributed(_train, P * DP, P, runs, timeout=600)
 
 
-def _reference(P, results):
+def _reference(P, results, clip=0.0):
     from deepspeed_dualpipe.moe import aux_loss_scale
     batches = harness.make_batches(SEED, STEPS, DP, 2 * P, MBS)
     # The reference's loss is the mean over DP x M micro-batches; the aux losses weigh the same.
     with aux_loss_scale(1.0 / (DP * 2 * P)):
         return harness.train_reference(functools.partial(models.moe_specs, ep_size=1),
-                                       harness.initial_params_from(results), batches, STEPS)
+                                       harness.initial_params_from(results), batches, STEPS, clip=clip)
 
 
-RUNS_P2 = (("dualpipe", True), ("dualpipe", False), ("dualpipev", True), ("dualpipev", False), ("1f1b", True))
+RUNS_P2 = (("dualpipe", True), ("dualpipe", False), ("dualpipev", True), ("dualpipev", False), ("1f1b", True),
+           ("dualpipe", "clipped"), ("1f1b", "clipped"))
+DEEPSPEED_CLIPS_DIFFERENTLY = pytest.mark.xfail(strict=True, reason=(
+    "DeepSpeed 0.19.8's own 1F1B engine clips by a gradient norm that differs from one process's for this model "
+    "(tied embedding and expert-parallel MoE): a baseline's quirk, recorded here so a fix upstream is noticed"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule, overlap", RUNS_P2)
+@pytest.mark.parametrize("schedule, overlap", [pytest.param(*run, marks=DEEPSPEED_CLIPS_DIFFERENTLY)
+                                               if run == ("1f1b", "clipped") else run for run in RUNS_P2])
 def test_moe_model_with_expert_parallelism_matches_one_process_at_P2(schedule, overlap):
+    """overlap "clipped": overlap on and gradient clipping that clips every step (the norm spans
+    the experts of both expert-parallel ranks)."""
     results = [r[schedule, overlap] for r in _launch(2, RUNS_P2)]
-    reference = _reference(2, results)
+    reference = _reference(2, results, clip=CLIP if overlap == "clipped" else 0.0)
     harness.compare(results, reference)
     assert reference["losses"][0] != reference["losses"][-1]
 
