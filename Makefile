@@ -12,8 +12,10 @@ export DS_ACCELERATOR ?= cpu
 
 .PHONY: demo test venv clean
 
+# The main job: 4 ranks (CPU without a GPU) train the MoE language model of configs/dualpipe_moe.json
+# through DeepSpeed's launcher; outputs in runs/dualpipe_moe/.
 demo: $(STAMP)
-	$(PY) -m deepspeed_dualpipe demo
+	$(PY) -m deepspeed_dualpipe demo --config configs/dualpipe_moe.json --ranks 4
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

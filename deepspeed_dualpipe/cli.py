@@ -79,14 +79,18 @@ def cmd_plot(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    """Until the training job lands: a DualPipe schedule and the simulated bubble table."""
-    from deepspeed_dualpipe.render import render_text
-    from deepspeed_dualpipe.simulate import simulate, table
-    costs = Costs.parse("F=1,B=2,W=1,FB=2.5")
-    print(render_text("dualpipe", 4, 10, costs))
-    print()
-    print("Simulated, P=8 ranks, M=20 micro-batches, costs F=1 B=2 W=1 F&B=2.5 (per chunk):")
-    print(table([simulate(name, 8, 20, costs) for name in SCHEDULES]))
+    """The main job: the MoE language model of configs/dualpipe_moe.json, trained on ``--ranks`` local
+    ranks through DeepSpeed's launcher (on CPU without a GPU)."""
+    import time
+    from deepspeed_dualpipe.lm.launch import launch
+    extra = ["--steps", str(args.steps)] if args.steps else []
+    print(f"launching: deepspeed --num_gpus {args.ranks} examples/train_moe_lm.py --deepspeed_config {args.config} "
+          f"{' '.join(extra)}".rstrip(), flush=True)
+    start = time.perf_counter()
+    done = launch(args.config, args.ranks, extra)
+    if done.returncode:
+        raise SystemExit(f"error: the training job failed (exit status {done.returncode})")
+    print(f"demo finished in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,11 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="FILE.png or FILE.svg")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("demo", help="the main job (for now: a DualPipe schedule and its simulated bubbles)")
+    p = sub.add_parser("demo", help="the main job: train the MoE language model of a config on local ranks")
+    p.add_argument("--config", default="configs/dualpipe_moe.json", help="DeepSpeed config with an \"lm\" section")
+    p.add_argument("--ranks", type=int, default=4, help="local ranks to launch (default 4)")
+    p.add_argument("--steps", type=int, help="override lm.steps")
     p.set_defaults(func=cmd_demo)
 
     from deepspeed_dualpipe.bench.run import add_parser as add_bench  # bench: real engine, timed
     add_bench(sub)
+    from deepspeed_dualpipe.bench.overlap import add_parser as add_overlap  # one MoE pair, overlapped or not
+    add_overlap(sub)
     return parser
 
 
@@ -129,8 +138,6 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-    from deepspeed_dualpipe.bench.overlap import add_parser as add_overlap  # one MoE pair, overlapped or not
-    add_overlap(sub)
         args.func(args)
     except (ValueError, ScheduleError) as error:
         parser.exit(2, f"error: {error}\n")

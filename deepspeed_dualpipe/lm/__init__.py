@@ -1,0 +1,8 @@
+"""The demo job: a small DeepSeek-V3-style MoE language model trained with a pipeline schedule.
+
+- :mod:`~deepspeed_dualpipe.lm.data`: the corpus (``pydoc_data.topics``), byte-level, split and batched;
+- :mod:`~deepspeed_dualpipe.lm.model`: the model as DeepSpeed ``LayerSpec``\\ s;
+- :mod:`~deepspeed_dualpipe.lm.train`: the training loop, run by ``examples/train_moe_lm.py``;
+- :mod:`~deepspeed_dualpipe.lm.timeline`: a measured step as a picture and a Chrome trace;
+- :mod:`~deepspeed_dualpipe.lm.launch`: ``deepspeed`` launcher wrapper used by ``make demo`` and the tests.
+"""
