@@ -111,7 +111,7 @@ def dualpipe_config(ds_config: Union[str, Dict[str, Any]]) -> DualPipeConfig:
 
     Raises ``ValueError`` naming the offending key path for: an unknown ``pipeline.schedule``,
     an unknown or ill-typed key in the ``dualpipe`` section, and a plugin schedule combined with
-    ZeRO stage >= 2 or with fp16/bf16.
+    ZeRO stage >= 2.
 
     A ``dualpipe`` section next to a schedule that ignores it ("1f1b", "ds-dualpipev") only
     *warns*: those schedules run DeepSpeed's own engines, which never read the section, so it
@@ -154,11 +154,22 @@ def _check_engine_support(cfg: Dict[str, Any], schedule: str) -> None:
     if isinstance(stage, (int, float)) and stage >= 2:
         raise ValueError(f"zero_optimization.stage={stage} cannot be used with pipeline.schedule={schedule!r}: "
                          "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only")
-    section = cfg.get("fp16") or {}
-    if isinstance(section, dict) and section.get("enabled", False) not in (False, "auto"):
-        raise ValueError(f"fp16.enabled=true is not supported yet with pipeline.schedule={schedule!r}: the plugin's "
-                         f"engine has no loss scaling yet (and DeepSpeed's CPU accelerator has no fp16 to test it "
-                         f"on). Use bf16 (supported), or a DeepSpeed schedule: {', '.join(DEEPSPEED_SCHEDULES)}")
+    # Precision is DeepSpeed's to validate: fp32, bf16 and fp16 (with DeepSpeed's static or dynamic
+    # loss scaling, see DualPipeEngine._scale_loss) all run under the plugin's schedules. One fp16
+    # path cannot clip right: at ZeRO stage 0, DeepSpeed's LAMB optimizer (FP16_UnfusedOptimizer's
+    # fused-LAMB branch) takes the global norm of flattened gradients, where the second copy of a
+    # mirrored stage or tied layer can no longer be left out (DualPipeEngine._take_model_step).
+    fp16 = cfg.get("fp16") or {}
+    optimizer = cfg.get("optimizer") or {}
+    clipping = cfg.get("gradient_clipping", 1.0)  # DeepSpeed clips at 1.0 unless told otherwise
+    if (isinstance(fp16, dict) and fp16.get("enabled") is True and stage in (0, None)
+            and isinstance(optimizer, dict) and str(optimizer.get("type", "")).lower() == "lamb"
+            and isinstance(clipping, (int, float)) and clipping > 0):
+        raise ValueError(f"gradient_clipping={clipping} (DeepSpeed's default is 1.0) with fp16 and optimizer.type="
+                         f"{optimizer['type']!r} at ZeRO stage 0 cannot be used with pipeline.schedule={schedule!r}: "
+                         f"DeepSpeed's fp16 LAMB step clips by a norm of flattened gradients that would count the "
+                         f"second copy of a mirrored stage or tied layer twice. Set gradient_clipping to 0, or use "
+                         f"another optimizer")
 
 
 def _did_you_mean(word, choices) -> str:

@@ -9,6 +9,7 @@ import os
 import pickle
 import queue
 import socket
+import sys
 import time
 import traceback
 
@@ -38,6 +39,7 @@ def rank_env(rank: int, world_size: int, port: int) -> dict:
 
 def _worker(rank, env, fn, args, results):
     os.environ.update(env)  # inherited at spawn time as well; set again for safety
+    sys.stdout = sys.stderr  # the ranks' chatter (DeepSpeed prints) must not mix with the caller's output
     try:
         torch.set_num_threads(1)
         import deepspeed

@@ -99,10 +99,24 @@ def test_plugin_schedules_accept_zero_stage_0_and_1(schedule):
         dualpipe_config(cfg(schedule, zero_optimization={"stage": stage}))
 
 
+@pytest.mark.parametrize("fp16", [{"enabled": True}, {"enabled": True, "loss_scale": 1024},
+                                  {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "loss_scale_window": 100}])
 @pytest.mark.parametrize("schedule", ["zb1p", "dualpipe", "dualpipev"])
-def test_plugin_schedules_reject_fp16_and_name_what_works_instead(schedule):
-    expect_error(cfg(schedule, fp16={"enabled": True}), "fp16.enabled", "not supported", "bf16", "1f1b",
-                 "ds-dualpipev")
+def test_plugin_schedules_accept_fp16_with_static_or_dynamic_loss_scaling(schedule, fp16):
+    # The engine scales the loss as DeepSpeed's fp16 optimizers expect (tests/test_fp16.py).
+    assert dualpipe_config(cfg(schedule, fp16=fp16)).schedule == schedule
+    dualpipe_config(cfg(schedule, fp16=fp16, zero_optimization={"stage": 1}))
+
+
+@pytest.mark.parametrize("schedule", ["zb1p", "dualpipe", "dualpipev"])
+def test_fp16_lamb_at_zero_0_rejects_clipping_which_would_count_copies_twice(schedule):
+    lamb = {"type": "Lamb", "params": {"lr": 1e-3}}
+    for clipping in ({}, {"gradient_clipping": 0.5}):  # DeepSpeed clips at 1.0 by default
+        expect_error(cfg(schedule, fp16={"enabled": True}, optimizer=lamb, **clipping), "gradient_clipping=",
+                     "Lamb", "twice", "gradient_clipping to 0")
+    dualpipe_config(cfg(schedule, fp16={"enabled": True}, optimizer=lamb, gradient_clipping=0.0))
+    dualpipe_config(cfg(schedule, fp16={"enabled": True}, optimizer={"type": "Adam"}, gradient_clipping=1.0))
+    dualpipe_config(cfg(schedule, bf16={"enabled": True}, optimizer=lamb, gradient_clipping=1.0))
 
 
 @pytest.mark.parametrize("key", ["bf16", "bfloat16"])
