@@ -3,34 +3,34 @@
 One ``_exec_*`` method per instruction, as in DeepSpeed. What differs from 1F1B:
 - state is kept per buffer slot (inputs, outputs, received gradients, losses, pending
   weight passes, pending receives), never once per engine;
-- point-to-point traffic is non-blocking: a receive is posted when the schedule says and
-  waited only when the computation that needs it starts; sends are waited at the end of
-  the batch. Each wait is bounded by ``dualpipe.p2p_timeout_s``;
-- a channel's tensor shapes travel once, as metadata before its first message;
+- point-to-point traffic is non-blocking and bounded by ``dualpipe.p2p_timeout_s``
+  (:mod:`.p2p`);
+- chunks with phased (MoE) layers run phase by phase, and an overlapped pair interleaves
+  its backward and forward so each all-to-all hides under the other micro-batch (:mod:`.phases`);
 - backward may be split into input gradients now (``BackwardInput``) and weight
   gradients later (``BackwardWeight``);
 - losses come from whichever rank holds a micro-batch's loss stage and are summed over
-  the pipeline, so ``train_batch()`` returns the same global mean on every rank.
+  the pipeline, so ``train_batch()`` returns the same global mean on every rank;
+- mirror reduction, clipping and fp16 loss scaling live in :mod:`.gradients`.
 """
 
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+
 import torch
 from deepspeed import comm as dist
-from deepspeed.runtime.base_optimizer import ZeROOptimizer
-from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.runtime.pipe.engine import PipelineEngine
-from deepspeed.utils import groups, logger
+from deepspeed.utils import logger
 
 from deepspeed_dualpipe import instructions as I
 from deepspeed_dualpipe import phases
+from deepspeed_dualpipe.gradients import GradientReductions
 from deepspeed_dualpipe.moe.aux_loss import aux_loss_scale
 from deepspeed_dualpipe.module import DualPipeModule
+from deepspeed_dualpipe.p2p import PipelineTimeout, PointToPoint, as_tuple as _as_tuple  # noqa: F401 (re-export)
 from deepspeed_dualpipe.schedules import build_schedule, get_spec
 from deepspeed_dualpipe.split_backward import SplitBackward, module_supports_split
-
-_META_SIZE = 64  # int32 slots: count, then (dtype id, ndim, *shape) per tensor
 
 
 @dataclass
@@ -43,48 +43,7 @@ class InstructionTime:
     waited: float
 
 
-class PipelineTimeout(RuntimeError):
-    """A point-to-point operation of the pipeline that failed, never one that hangs.
-
-    Either a wait outlived ``dualpipe.p2p_timeout_s`` (the peer is stuck, mis-scheduled, or gone
-    without closing its connection), or gloo lost the connection to the peer (the peer died: gloo
-    reports a crashed, killed or exited process at once, without waiting for the timeout). The
-    message names this rank, the peer, what was awaited and the micro-batch, and says which it was.
-    """
-
-    @classmethod
-    def gave_up(cls, engine, error, peer, awaited, source, waited):
-        """The wait for ``awaited`` ("the activation of micro-batch 2 (chunk 1)") ``source`` ("from"
-        or "by") pipeline rank ``peer`` ran out of time after ``waited`` seconds."""
-        return cls(f"{cls._who(engine)} gave up waiting for {awaited} {source} "
-                   f"{cls._who(engine, peer)} after {waited:.1f} s (dualpipe.p2p_timeout_s="
-                   f"{engine._timeout.total_seconds():g}), schedule {engine.schedule_name}: that rank is stuck, runs "
-                   f"a different schedule or died without closing its connection; check its log, or raise "
-                   f"dualpipe.p2p_timeout_s if it is only slow (gloo: {error})")
-
-    @classmethod
-    def lost_connection(cls, engine, error, peer, during):
-        """gloo's connection to pipeline rank ``peer`` failed ``during`` ("while sending the activation
-        of micro-batch 3 (chunk 0) to it"): at once, whatever the timeout."""
-        cause = ("an earlier wait on this rank timed out, and gloo closes the connection on a timeout; the first "
-                 "error is the one to read" if "timeout caused pair closure" in str(error) else
-                 "that rank probably died (crashed, was killed or exited); check its log for the first error")
-        return cls(f"{cls._who(engine)} lost its connection to {cls._who(engine, peer)} "
-                   f"{during}, schedule {engine.schedule_name}: {cause} (gloo: {error})")
-
-    @staticmethod
-    def _who(engine, stage=None):
-        """Names ``engine``'s own rank, or its peer at pipeline rank ``stage``: "pipeline rank S (global rank G)"."""
-        if stage is None:
-            return f"pipeline rank {engine.stage_id} (global rank {engine.global_rank})"
-        return f"pipeline rank {stage} (global rank {engine._peer(stage)})"
-
-
-def _as_tuple(x):
-    return tuple(x) if isinstance(x, (tuple, list)) else (x, )
-
-
-class DualPipeEngine(PipelineEngine):
+class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
     """Runs a :class:`~deepspeed_dualpipe.module.DualPipeModule` with its schedule."""
 
     def __init__(self, *args, **kwargs):
@@ -388,208 +347,6 @@ class DualPipeEngine(PipelineEngine):
         else:
             self._weight_gradients_done()
 
-    # ----- point-to-point ------------------------------------------------------------------------
-    def _peer(self, peer: int) -> int:
-        return self.grid.stage_to_global(stage_id=peer)
-
-    def _exec_send_activations(self, buffer_id, chunk, micro_batch, peer):
-        outputs = _as_tuple(self.pipe_buffers["outputs"][buffer_id])
-        _check_sendable(outputs, self.stage_id, chunk)
-        specs = [(tuple(t.shape), t.dtype) for t in outputs]
-        if chunk not in self._sent_specs:
-            self._sent_specs[chunk] = specs
-            self._isend([_encode_meta(outputs, self.DTYPE_TO_ID, self.device)], peer)
-        elif specs != self._sent_specs[chunk]:
-            raise ValueError(f"pipeline rank {self.stage_id}, chunk {chunk}: micro-batch {micro_batch}'s outputs have "
-                             f"shapes/dtypes {_describe(specs)}, but this channel was set up for "
-                             f"{_describe(self._sent_specs[chunk])}; the plugin's schedules need the same activation "
-                             f"shapes on every micro-batch and step (pad or bucket your batches)")
-        self._isend(outputs, peer)
-
-    def _exec_recv_activations(self, buffer_id, chunk, micro_batch, peer):
-        if chunk not in self._shapes:  # first message on this channel: its shapes come first
-            meta = torch.zeros(_META_SIZE, dtype=torch.int32, device=self.device)
-            self._wait_requests(self._irecv([meta], peer), "the shapes of the activations", chunk, micro_batch, peer)
-            self._shapes[chunk] = _decode_meta(meta, self.ID_TO_DTYPE)
-        tensors = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in self._shapes[chunk]]
-        self.pipe_buffers["recv_reqs"][buffer_id] = self._irecv(tensors, peer)
-        for t in tensors:
-            t.requires_grad_(t.is_floating_point())
-        self.pipe_buffers["inputs"][buffer_id] = tensors[0] if len(tensors) == 1 else tuple(tensors)
-
-    def _exec_send_grads(self, buffer_id, chunk, micro_batch, peer):
-        self._isend(self.pipe_buffers["input_grads"][buffer_id], peer)
-        self.pipe_buffers["input_grads"][buffer_id] = None
-        self.pipe_buffers["inputs"][buffer_id] = None
-
-    def _exec_recv_grads(self, buffer_id, chunk, micro_batch, peer):
-        outputs = _as_tuple(self.pipe_buffers["outputs"][buffer_id])
-        grads = [torch.empty_like(t) for t in outputs if t.is_floating_point()]
-        self.pipe_buffers["grad_reqs"][buffer_id] = self._irecv(grads, peer)
-        self.pipe_buffers["grads"][buffer_id] = tuple(grads)
-
-    def _isend(self, tensors, peer):
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self._peer(peer)) for t in tensors]
-        self._send_reqs.append((self._post(ops, peer, "while sending to it"), ops, peer))
-
-    def _irecv(self, tensors, peer):
-        return self._post([dist.P2POp(dist.irecv, t, self._peer(peer)) for t in tensors], peer,
-                          "while posting a receive from it")
-
-    def _post(self, ops, peer, during):
-        """``batch_isend_irecv``; gloo refuses to post to a peer whose connection is gone: say who and why."""
-        try:
-            return dist.batch_isend_irecv(ops)
-        except RuntimeError as error:
-            raise PipelineTimeout.lost_connection(self, error, peer, during) from error
-
-    def _wait(self, requests, buffer_id, what, chunk, micro_batch, location):
-        pending = requests[buffer_id]
-        requests[buffer_id] = None
-        if pending is not None:
-            start = time.perf_counter()
-            self._wait_requests(pending, what, chunk, micro_batch, location[0])
-            self._waited += time.perf_counter() - start
-
-    def _wait_requests(self, requests, what, chunk, micro_batch, peer, deadline=None, source="from"):
-        """Wait for one ``batch_isend_irecv``'s requests until ``deadline`` (``time.monotonic()``;
-        default ``dualpipe.p2p_timeout_s`` from now), else raise :class:`PipelineTimeout`.
-
-        gloo fails a wait either when its timeout expires or, at once, when the connection to the
-        peer drops (the peer crashed, was killed or exited; also every wait after an earlier timeout
-        with that peer, since gloo closes the connection on a timeout). The message says which.
-        """
-        start = time.monotonic()
-        deadline = start + self._timeout.total_seconds() if deadline is None else deadline
-        try:
-            for request in requests:
-                # At least 1 ms: gloo reads a zero timeout as "the process group's default" (30 min).
-                if request.wait(timedelta(seconds=max(deadline - time.monotonic(), 1e-3))) is False:
-                    raise RuntimeError("timed out: the wait returned without completing")
-        except RuntimeError as error:
-            waited = time.monotonic() - start
-            awaited = what if micro_batch is None else f"{what} of micro-batch {micro_batch} (chunk {chunk})"
-            if time.monotonic() >= deadline - 0.01 or "timed out" in str(error).lower():
-                raise PipelineTimeout.gave_up(self, error, peer, awaited, source, waited) from error
-            raise PipelineTimeout.lost_connection(self, error, peer, f"after {waited:.1f} s of waiting for {awaited} "
-                                                  f"{source} it") from error
-
-    def _drain_sends(self):
-        """Wait for every send of the batch, all within one ``dualpipe.p2p_timeout_s``: a receiver that
-        died or never receives fails this like any other wait instead of hanging the end of the batch."""
-        sends, self._send_reqs = self._send_reqs, []
-        deadline = time.monotonic() + self._timeout.total_seconds()
-        for requests, _, peer in sends:
-            self._wait_requests(requests, f"{len(requests)} tensor(s) this rank sent to be received", None, None,
-                                peer, deadline=deadline, source="by")
-
-    # ----- gradient reductions -------------------------------------------------------------------
-    def _exec_reduce_mirror_grads(self):
-        """Sum every gradient across the mirror pair (r, P-1-r): both copies of a stage see half the batch."""
-        self._drain_sends()
-        params = [p for _, p in self.module.named_mirror_tensors() if isinstance(p, torch.nn.Parameter)
-                  and p.requires_grad]
-        grads = [self._gradient(p) for p in params]
-        flat = torch.cat([g.reshape(-1) if g is not None else torch.zeros(p.numel(), dtype=self._grad_dtype(),
-                                                                          device=p.device) for p, g in zip(params, grads)])
-        dist.all_reduce(flat, group=self.module.mirror_group)
-        offset = 0
-        for p, g in zip(params, grads):
-            reduced = flat[offset:offset + p.numel()]
-            offset += p.numel()
-            if g is not None:
-                g.copy_(reduced.view_as(g))
-            elif not self.using_bf16_optimizer:
-                p.grad = reduced.view_as(p).clone()
-
-    def _gradient(self, p):
-        """Where ``p``'s accumulated gradient lives: the bf16 optimizer's fp32 copy, else ``p.grad``."""
-        return getattr(p, "_hp_grad", None) if self.using_bf16_optimizer else p.grad
-
-    def _grad_dtype(self):
-        return torch.float32 if self.using_bf16_optimizer else next(self.module.parameters()).dtype
-
-    def clip_fp32_gradients(self):
-        """Clip to ``gradient_clipping`` by the global norm, counting every parameter once.
-
-        A stage held twice (DualPipe's mirror copies) or a tied module held by several ranks
-        is marked ``ds_pipe_replicated`` on all but one holder and left out of the norm.
-        """
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        owned = [p for p in params if not getattr(p, "ds_pipe_replicated", False)]
-        total = self._squared_norm([p for p in owned if getattr(p, "allreduce", True)])
-        # MoE experts (DeepSpeed marks them allreduce=False): each expert-parallel rank holds other experts
-        # of the same stage, so their share of the norm is summed over the expert-parallel group first.
-        experts = {}
-        for p in owned:
-            if not getattr(p, "allreduce", True):
-                experts.setdefault(p.group_name, []).append(p)
-        for name, group_params in sorted(experts.items()):
-            share = self._squared_norm(group_params)
-            dist.all_reduce(share, group=groups._get_expert_parallel_group(name))
-            total += share
-        dist.all_reduce(total, group=self.grid.get_pipe_parallel_group())
-        coefficient = self.gradient_clipping() / (total.sqrt() + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
-        if coefficient < 1:
-            for p in params:
-                p.grad.mul_(coefficient)
-
-    def _squared_norm(self, params):
-        squares = [p.grad.detach().float().pow(2).sum() for p in params]
-        return torch.stack(squares).sum() if squares else torch.zeros((), device=self.device)
-
-    # ----- fp16 loss scaling ---------------------------------------------------------------------
-    def _scale_loss(self, loss):
-        """fp16: ``loss`` times the optimizer's current loss scale, else ``loss`` unchanged.
-
-        Every gradient this rank computes from it, and sends upstream, is then scaled, as DeepSpeed's
-        fp16 optimizers expect: their ``step()`` unscales, skips the step on inf/nan in any rank's
-        gradients (an all-reduce over the model-parallel group, which is the whole pipeline of this
-        data-parallel replica) and updates the scale. The rule is theirs: ``FP16_Optimizer`` /
-        ``FP16_UnfusedOptimizer.backward()`` (fp32 loss times ``cur_scale``, or the external scale
-        set by ``override_loss_scale``) and ZeRO's ``scale_if_loss``. (DeepSpeed 0.19.8's own
-        ``engine.backward`` skips this at ZeRO stage 0, so its 1F1B fp16 updates come out divided by
-        the scale; here the loss is scaled at ZeRO stage 0 and 1 alike.)
-        """
-        if not self.fp16_enabled():
-            return loss
-        if isinstance(self.optimizer, ZeROOptimizer):
-            return self.optimizer.scale_if_loss(loss)
-        return loss.float() * self._loss_scale()
-
-    def _loss_scale(self) -> float:
-        """The factor :meth:`_scale_loss` applies: the fp16 optimizer's ``loss_scale`` (its ``cur_scale``,
-        or the external scale), 1.0 without fp16. Constant within a batch: only ``step()`` changes it."""
-        if not self.fp16_enabled() or self.optimizer is None:
-            return 1.0
-        return float(self.optimizer.loss_scale)
-
-    def _take_model_step(self, lr_kwargs):
-        """DeepSpeed's optimizer step. fp16 at ZeRO stage 0 with a non-fused optimizer
-        (``FP16_UnfusedOptimizer``) clips and reports by a global norm of the *gradients*, which
-        DeepSpeed checks for ``ds_pipe_replicated`` (a second copy of a parameter, see
-        :meth:`DualPipeModule._mark_replicas`) but finds on the parameters only; the gradients of
-        the copies are tagged for the step, so that norm counts every parameter once, as
-        :meth:`clip_fp32_gradients` does. (``FP16_Optimizer`` and ZeRO read the tag on the parameters.
-        The optimizer's fused-LAMB branch flattens the gradients first, losing the tag: the config
-        refuses clipping there.)
-        """
-        tagged = []
-        if isinstance(self.optimizer, FP16_UnfusedOptimizer):
-            for p in self.module.parameters():
-                if getattr(p, "ds_pipe_replicated", False) and p.grad is not None:
-                    p.grad.ds_pipe_replicated = True
-                    tagged.append(p.grad)
-        try:
-            super()._take_model_step(lr_kwargs)
-        finally:
-            for grad in tagged:
-                del grad.ds_pipe_replicated
-
-    def _exec_reduce_tied_grads(self):
-        self._drain_sends()
-        super()._exec_reduce_tied_grads()
-
     _INSTRUCTION_MAP = {
         **PipelineEngine._INSTRUCTION_MAP,
         I.LoadMicroBatch: _exec_load_micro_batch,
@@ -598,12 +355,12 @@ class DualPipeEngine(PipelineEngine):
         I.BackwardInput: _exec_backward_input,
         I.BackwardWeight: _exec_backward_weight,
         I.OverlappedForwardBackward: _exec_overlapped_forward_backward,
-        I.SendActivation: _exec_send_activations,
-        I.RecvActivation: _exec_recv_activations,
-        I.SendGrad: _exec_send_grads,
-        I.RecvGrad: _exec_recv_grads,
-        I.ReduceMirrorGrads: _exec_reduce_mirror_grads,
-        I.ReduceTiedGrads: _exec_reduce_tied_grads,
+        I.SendActivation: PointToPoint._exec_send_activations,
+        I.RecvActivation: PointToPoint._exec_recv_activations,
+        I.SendGrad: PointToPoint._exec_send_grads,
+        I.RecvGrad: PointToPoint._exec_recv_grads,
+        I.ReduceMirrorGrads: GradientReductions._exec_reduce_mirror_grads,
+        I.ReduceTiedGrads: GradientReductions._exec_reduce_tied_grads,
     }
 
 
@@ -621,34 +378,3 @@ def _with_grads(outputs, grads):
     if len(outs) != len(grads):
         raise RuntimeError(f"{len(outs)} floating-point outputs but {len(grads)} gradients received")
     return tuple(outs), tuple(grads)
-
-
-def _check_sendable(outputs, stage: int, chunk: int) -> None:
-    for t in outputs:
-        if not torch.is_tensor(t):
-            raise TypeError(f"pipeline rank {stage}, chunk {chunk}: a stage must return a tensor or a tuple of "
-                            f"tensors to send downstream, got {type(t).__name__}")
-
-
-def _describe(specs) -> str:
-    return ", ".join(f"{list(shape)} {str(dtype).replace('torch.', '')}" for shape, dtype in specs)
-
-
-def _encode_meta(tensors, dtype_to_id, device) -> torch.Tensor:
-    values = [len(tensors)]
-    for t in tensors:
-        values += [dtype_to_id[t.dtype], t.dim(), *t.shape]
-    if len(values) > _META_SIZE:
-        raise ValueError(f"activation metadata needs {len(values)} slots, more than {_META_SIZE}")
-    meta = torch.zeros(_META_SIZE, dtype=torch.int32, device=device)
-    meta[:len(values)] = torch.tensor(values, dtype=torch.int32)
-    return meta
-
-
-def _decode_meta(meta: torch.Tensor, id_to_dtype):
-    values, specs, i = meta.tolist(), [], 1
-    for _ in range(values[0]):
-        dtype, ndim = id_to_dtype[values[i]], values[i + 1]
-        specs.append((tuple(values[i + 2:i + 2 + ndim]), dtype))
-        i += 2 + ndim
-    return specs
