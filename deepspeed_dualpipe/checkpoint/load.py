@@ -1,0 +1,94 @@
+"""Loading: resolve ``latest``, explain a missing or unfinished tag, check the manifest, refuse optimizer
+state saved for another pipeline placement."""
+
+import glob
+import os
+from typing import Optional
+
+from deepspeed.utils import logger
+
+from deepspeed_dualpipe.checkpoint.files import (CheckpointError, MANIFEST, _describe_layout, _same_placement,
+                                                 layout_of, read_latest, read_manifest, replaced_dir, staging_dir)
+
+
+def _missing_tag(load_dir: str, tag: str) -> CheckpointError:
+    latest = read_latest(load_dir)
+    hint = f"; 'latest' names {latest!r}" if latest is not None else ""
+    if os.path.isdir(staging_dir(load_dir, tag)):
+        return CheckpointError(f"checkpoint {tag!r} in {load_dir} was never completed: its save was interrupted "
+                               f"(its partial files are in {staging_dir(load_dir, tag)}). Load the last complete "
+                               f"checkpoint instead (tag=None loads the one 'latest' names{hint})")
+    available = sorted(d for d in os.listdir(load_dir) if os.path.isdir(os.path.join(load_dir, d))
+                       and not d.startswith(".")) if os.path.isdir(load_dir) else []
+    where = f"the checkpoints there are {available}" if available else "there is no checkpoint there"
+    return CheckpointError(f"no checkpoint {tag!r} in {load_dir}: {where}{hint}")
+
+
+def prepare_load(engine, load_dir, tag=None, load_optimizer_states=True, load_module_only=False) -> Optional[str]:
+    """Checks to run before DeepSpeed's ``load_checkpoint``; returns the tag to load (None: no ``latest``,
+    which DeepSpeed reports as it always has). Raises :class:`CheckpointError` when the checkpoint is missing,
+    incomplete, or its optimizer state cannot be loaded into ``engine``'s pipeline placement. Every rank
+    reaches the same verdict (it reads the same files), so none is left waiting in a collective."""
+    if tag is None:
+        tag = read_latest(load_dir)
+        if tag is None:
+            return None
+    tag = str(tag)
+    path = os.path.join(load_dir, tag)
+    if not os.path.isdir(path):
+        replaced = replaced_dir(load_dir, tag)
+        if not os.path.isdir(replaced):
+            raise _missing_tag(load_dir, tag)
+        logger.warning(f"deepspeed_dualpipe: {path} is being replaced by a save (or one was interrupted while "
+                       f"replacing it); loading the previous version from {replaced}")
+        tag, path = os.path.basename(replaced), replaced
+    manifest = read_manifest(path)
+    if manifest is not None:
+        wrong = [f"{name} ({'missing' if not os.path.exists(os.path.join(path, name)) else 'size changed'})"
+                 for name, size in manifest["files"].items()
+                 if not os.path.exists(os.path.join(path, name)) or os.path.getsize(os.path.join(path, name)) != size]
+        if wrong:
+            raise CheckpointError(f"checkpoint {path} is damaged: {', '.join(wrong[:5])}"
+                                  f"{' and more' if len(wrong) > 5 else ''} differ from the manifest {MANIFEST} "
+                                  f"written when it was saved; load another checkpoint")
+    rank_files = glob.glob(os.path.join(path, "*mp_rank_*_model_states.pt"))
+    if not rank_files:
+        raise CheckpointError(f"{path} has no mp_rank_XX_model_states.pt files: it is not a complete DeepSpeed "
+                              f"checkpoint")
+    if load_optimizer_states and not load_module_only and engine.optimizer is not None:
+        mine = layout_of(engine)
+        if manifest is not None:
+            saved, source = manifest["layout"], ""
+        else:  # written by DeepSpeed's own save: its 1F1B placement, one mp_rank file per pipeline x tensor rank
+            tensor = mine["tensor_parallel_size"]
+            saved = {"schedule": "1f1b (DeepSpeed's save, assumed)", "layout": "linear",
+                     "pipe_parallel_size": len(rank_files) // tensor, "tensor_parallel_size": tensor}
+            source = ", as far as its files tell"
+        if not _same_placement(saved, mine):
+            raise CheckpointError(
+                f"checkpoint {path} was written by {_describe_layout(saved)}{source}; this engine runs "
+                f"{_describe_layout(mine)}. Its optimizer state is stored per pipeline rank, for the parameters "
+                f"that rank held, and is not converted to another placement. Pass load_optimizer_states=False to "
+                f"load the module weights (every layer, from its layer_XX file), the step counters and the "
+                f"learning-rate scheduler only: nothing is lost for an optimizer without per-parameter state "
+                f"(SGD without momentum); Adam's moments or SGD's momentum restart from zero. Or resume with the "
+                f"schedule placement and pipeline depth it was saved with.")
+    return tag
+
+
+def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                    load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+    """``engine.load_checkpoint(...)`` after :func:`prepare_load`'s checks, for any pipeline engine. Runs under
+    ``torch.no_grad()``: DeepSpeed's ``PipelineModule`` broadcasts tied weights into parameters as it loads, which
+    autograd would otherwise record."""
+    import torch
+    kwargs = dict(load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
+                  load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
+                  custom_load_fn=custom_load_fn)
+    from deepspeed_dualpipe.engine import DualPipeEngine
+    with torch.no_grad():
+        if isinstance(engine, DualPipeEngine):  # its load_checkpoint runs the checks itself
+            return engine.load_checkpoint(load_dir, tag, **kwargs)
+        tag = prepare_load(engine, load_dir, tag, load_optimizer_states, load_module_only)
+        return engine.load_checkpoint(load_dir, tag, **kwargs)
+

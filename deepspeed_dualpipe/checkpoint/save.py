@@ -1,0 +1,153 @@
+"""Saving: every rank writes into a staging directory, one rank renames it into place, then ``latest``."""
+
+import json
+import os
+import shutil
+
+from deepspeed.utils import logger
+
+from deepspeed_dualpipe.checkpoint.files import (DEFAULT_TIMEOUT_S, FORMAT_VERSION, MANIFEST, REPLACED_PREFIX,
+                                                 STAGING_PREFIX, _fsync_dir, _fsync_file, _manifest_files, check_tag,
+                                                 layout_of, replaced_dir, staging_dir, write_latest)
+from deepspeed_dualpipe.checkpoint.rendezvous import _SaveRendezvous
+
+
+def _is_committer(engine) -> bool:
+    """The rank that renames the staging directory and writes ``latest``: global rank 0, or each node's
+    local rank 0 when every node writes to its own storage."""
+    if engine.use_node_local_storage():
+        return engine.local_rank == 0
+    return engine.global_rank == 0
+
+
+def _prepare(save_dir: str, tag: str) -> None:
+    """Make ``save_dir`` and clear what interrupted earlier saves left behind: saves are sequential, so any
+    staging directory there now belongs to a save that never committed."""
+    os.makedirs(save_dir, exist_ok=True)
+    for name in os.listdir(save_dir):
+        path = os.path.join(save_dir, name)
+        if name.startswith(REPLACED_PREFIX) and os.path.isdir(path):
+            final = os.path.join(save_dir, name[len(REPLACED_PREFIX):])
+            if os.path.isdir(final):
+                shutil.rmtree(path)  # a replacement that finished, all but its clean-up
+            else:
+                os.rename(path, final)  # a replacement interrupted between its two renames: restore the old one
+        elif name.startswith(STAGING_PREFIX) and os.path.isdir(path):
+            shutil.rmtree(path)
+    os.makedirs(staging_dir(save_dir, tag))
+
+
+def _write_files(engine, save_dir, staging_tag, client_state, exclude_frozen_parameters):
+    """This rank's part of DeepSpeed's ``save_checkpoint``, into ``save_dir/staging_tag``, flushed to disk."""
+    from deepspeed.runtime.checkpoint_engine import CheckpointCommitInfo
+
+    checkpoint_engine, written = engine.checkpoint_engine, []
+    patched_before = "save" in vars(checkpoint_engine)
+    save = checkpoint_engine.save
+
+    def recording_save(state_dict, path, *args, **kwargs):
+        result = save(state_dict, path, *args, **kwargs)
+        written.append(path)
+        return result
+
+    checkpoint_engine.save = recording_save
+    try:
+        if engine._optimizer_has_ckpt_event_prologue():
+            engine.optimizer.checkpoint_event_prologue()
+        info = CheckpointCommitInfo(tag=staging_tag, save_dir=save_dir, save_latest=False)
+        checkpoint_engine.create(info)
+        engine._create_checkpoint_file(save_dir, staging_tag, False)
+        if engine.has_moe_layers:
+            engine.save_non_zero_checkpoint = False  # as DeepSpeed: the MoE path writes the non-expert file itself
+            engine._save_moe_checkpoint(save_dir, staging_tag, client_state=client_state,
+                                        exclude_frozen_parameters=exclude_frozen_parameters)
+        else:
+            engine._save_checkpoint(save_dir, staging_tag, client_state=client_state,
+                                    exclude_frozen_parameters=exclude_frozen_parameters)
+        if engine.save_zero_checkpoint:
+            engine._create_zero_checkpoint_files(save_dir, staging_tag)
+            engine._save_zero_checkpoint(save_dir, staging_tag)
+        if engine._optimizer_has_ckpt_event_epilogue():
+            engine.optimizer.checkpoint_event_epilogue()
+        checkpoint_engine.commit(info)
+    finally:
+        if patched_before:
+            checkpoint_engine.save = save
+        else:
+            del checkpoint_engine.save
+    for path in written:
+        _fsync_file(path)
+    return written
+
+
+def _commit(engine, save_dir: str, tag: str, save_latest: bool) -> None:
+    """Add the manifest, rename the staging directory to ``tag``, then point ``latest`` at it."""
+    staging, final, replaced = staging_dir(save_dir, tag), os.path.join(save_dir, tag), replaced_dir(save_dir, tag)
+    manifest = {"format": FORMAT_VERSION, "tag": tag, "layout": layout_of(engine), "files": _manifest_files(staging)}
+    with open(os.path.join(staging, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(staging)
+    if os.path.exists(final):  # saving a tag again: swap the new one in (the old one is removed after the save)
+        os.rename(final, replaced)
+        os.rename(staging, final)
+    else:
+        os.rename(staging, final)
+    _fsync_dir(save_dir)
+    if save_latest:
+        write_latest(save_dir, tag)
+
+
+def save_checkpoint(engine, save_dir, tag=None, client_state=None, save_latest=True, exclude_frozen_parameters=False,
+                    timeout_s=None):
+    """``engine.save_checkpoint(...)`` (same arguments, same files), atomic: see the module's docstring.
+
+    Every rank must call it. ``timeout_s`` (default ``dualpipe.p2p_timeout_s`` of a ``DualPipeEngine``, else
+    300 s) is how long a rank may show no sign of life before the others give up with
+    :class:`CheckpointError`. Returns True, as DeepSpeed's does.
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    if not save_dir:
+        raise ValueError(f"save_dir must be a non-empty string, got {save_dir!r}")
+    if timeout_s is None:
+        timeout_s = getattr(getattr(engine, "dualpipe", None), "p2p_timeout_s", DEFAULT_TIMEOUT_S)
+    client_state = {} if client_state is None else client_state
+    tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
+    if engine.checkpoint_engine.is_decoupled() or engine.zero_nvme_offload_optimizer():
+        logger.warning("deepspeed_dualpipe: this checkpoint engine writes asynchronously (or offloads to NVMe); the "
+                       "save is DeepSpeed's own and is not atomic")
+        return DeepSpeedEngine.save_checkpoint(engine, save_dir, tag, client_state, save_latest,
+                                               exclude_frozen_parameters)
+
+    with _SaveRendezvous(engine, save_dir, tag, timeout_s) as rendezvous:
+        committer = _is_committer(engine)
+        try:
+            check_tag(tag)
+            if committer:
+                _prepare(save_dir, tag)
+            rendezvous.agree_on_tag()
+        except BaseException as error:
+            rendezvous.report_failure(error)
+            raise
+        rendezvous.barrier("start", "join the save")
+        try:
+            rendezvous.check_tag()
+            _write_files(engine, save_dir, STAGING_PREFIX + tag, client_state, exclude_frozen_parameters)
+        except BaseException as error:
+            rendezvous.report_failure(error)
+            raise
+        rendezvous.barrier("written", "finish writing its files")
+        if committer:
+            try:
+                _commit(engine, save_dir, tag, save_latest)
+            except BaseException as error:
+                rendezvous.report_failure(error)
+                raise
+        rendezvous.barrier("committed", "commit the checkpoint (global rank 0 renames it into place)")
+    if committer:  # a tag saved again: its previous version, out of the way since the commit
+        shutil.rmtree(replaced_dir(save_dir, tag), ignore_errors=True)
+    if engine.global_rank == 0:
+        logger.info(f"deepspeed_dualpipe: saved checkpoint {os.path.join(save_dir, tag)}")
+    return True
