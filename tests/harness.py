@@ -100,6 +100,28 @@ def _sgd(params):
     return torch.optim.SGD(params, lr=LR)
 
 
+def tied_engine(config, P, seed=1234):
+    """``models.tied_specs()`` cut into ``P`` stages, through ``deepspeed_dualpipe.initialize`` with SGD."""
+    import deepspeed_dualpipe
+    from deepspeed.pipe import PipelineModule
+    from models import loss_fn, tied_specs
+    torch.manual_seed(seed)
+    with torch.no_grad():  # PipelineModule broadcasts tied weights in place (see train_pipeline)
+        model = PipelineModule(layers=tied_specs(), num_stages=P, loss_fn=loss_fn, partition_method="uniform")
+    return deepspeed_dualpipe.initialize(model=model, config=config, optimizer=_sgd)[0]
+
+
+def outcome(action):
+    """(exception type name, message, seconds) of ``action()``: what a user would see, and when."""
+    import time
+    start = time.monotonic()
+    try:
+        action()
+    except Exception as error:  # noqa: BLE001 - tests read what the user would see
+        return type(error).__name__, str(error), time.monotonic() - start
+    return "no error", "", time.monotonic() - start
+
+
 def train_pipeline(initialize, config, specs_fn, P, steps, batches, loss_fn=None, seed=1234, eval_batches=None):
     """Train ``PipelineModule(specs_fn(), P stages)`` with ``initialize``.
 

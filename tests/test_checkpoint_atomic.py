@@ -20,12 +20,10 @@ with a missing, unfinished or damaged checkpoint, or with optimizer state for an
 import functools
 import json
 import os
-import time
 import types
 
 import numpy as np
 import pytest
-import torch
 
 import harness
 import models
@@ -38,25 +36,10 @@ SLACK_S = 8  # an error may come this much later than the timeout (2 cores, busy
 
 
 def _engine():
-    import deepspeed_dualpipe
-    from deepspeed.pipe import PipelineModule
     config = {"train_micro_batch_size_per_gpu": MBS, "gradient_accumulation_steps": M, "steps_per_print": 10**9,
               "gradient_clipping": 0.0, "pipeline": {"schedule": "dualpipe"},
               "dualpipe": {"p2p_timeout_s": TIMEOUT_S}}
-    torch.manual_seed(1234)
-    with torch.no_grad():
-        model = PipelineModule(layers=models.tied_specs(), num_stages=P, loss_fn=models.loss_fn,
-                               partition_method="uniform")
-    return deepspeed_dualpipe.initialize(model=model, config=config, optimizer=harness._sgd)[0]
-
-
-def _timed(action):
-    start = time.monotonic()
-    try:
-        action()
-    except Exception as error:  # noqa: BLE001 - the test reads what the user would see
-        return type(error).__name__, str(error), time.monotonic() - start
-    return "no error", "", time.monotonic() - start
+    return harness.tied_engine(config, P)
 
 
 def _failing_save(engine, failure):
@@ -88,7 +71,7 @@ def _crash_during_save(directory, batches):
     outcomes = {}
     for tag, failure in (("full", "raises"), ("step2", "dies")):
         original = _failing_save(engine, failure) if engine.global_rank == 1 else None
-        outcomes[tag] = _timed(lambda: engine.save_checkpoint(directory, tag=tag))
+        outcomes[tag] = harness.outcome(lambda: engine.save_checkpoint(directory, tag=tag))
         if original is not None:
             engine.checkpoint_engine.save = original
         outcomes[tag + " latest"] = read_latest(directory)
@@ -117,7 +100,7 @@ def _store_host_dies(directory, batches):
     engine.save_checkpoint(directory, tag="step1")
     if engine.global_rank == 0:
         _failing_save(engine, "dies")
-    return _timed(lambda: engine.save_checkpoint(directory, tag="step2"))
+    return harness.outcome(lambda: engine.save_checkpoint(directory, tag="step2"))
 
 
 @functools.lru_cache(maxsize=None)

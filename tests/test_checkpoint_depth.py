@@ -15,7 +15,6 @@ import functools
 import os
 
 import pytest
-import torch
 
 import harness
 import models
@@ -26,16 +25,10 @@ CASES = (("1f1b", 2, "dualpipe", 4), ("dualpipev", 2, "1f1b", 4), ("dualpipe", 4
 
 
 def _engine(schedule, P):
-    import deepspeed_dualpipe
-    from deepspeed.pipe import PipelineModule
     dp = WORLD // P
     config = {"train_micro_batch_size_per_gpu": MBS, "gradient_accumulation_steps": 2 * M // dp,
               "steps_per_print": 10**9, "gradient_clipping": 0.0, "pipeline": {"schedule": schedule}}
-    torch.manual_seed(1234)
-    with torch.no_grad():
-        model = PipelineModule(layers=models.tied_specs(), num_stages=P, loss_fn=models.loss_fn,
-                               partition_method="uniform")
-    return deepspeed_dualpipe.initialize(model=model, config=config, optimizer=harness._sgd)[0]
+    return harness.tied_engine(config, P)
 
 
 def _train(engine, batch):
@@ -48,11 +41,7 @@ def _train(engine, batch):
 
 
 def _outcome(action):
-    try:
-        action()
-    except Exception as error:  # noqa: BLE001 - the test reads what the user would see
-        return type(error).__name__, str(error)
-    return "no error", ""
+    return harness.outcome(action)[:2]
 
 
 def _resize(cases, directory, batches):

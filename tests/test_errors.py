@@ -16,21 +16,12 @@ def _config(schedule="dualpipe", micro_batches=4):
 
 
 def _engine(config):
-    import deepspeed_dualpipe
-    from deepspeed.pipe import PipelineModule
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model = PipelineModule(layers=models.tied_specs(), num_stages=P, loss_fn=models.loss_fn,
-                               partition_method="uniform")
-    return deepspeed_dualpipe.initialize(model=model, config=config, optimizer=harness._sgd)[0]
+    return harness.tied_engine(config, P, seed=0)
 
 
 def _outcome(action):
-    try:
-        action()
-    except Exception as error:  # noqa: BLE001 - the test inspects what the user would see
-        return type(error).__name__, str(error)
-    return "no error", ""
+    """(exception type name, message) of ``action()``."""
+    return harness.outcome(action)[:2]
 
 
 def _scenario(name):

@@ -18,10 +18,8 @@ import os
 import time
 
 import pytest
-import torch
 
 import harness
-import models
 from deepspeed_dualpipe.launch import run_ranks
 
 SILENT_TIMEOUT_S = 2
@@ -35,27 +33,9 @@ def _config(schedule, timeout_s):
             "gradient_clipping": 0.0, "pipeline": {"schedule": schedule}, "dualpipe": {"p2p_timeout_s": timeout_s}}
 
 
-def _outcome(action):
-    """(exception type name, message, seconds) of ``action()``."""
-    start = time.monotonic()
-    try:
-        action()
-    except Exception as error:  # noqa: BLE001 - the test inspects what the user would see
-        return type(error).__name__, str(error), time.monotonic() - start
-    return "no error", "", time.monotonic() - start
-
-
 def _misbehave(schedule, timeout_s, behaviour):
     """Runs in every rank. Pipeline rank 1 misbehaves; pipeline rank 0 reports what each step raised."""
-    import deepspeed_dualpipe
-    from deepspeed.pipe import PipelineModule
-
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model = PipelineModule(layers=models.tied_specs(), num_stages=2, loss_fn=models.loss_fn,
-                               partition_method="uniform")
-    engine = deepspeed_dualpipe.initialize(model=model, config=_config(schedule, timeout_s),
-                                           optimizer=harness._sgd)[0]
+    engine = harness.tied_engine(_config(schedule, timeout_s), 2, seed=0)
     if engine.stage_id == 1:
         if behaviour == "dies":
             time.sleep(DIES_AFTER_S)
@@ -63,12 +43,12 @@ def _misbehave(schedule, timeout_s, behaviour):
         time.sleep(3 * timeout_s)  # alive, but never calls train_batch, so never sends or receives
         return None
     batch = harness.make_batches(0, 1, 1, 4, 2)[0][0]
-    steps = {"train_batch": _outcome(lambda: engine.train_batch(data_iter=iter(batch)))}
+    steps = {"train_batch": harness.outcome(lambda: engine.train_batch(data_iter=iter(batch)))}
     # The batch failed before its end, where the engine waits for its sends: wait for them as it would.
     steps["pending sends"] = len(engine._send_reqs)
-    steps["drain sends"] = _outcome(engine._drain_sends)
+    steps["drain sends"] = harness.outcome(engine._drain_sends)
     if behaviour == "dies":
-        steps["next batch"] = _outcome(lambda: engine.train_batch(data_iter=iter(batch)))
+        steps["next batch"] = harness.outcome(lambda: engine.train_batch(data_iter=iter(batch)))
     return steps
 
 
