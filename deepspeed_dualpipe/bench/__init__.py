@@ -1,9 +1,11 @@
 """``python -m deepspeed_dualpipe bench``: schedules timed through the real engine with cost-model layers.
 
-- ``layers``: a layer that sleeps its configured forward / input-grad / weight-grad times.
-- ``launch``: starts the gloo ranks once.
-- ``rank``: what every rank runs: one engine per schedule, interleaved timed steps, traces.
-- ``measure``: step time, busy time, bubble and plugin overhead from the traces.
-- ``predict``: the simulator's figures for the same layers.
+- ``layers``: a layer that sleeps its configured forward / input-grad / weight-grad times, and its
+  MoE variant (``--a2a``) with a real dispatch and combine all-to-all per layer.
+- ``rank``: what every rank runs: one engine per run, interleaved timed steps, traces, one
+  memory-sampling step per run, and the time of one all-to-all alone.
+- ``measure``: step time, busy time, bubble, plugin overhead and peak activation memory from the traces.
+- ``predict``: the simulator's figures for the same layers (all-to-alls and overlapped pairs included).
 - ``run``: the command (arguments, tables, JSON).
+- ``overlap``: ``python -m deepspeed_dualpipe overlap``, one MoE pair on 2 ranks.
 """
