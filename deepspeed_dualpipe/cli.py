@@ -93,6 +93,14 @@ def cmd_demo(args) -> None:
     print(f"demo finished in {time.perf_counter() - start:.0f} s", flush=True)
 
 
+def cmd_ablate(args) -> None:
+    """Every variant of an ablation file, one launch each, then a table and a plot (deepspeed_dualpipe.lm.ablate)."""
+    from deepspeed_dualpipe.lm.ablate import main
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    if main(args.config, only, args.report_only):
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m deepspeed_dualpipe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=int, default=4, help="local ranks to launch (default 4)")
     p.add_argument("--steps", type=int, help="override lm.steps")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("ablate", help="train the demo model under each config of an ablation file; table and plot")
+    p.add_argument("config", help="ablation file, e.g. configs/ablation.json (configs plus shared settings)")
+    p.add_argument("--only", help="comma-separated variant names (lm.name) to run; the report covers all")
+    p.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the runs' metrics")
+    p.set_defaults(func=cmd_ablate)
 
     from deepspeed_dualpipe.bench.run import add_parser as add_bench  # bench: real engine, timed
     add_bench(sub)

@@ -4,7 +4,8 @@
 
 (``DS_ACCELERATOR=cpu`` on a machine without GPUs.) DeepSpeed's own keys in the config set the
 batch, optimizer, scheduler and ``pipeline.schedule``; its ``"lm"`` section sets the model, data
-and run length (``--steps``, ``--name`` and ``--out-dir`` override it). Rank 0 prints progress and
+and run length (``--steps``, ``--name`` and ``--out-dir`` override it). A config may extend another
+with ``"base": "other.json"`` (see ``configs/ablation/``). Rank 0 prints progress and
 writes ``runs/<name>/``: metrics.json, loss.png, timeline.png, timeline_simulated.png, trace.json.
 """
 

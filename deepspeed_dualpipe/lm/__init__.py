@@ -4,5 +4,8 @@
 - :mod:`~deepspeed_dualpipe.lm.model`: the model as DeepSpeed ``LayerSpec``\\ s;
 - :mod:`~deepspeed_dualpipe.lm.train`: the training loop, run by ``examples/train_moe_lm.py``;
 - :mod:`~deepspeed_dualpipe.lm.timeline`: a measured step as a picture and a Chrome trace;
-- :mod:`~deepspeed_dualpipe.lm.launch`: ``deepspeed`` launcher wrapper used by ``make demo`` and the tests.
+- :mod:`~deepspeed_dualpipe.lm.memory`: parameter and peak activation memory per rank;
+- :mod:`~deepspeed_dualpipe.lm.launch`: ``deepspeed`` launcher wrapper used by ``make demo`` and the tests;
+- :mod:`~deepspeed_dualpipe.lm.config_files`: configs that extend a ``base`` config;
+- :mod:`~deepspeed_dualpipe.lm.ablate`: ``python -m deepspeed_dualpipe ablate``, one run per config, a table and a plot.
 """

@@ -24,9 +24,10 @@ def command(config: str, ranks: int, port: int, extra: Optional[List[str]] = Non
 
 
 def launch(config: str, ranks: int = 4, extra: Optional[List[str]] = None, port: Optional[int] = None,
-           timeout: Optional[float] = None, capture: bool = False, cwd=None) -> subprocess.CompletedProcess:
+           timeout: Optional[float] = None, capture: bool = False, cwd=None, log=None) -> subprocess.CompletedProcess:
     """Run ``deepspeed --num_gpus ranks examples/train_moe_lm.py --deepspeed_config config [extra]`` in ``cwd``
-    (default: this process's), where the job writes ``runs/``; returns when it has exited."""
+    (default: this process's), where the job writes ``runs/``; returns when it has exited. Its output goes
+    to this process's, or is returned (``capture``), or written to the file ``log``."""
     port = port or free_port()
     config = str(Path(config).resolve())
     env = dict(os.environ)
@@ -34,6 +35,10 @@ def launch(config: str, ranks: int = 4, extra: Optional[List[str]] = None, port:
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     try:
+        if log is not None:
+            with open(log, "w") as out:
+                return subprocess.run(command(config, ranks, port, extra), env=env, cwd=cwd, timeout=timeout,
+                                      stdout=out, stderr=subprocess.STDOUT, text=True)
         return subprocess.run(command(config, ranks, port, extra), env=env, cwd=cwd, timeout=timeout,
                               capture_output=capture, text=True)
     finally:

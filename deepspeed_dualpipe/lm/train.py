@@ -10,7 +10,8 @@ scheduler, ``pipeline.schedule``) and an ``"lm"`` section that DeepSpeed ignores
 :class:`LMConfig`). Rank 0 prints progress and writes into ``<out_dir>/<name>/``:
 
 - ``metrics.json``: settings, per-step losses, validation losses, throughput, bubbles
-  (simulated and measured), the generated sample;
+  (simulated and measured), memory per rank (parameters, peak activations: see
+  :mod:`~deepspeed_dualpipe.lm.memory`), the generated sample;
 - ``loss.png``: training and validation loss;
 - ``timeline.png`` and ``trace.json``: every rank's instructions during one measured step,
   as a picture and as a Chrome/Perfetto trace; ``timeline_simulated.png``: the simulator's
@@ -32,6 +33,7 @@ from typing import Dict, List, Optional
 import torch
 
 from deepspeed_dualpipe.lm import data as D
+from deepspeed_dualpipe.lm import memory as MEM
 from deepspeed_dualpipe.lm import timeline as TL
 from deepspeed_dualpipe.lm.model import (PARTITION, LocalModel, ModelConfig, layer_specs, lm_loss,
                                        seed_layer)
@@ -50,6 +52,7 @@ class LMConfig:
     eval_interval: int = 50
     eval_batches: int = 2  # validation batches (each micro_batches x micro-batch size per DP rank)
     trace_step: int = 5  # the step whose timeline is recorded (0-based; -1: none)
+    memory_step: Optional[int] = None  # the step whose activations are counted (None: the one after trace_step)
     seed: int = 1234
     block_size: int = 4096  # train/validation split: every val_every-th block of block_size bytes
     val_every: int = 10
@@ -90,6 +93,9 @@ def prepare_config(path_or_dict, steps: Optional[int] = None, name: Optional[str
                    out_dir: Optional[str] = None):
     """(DeepSpeed config dict, LMConfig) from a config file, with the command line's overrides applied."""
     from deepspeed_dualpipe.config import load_config
+    from deepspeed_dualpipe.lm import config_files
+    if isinstance(path_or_dict, (str, Path)) and Path(path_or_dict).is_file():
+        path_or_dict = config_files.load(path_or_dict)  # resolves a "base" config
     config = json.loads(json.dumps(load_config(path_or_dict)))  # a private copy
     lm = LMConfig.from_dict(config.get("lm", {}))
     if steps is not None:
@@ -221,6 +227,9 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
     val_batches = batches.val_batches(lm.eval_batches)
     tokens_per_step = batches.global_batch * lm.seq_len
     params = _gather(_parameters(engine))
+    param_bytes = _gather(MEM.parameter_bytes(engine.module))
+    memory_step = _memory_step(lm)
+    activations = None  # on rank 0: every rank's (peak bytes, during which instruction, bytes left after the step)
     from deepspeed_dualpipe.executor import Costs
     table_costs = Costs(F=1.0, B=2.0, W=1.0)  # the report's Table 2 ratios; pairs run back to back (F&B = F+B)
     bubble_estimate = _simulated_bubble(schedule, P, M, table_costs)
@@ -250,7 +259,15 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
             TL.start_recording(engine)
             dist.barrier()
         t0 = time.perf_counter()
-        loss = float(engine.train_batch(data_iter=batches.train_iter(step)))
+        if step == memory_step:
+            meter = MEM.ActivationMeter(engine)
+            loss = float(meter.measure(lambda: engine.train_batch(data_iter=batches.train_iter(step))))
+            activations = _gather((meter.peak, meter.peak_at, meter.left))
+            if activations:
+                _log(rank, f"[lm] step {step + 1:4d}/{lm.steps} | peak activation memory per rank "
+                     f"{_mib(a[0] for a in activations)}, parameters {_mib(param_bytes)} (MiB)")
+        else:
+            loss = float(engine.train_batch(data_iter=batches.train_iter(step)))
         step_times.append(time.perf_counter() - t0)
         losses.append(loss)
         interval_steps += 1
@@ -298,9 +315,9 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
     sample = D.decode(local.generate(prompt, lm.sample_tokens, lm.seq_len, lm.sample_temperature, lm.seed))
     print(f"[lm] sample (temperature {lm.sample_temperature}, seed {lm.seed}):\n{lm.sample_prompt}{sample}\n",
           flush=True)
-    # Step time without the first steps (warm-up) and the traced one.
-    steady = [t for i, t in enumerate(step_times) if i >= min(3, len(step_times) - 1) and i != lm.trace_step] or \
-        step_times
+    # Step time without the first steps (warm-up), the traced one and the one whose memory is counted.
+    steady = [t for i, t in enumerate(step_times)
+              if i >= min(3, len(step_times) - 1) and i not in (lm.trace_step, memory_step)] or step_times
     step_s = statistics.median(steady)
     metrics = {
         "name": lm.name,
@@ -335,6 +352,15 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
             "measured_step_s": TL.span(traced) if traced else None,
             "measured_costs_s": measured_costs or None,
         },
+        "memory": {
+            "parameter_bytes_per_rank": param_bytes,  # by global rank
+            "peak_activation_bytes_per_rank": [a[0] for a in activations] if activations else None,
+            "peak_activation_during": [a[1] for a in activations] if activations else None,
+            "activation_bytes_left_after_step": [a[2] for a in activations] if activations else None,
+            "activation_step": memory_step if activations else None,
+            "counted": "see deepspeed_dualpipe/lm/memory.py: distinct storages saved by autograd for a backward "
+                       "to come or held in the engine's pipe buffers, parameters and gradients excluded",
+        },
         "sample": {"prompt": lm.sample_prompt, "temperature": lm.sample_temperature, "seed": lm.seed,
                    "text": sample},
         "corpus": {"source": "pydoc_data.topics", "bytes": len(corpus), "sha256_16": D.fingerprint(corpus),
@@ -355,6 +381,18 @@ def _block_kinds(cfg: ModelConfig) -> str:
         text += (f", {moe} MoE: {cfg.num_experts} experts top-{cfg.top_k}"
                  f"{' + shared expert' if cfg.shared_expert else ''}")
     return text
+
+
+def _memory_step(lm: LMConfig) -> Optional[int]:
+    """The step whose activations are counted: ``lm.memory_step``, by default the one after the traced step."""
+    step = lm.memory_step
+    if step is None:
+        step = min(max(lm.trace_step, 0) + 1, lm.steps - 1)
+    return step if 0 <= step < lm.steps else None
+
+
+def _mib(values) -> str:
+    return "[" + ", ".join(f"{v / 2**20:.2f}" for v in values) + "]"
 
 
 def _percent(x: Optional[float]) -> str:
