@@ -14,6 +14,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from deepspeed_dualpipe.bench import layers as L
+from deepspeed_dualpipe.lm.timeline import start_recording
 
 
 @dataclass(frozen=True)
@@ -81,30 +82,11 @@ def _engine(spec: BenchSpec, run: Run):
     model = PipelineModule(layers=_layer_specs(spec), num_stages=spec.stages, loss_fn=L.mean_loss,
                            partition_method="uniform")
     engine = deepspeed_dualpipe.initialize(model=model, config=_config(spec, run), optimizer=_sgd)[0]
-    if hasattr(engine, "trace"):  # the plugin's engine times itself, waits included
-        engine.trace = []
-    else:
-        _time_instructions(engine)
+    # The plugin's engine times itself, waits included; DeepSpeed's own get their instruction table wrapped.
+    # Their point-to-point calls block inside the communication instructions, so no compute instruction
+    # waits on a peer (``waited`` is 0) and a communication instruction's time is waiting and engine time.
+    start_recording(engine)
     return engine
-
-
-def _time_instructions(engine) -> None:
-    """DeepSpeed's own engines keep no trace: wrap this instance's instruction table to record one.
-
-    Their point-to-point calls block inside the communication instructions, so no compute
-    instruction waits on a peer (``waited`` is 0) and a communication instruction's time is
-    waiting and engine time together.
-    """
-    engine.trace = []
-
-    def timed(kind, execute):
-        def run(self, **kwargs):
-            start = time.perf_counter()
-            execute(self, **kwargs)
-            self.trace.append((kind.__name__, start, time.perf_counter(), 0.0))
-        return run
-
-    engine._INSTRUCTION_MAP = {kind: timed(kind, fn) for kind, fn in type(engine)._INSTRUCTION_MAP.items()}
 
 
 class _TimedWork:
@@ -160,8 +142,7 @@ def _records(trace, sleeps, waits) -> List[Record]:
     out, i, k = [], 0, 0
     waits = sorted(waits)
     for item in trace:
-        name, start, end, waited = item if isinstance(item, tuple) else \
-            (type(item.instruction).__name__, item.start, item.end, item.waited)
+        name, start, end, waited = type(item.instruction).__name__, item.start, item.end, item.waited
         layer, i = _within(sleeps, i, start, end)
         a2a, k = _within(waits, k, start, end)
         out.append((name, start, end, waited, layer, a2a))
