@@ -14,6 +14,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from deepspeed_dualpipe.bench import layers as L
+from deepspeed_dualpipe.instrument import around_each_instruction
 from deepspeed_dualpipe.lm.timeline import start_recording
 
 
@@ -208,23 +209,12 @@ def _memory_step(engine, data) -> int:
     def sample():
         peak[0] = max(peak[0], activation_bytes(engine))
 
-    def sampled(execute):
-        def run(self, **kwargs):
-            execute(self, **kwargs)
-            sample()
-        return run
-
-    own = engine.__dict__.get("_INSTRUCTION_MAP")
-    engine._INSTRUCTION_MAP = {kind: sampled(fn) for kind, fn in engine._INSTRUCTION_MAP.items()}
     L.ON_SAVE.append(sample)
     try:
-        _step(engine, data)
+        with around_each_instruction(engine, after=lambda kind: sample()):
+            _step(engine, data)
     finally:
         L.ON_SAVE.remove(sample)
-        if own is None:
-            del engine._INSTRUCTION_MAP
-        else:
-            engine._INSTRUCTION_MAP = own
     return peak[0]
 
 

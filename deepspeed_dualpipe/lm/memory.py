@@ -28,6 +28,8 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
+from deepspeed_dualpipe.instrument import around_each_instruction
+
 
 def parameter_bytes(module: torch.nn.Module) -> int:
     """Bytes of the distinct parameters of ``module``."""
@@ -139,35 +141,15 @@ class ActivationMeter:
         if live > self.peak:
             self.peak, self.peak_at = live, self._instruction
 
-    def _wrap(self, table):
-
-        def timed(kind, execute):
-
-            def run(engine, **kwargs):
-                self._instruction = kind.__name__
-                try:
-                    return execute(engine, **kwargs)
-                finally:
-                    self._scan()
-
-            return run
-
-        return {kind: timed(kind, fn) for kind, fn in table.items()}
+    def _entering(self, kind):
+        self._instruction = kind.__name__
 
     def measure(self, step):
         """Run ``step()`` (one ``train_batch``) while counting; returns its result. :attr:`peak` is then set."""
-        engine = self.engine
-        own = vars(engine).get("_INSTRUCTION_MAP")
-        engine._INSTRUCTION_MAP = self._wrap(own if own is not None else type(engine)._INSTRUCTION_MAP)
         start = time.perf_counter()
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-                result = step()
-        finally:
-            if own is None:
-                del engine._INSTRUCTION_MAP
-            else:
-                engine._INSTRUCTION_MAP = own
+        with around_each_instruction(self.engine, before=self._entering, after=lambda kind: self._scan()), \
+                torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            result = step()
         self.seconds = time.perf_counter() - start
         self._instruction = "end"
         self._scan()  # what outlives the step (graphs that something still references)
