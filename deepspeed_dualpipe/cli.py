@@ -4,8 +4,8 @@ import argparse
 import json
 import sys
 
-from deepspeed_dualpipe.executor import Costs, ScheduleError
-from deepspeed_dualpipe.schedules import SCHEDULES, get_spec
+from deepspeed_dualpipe.analysis.symbolic import Costs, ScheduleError
+from deepspeed_dualpipe.schedule import SCHEDULES, get_spec
 
 DEFAULT_COSTS = "F=1,B=2,W=1"
 
@@ -31,19 +31,19 @@ def _add_costs(p, default=DEFAULT_COSTS):
 
 
 def cmd_schedule(args) -> None:
-    from deepspeed_dualpipe.render import render_text, schedule_json
+    from deepspeed_dualpipe.analysis.render import render_text, schedule_json
     get_spec(args.schedule).validate(args.stages, args.micro_batches)
     if args.format == "json":
         print(json.dumps(schedule_json(args.schedule, args.stages, args.micro_batches), indent=1))
     elif args.format == "torch-csv":
-        from deepspeed_dualpipe.torch_format import to_torch_csv
+        from deepspeed_dualpipe.analysis.torch_format import to_torch_csv
         sys.stdout.write(to_torch_csv(args.schedule, args.stages, args.micro_batches))
     else:
         print(render_text(args.schedule, args.stages, args.micro_batches, Costs.parse(args.cost)))
 
 
 def cmd_simulate(args) -> None:
-    from deepspeed_dualpipe.simulate import simulate, table
+    from deepspeed_dualpipe.analysis.simulate import simulate, table
     costs = Costs.parse(args.cost)
     names = _names(args.schedules)
     results = []
@@ -65,7 +65,7 @@ def cmd_simulate(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from deepspeed_dualpipe.verify import verify
+    from deepspeed_dualpipe.analysis.verify import verify
     for name in _names(args.schedules):
         result = verify(name, args.stages, args.micro_batches)
         print(f"{name}: ok, P={args.stages} M={args.micro_batches}, "
@@ -73,7 +73,7 @@ def cmd_verify(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    from deepspeed_dualpipe.plot import plot_timeline
+    from deepspeed_dualpipe.analysis.plot import plot_timeline
     get_spec(args.schedule).validate(args.stages, args.micro_batches)
     print(plot_timeline(args.schedule, args.stages, args.micro_batches, Costs.parse(args.cost), args.out))
 
@@ -82,7 +82,7 @@ def cmd_demo(args) -> None:
     """The main job: the MoE language model of configs/dualpipe_moe.json, trained on ``--ranks`` local
     ranks through DeepSpeed's launcher (on CPU without a GPU)."""
     import time
-    from deepspeed_dualpipe.lm.launch import launch
+    from deepspeed_dualpipe.tools.lm.launch import launch
     extra = ["--steps", str(args.steps)] if args.steps else []
     print(f"launching: deepspeed --num_gpus {args.ranks} examples/train_moe_lm.py --deepspeed_config {args.config} "
           f"{' '.join(extra)}".rstrip(), flush=True)
@@ -94,8 +94,8 @@ def cmd_demo(args) -> None:
 
 
 def cmd_ablate(args) -> None:
-    """Every variant of an ablation file, one launch each, then a table and a plot (deepspeed_dualpipe.lm.ablate)."""
-    from deepspeed_dualpipe.lm.ablate import main
+    """Every variant of an ablation file, one launch each, then a table and a plot (deepspeed_dualpipe.tools.lm.ablate)."""
+    from deepspeed_dualpipe.tools.lm.ablate import main
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
     if main(args.config, only, args.report_only):
         raise SystemExit(1)
@@ -141,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the runs' metrics")
     p.set_defaults(func=cmd_ablate)
 
-    from deepspeed_dualpipe.bench.run import add_parser as add_bench  # bench: real engine, timed
+    from deepspeed_dualpipe.tools.bench.run import add_parser as add_bench  # bench: real engine, timed
     add_bench(sub)
-    from deepspeed_dualpipe.bench.overlap import add_parser as add_overlap  # one MoE pair, overlapped or not
+    from deepspeed_dualpipe.tools.bench.overlap import add_parser as add_overlap  # one MoE pair, overlapped or not
     add_overlap(sub)
     return parser
 

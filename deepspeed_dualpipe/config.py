@@ -66,7 +66,7 @@ class DualPipeConfig(DeepSpeedConfigModel):
     """
 
     schedule: str = DEFAULT_SCHEDULE
-    """``pipeline.schedule``: a name in :data:`deepspeed_dualpipe.schedules.SCHEDULES`."""
+    """``pipeline.schedule``: a name in :data:`deepspeed_dualpipe.schedule.SCHEDULES`."""
 
     dualpipe: DualPipeSection = Field(default_factory=DualPipeSection)
 
@@ -119,7 +119,7 @@ def dualpipe_config(ds_config: Union[str, Dict[str, Any]]) -> DualPipeConfig:
     in which only ``pipeline.schedule`` is flipped, which an error would break. The section is
     still validated, so a typo in it is an error whatever the schedule.
     """
-    from deepspeed_dualpipe.schedules import SCHEDULES
+    from deepspeed_dualpipe.schedule import SCHEDULES
 
     cfg = load_config(ds_config)
     pipeline = cfg.get("pipeline", {})

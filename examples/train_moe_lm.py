@@ -15,7 +15,7 @@ import sys
 import deepspeed
 import torch
 
-from deepspeed_dualpipe.lm.train import prepare_config, train, use_cores
+from deepspeed_dualpipe.tools.lm.train import prepare_config, train, use_cores
 
 
 def main() -> int:

@@ -24,7 +24,7 @@ import functools
 import numpy as np
 import torch
 
-from deepspeed_dualpipe.launch import run_ranks
+from deepspeed_dualpipe.testing.launch import run_ranks
 
 LR = 0.1  # large enough that 3 SGD steps move every parameter measurably
 SEQ_LEN = 6

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepspeed_dualpipe.lm import ablate as A
-from deepspeed_dualpipe.lm import config_files
-from deepspeed_dualpipe.lm.launch import ROOT
-from deepspeed_dualpipe.lm.memory import ActivationMeter, parameter_bytes
+from deepspeed_dualpipe.tools.lm import ablate as A
+from deepspeed_dualpipe.tools.lm import config_files
+from deepspeed_dualpipe.tools.lm.launch import ROOT
+from deepspeed_dualpipe.tools.lm.memory import ActivationMeter, parameter_bytes
 
 ABLATION = ROOT / "configs" / "ablation.json"
 
@@ -31,7 +31,7 @@ def test_a_config_extends_its_base_section_by_section_and_null_removes_a_key(tmp
 
 def test_the_ablation_file_has_every_schedule_and_overlap_and_the_variants_differ_only_in_schedule():
     from deepspeed_dualpipe.config import dualpipe_config
-    from deepspeed_dualpipe.lm.train import LMConfig
+    from deepspeed_dualpipe.tools.lm.train import LMConfig
     plan = A.load_plan(ABLATION)
     got = {(v.schedule, v.overlap) for v in plan.variants}
     assert got == {("1f1b", None), ("zb1p", None), ("ds-dualpipev", None), ("dualpipev", True), ("dualpipev", False),

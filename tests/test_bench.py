@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from deepspeed_dualpipe.bench import layers as L
-from deepspeed_dualpipe.bench import predict
-from deepspeed_dualpipe.bench.run import DEFAULT_SCHEDULES, parse_bytes, parse_costs
+from deepspeed_dualpipe.tools.bench import layers as L
+from deepspeed_dualpipe.tools.bench import predict
+from deepspeed_dualpipe.tools.bench.run import DEFAULT_SCHEDULES, parse_bytes, parse_costs
 from deepspeed_dualpipe.cli import main
-from deepspeed_dualpipe.phases import Tape, backward_steps, forward_steps, run
+from deepspeed_dualpipe.runtime.autograd.steps import Tape, backward_steps, forward_steps, run
 
 
 def test_costs_are_per_layer_times_with_units():

@@ -105,7 +105,7 @@ def _store_host_dies(directory, batches):
 
 @functools.lru_cache(maxsize=None)
 def _launch(directory):
-    from deepspeed_dualpipe.launch import run_ranks
+    from deepspeed_dualpipe.testing.launch import run_ranks
     batches = harness.make_batches(0, 2, 1, M, MBS)
     crashed, codes = run_ranks(_crash_during_save, 2, directory, batches, dies=(1, ), timeout=120)
     assert codes == {1: 1}, codes
@@ -180,7 +180,7 @@ def test_the_next_saves_clear_the_debris_of_the_interrupted_one_and_replace_a_ta
 
 @pytest.mark.slow
 def test_when_the_rank_hosting_the_store_dies_mid_save_the_others_fail_at_once(tmp_path):
-    from deepspeed_dualpipe.launch import run_ranks
+    from deepspeed_dualpipe.testing.launch import run_ranks
     results, codes = run_ranks(_store_host_dies, 2, str(tmp_path), harness.make_batches(0, 1, 1, M, MBS), dies=(0, ),
                                timeout=120)
     assert codes == {0: 1}, codes

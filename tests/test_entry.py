@@ -14,7 +14,7 @@ import pytest
 import deepspeed
 from deepspeed.pipe import PipelineModule
 
-from deepspeed_dualpipe import entry
+from deepspeed_dualpipe.integration import initialize as entry
 
 PATCH = Path(__file__).resolve().parent.parent / "patches" / "deepspeed-0.19.8-dualpipe.patch"
 DS_INIT = Path(deepspeed.__file__)
@@ -224,7 +224,7 @@ def test_recorded_args_rebuild_a_real_module_as_dualpipev_module(tmp_path):
         import inspect, torch, deepspeed
         from deepspeed.pipe import PipelineModule, LayerSpec
         from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
-        from deepspeed_dualpipe import entry
+        from deepspeed_dualpipe.integration import initialize as entry
         entry.record_pipeline_module_args()
         deepspeed.init_distributed(dist_backend="gloo")
         layers = (LayerSpec(torch.nn.Linear, 4, 4) for _ in range(4))  # a one-shot generator

@@ -112,7 +112,7 @@ def _train(run, dp):
     import deepspeed.comm as dist
     import deepspeed_dualpipe
     from deepspeed.pipe import PipelineModule
-    from deepspeed_dualpipe.moe.aux_loss import get_aux_loss_scale
+    from deepspeed_dualpipe.runtime.autograd.aux_loss import get_aux_loss_scale
 
     schedule, extra, steps, inject = RUNS[run]
     batches = harness.make_batches(SEED, steps, dp, M, MBS)
@@ -125,7 +125,7 @@ def _train(run, dp):
     assert engine.fp16_enabled() and next(engine.module.parameters()).dtype == torch.float16
     if inject and dist.get_rank() == 0:
         _inject_inf(engine)
-    aux_scales = []  # the MoE aux-loss gradient scale (deepspeed_dualpipe.moe.aux_loss) at each training forward
+    aux_scales = []  # the MoE aux-loss gradient scale (deepspeed_dualpipe.runtime.autograd.aux_loss) at each training forward
     engine.module.register_forward_pre_hook(
         lambda module, args: aux_scales.append(get_aux_loss_scale()) if torch.is_grad_enabled() else None)
     dp_rank = engine.grid.get_data_parallel_id()

@@ -20,7 +20,7 @@ import time
 import pytest
 
 import harness
-from deepspeed_dualpipe.launch import run_ranks
+from deepspeed_dualpipe.testing.launch import run_ranks
 
 SILENT_TIMEOUT_S = 2
 DIES_TIMEOUT_S = 5

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from deepspeed_dualpipe.launch import free_port
-from deepspeed_dualpipe.shm import release_shared_memory
+from deepspeed_dualpipe.testing.launch import free_port
+from deepspeed_dualpipe.testing.shm import release_shared_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 

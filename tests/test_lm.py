@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from deepspeed_dualpipe.lm import data as D
-from deepspeed_dualpipe.lm.model import LocalModel, ModelConfig, layer_specs, lm_loss, tied_head
+from deepspeed_dualpipe.tools.lm import data as D
+from deepspeed_dualpipe.tools.lm.model import LocalModel, ModelConfig, layer_specs, lm_loss, tied_head
 from deepspeed.pipe import TiedLayerSpec
 
 # ----- data -----------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_a_few_steps_in_one_process_lower_the_loss_and_generation_is_seeded():
 
 
 def test_unknown_config_keys_are_errors_that_name_them():
-    from deepspeed_dualpipe.lm.train import LMConfig
+    from deepspeed_dualpipe.tools.lm.train import LMConfig
     with pytest.raises(ValueError, match="hiden_size"):
         LMConfig.from_dict({"model": {"hiden_size": 3}})
     with pytest.raises(ValueError, match="stepz"):
@@ -109,8 +109,8 @@ def test_unknown_config_keys_are_errors_that_name_them():
 
 
 def test_the_demo_config_names_dualpipe_on_four_ranks():
-    from deepspeed_dualpipe.lm.launch import ROOT
-    from deepspeed_dualpipe.lm.train import LMConfig
+    from deepspeed_dualpipe.tools.lm.launch import ROOT
+    from deepspeed_dualpipe.tools.lm.train import LMConfig
     config = json.loads((ROOT / "configs" / "dualpipe_moe.json").read_text())
     assert config["pipeline"]["schedule"] == "dualpipe"
     lm = LMConfig.from_dict(config["lm"])
@@ -123,7 +123,7 @@ def test_the_demo_config_names_dualpipe_on_four_ranks():
 
 @pytest.mark.slow
 def test_two_ranks_train_with_dualpipe_through_the_launcher_and_write_their_outputs(tmp_path):
-    from deepspeed_dualpipe.lm.launch import launch
+    from deepspeed_dualpipe.tools.lm.launch import launch
     config = {
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "gradient_clipping": 1.0,
         "optimizer": {"type": "Adam", "params": {"lr": 0.003, "torch_adam": True}},
@@ -157,10 +157,10 @@ def test_two_ranks_train_with_dualpipe_through_the_launcher_and_write_their_outp
 
 def _fake_trace(schedule, stages, micro_batches, rebuild=False):
     """Every rank's instruction stream with made-up timings (1 ms per compute, 0.1 ms otherwise)."""
-    from deepspeed_dualpipe.engine import InstructionTime
-    from deepspeed_dualpipe.instructions import COMPUTE
-    from deepspeed_dualpipe.lm.timeline import _instruction
-    from deepspeed_dualpipe.schedules import rank_steps
+    from deepspeed_dualpipe.runtime.engine import InstructionTime
+    from deepspeed_dualpipe.schedule.instructions import COMPUTE
+    from deepspeed_dualpipe.tools.lm.timeline import _instruction
+    from deepspeed_dualpipe.schedule import rank_steps
     traces = []
     for steps in rank_steps(schedule, stages, micro_batches):
         t, trace = 10.0, []
@@ -177,8 +177,8 @@ def _fake_trace(schedule, stages, micro_batches, rebuild=False):
 
 @pytest.mark.parametrize("schedule, rebuild", [("dualpipe", False), ("zb1p", False), ("1f1b", True)])
 def test_a_measured_step_becomes_a_timeline_a_chrome_trace_and_bubbles(tmp_path, schedule, rebuild):
-    from deepspeed_dualpipe.lm import timeline as TL
-    from deepspeed_dualpipe.schedules import get_spec
+    from deepspeed_dualpipe.tools.lm import timeline as TL
+    from deepspeed_dualpipe.schedule import get_spec
     P, M = 2, 4
     layout = get_spec(schedule).layout(P, M)
     per_rank = [TL.records(trace, 10.0, layout, r) for r, trace in enumerate(_fake_trace(schedule, P, M, rebuild))]

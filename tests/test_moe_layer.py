@@ -135,7 +135,7 @@ CHUNKS = {
 @pytest.mark.parametrize("loss_root", [False, True], ids=["output-grads", "scalar-loss"])
 @pytest.mark.parametrize("chunk", list(CHUNKS))
 def test_phases_with_split_backward_give_the_gradients_of_a_plain_backward(chunk, loss_root):
-    from deepspeed_dualpipe.phases import Tape, backward_steps, forward_steps, run
+    from deepspeed_dualpipe.runtime.autograd.steps import Tape, backward_steps, forward_steps, run
 
     torch.manual_seed(0)
     plain = nn.Sequential(*CHUNKS[chunk]())
@@ -165,7 +165,7 @@ def test_phases_with_split_backward_give_the_gradients_of_a_plain_backward(chunk
 
 def test_dualpipe_moe_phases_carry_the_aux_loss_gradient_back_to_the_gate():
     """l_aux comes out of the first island: a loss using it reaches back past the last island."""
-    from deepspeed_dualpipe.phases import Tape, backward_steps, run
+    from deepspeed_dualpipe.runtime.autograd.steps import Tape, backward_steps, run
 
     plain, _ = _moe_pair(k=2, drop_tokens=True, use_residual=True)
     _, phased = _moe_pair(k=2, drop_tokens=True, use_residual=True)
@@ -185,7 +185,7 @@ def test_dualpipe_moe_phases_carry_the_aux_loss_gradient_back_to_the_gate():
 
 def test_a_plain_callable_with_undeclared_parameters_gets_its_whole_backward_at_once():
     """A lambda closing over a parameter: the parameters are unknown, so no gradient may be left out."""
-    from deepspeed_dualpipe.phases import Tape, backward_steps, forward_steps, run
+    from deepspeed_dualpipe.runtime.autograd.steps import Tape, backward_steps, forward_steps, run
 
     scale, linear = nn.Parameter(torch.tensor(1.5)), nn.Linear(H, H)
     layers = [lambda x: x * scale, linear]
@@ -203,7 +203,7 @@ def test_a_plain_callable_with_undeclared_parameters_gets_its_whole_backward_at_
 
 
 def test_tape_refuses_inputs_computed_outside_an_island():
-    from deepspeed_dualpipe.phases import Tape
+    from deepspeed_dualpipe.runtime.autograd.steps import Tape
 
     tape = Tape()
     y = tape.compute(torch.sin, torch.randn(3, requires_grad=True))
@@ -212,7 +212,7 @@ def test_tape_refuses_inputs_computed_outside_an_island():
 
 
 def test_a_failed_all_to_all_names_itself_and_its_ranks():
-    from deepspeed_dualpipe.phases import Pending
+    from deepspeed_dualpipe.runtime.autograd.steps import Pending
 
     class Broken:
         def wait(self):
@@ -225,7 +225,7 @@ def test_a_failed_all_to_all_names_itself_and_its_ranks():
 # ----- interleaving two micro-batches on 2 expert-parallel ranks ----------------------------------
 def _interleave_rank(configs):
     import deepspeed.comm as dist
-    from deepspeed_dualpipe.phases import Tape, backward_steps, forward_steps, interleave, run
+    from deepspeed_dualpipe.runtime.autograd.steps import Tape, backward_steps, forward_steps, interleave, run
 
     rank, bad, overlapped = dist.get_rank(), [], []
     for cfg in configs:

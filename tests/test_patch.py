@@ -92,8 +92,8 @@ def test_plain_deepspeed_initialize_trains_dualpipe_through_the_patched_copy(tmp
     monkeypatch.setenv("PYTHONPATH", str(site))
     results = harness.run_distributed(_train_with_plain_deepspeed_initialize, P, str(site), timeout=120)
 
-    assert [r["engine"] for r in results] == ["deepspeed_dualpipe.engine.DualPipeEngine"] * P
-    assert [r["module"] for r in results] == ["deepspeed_dualpipe.module.DualPipeModule"] * P
+    assert [r["engine"] for r in results] == ["deepspeed_dualpipe.runtime.engine.DualPipeEngine"] * P
+    assert [r["module"] for r in results] == ["deepspeed_dualpipe.runtime.module.DualPipeModule"] * P
     assert sorted(r["stage"] for r in results) == list(range(P))
 
     batches = harness.make_batches(SEED, STEPS, 1, 2 * P, MBS)

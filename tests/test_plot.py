@@ -5,10 +5,10 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from deepspeed_dualpipe.executor import Costs  # noqa: E402
-from deepspeed_dualpipe.plot import plot_execution, plot_timeline  # noqa: E402
-from deepspeed_dualpipe.schedules import SCHEDULES  # noqa: E402
-from deepspeed_dualpipe.simulate import simulate  # noqa: E402
+from deepspeed_dualpipe.analysis.symbolic import Costs  # noqa: E402
+from deepspeed_dualpipe.analysis.plot import plot_execution, plot_timeline  # noqa: E402
+from deepspeed_dualpipe.schedule import SCHEDULES  # noqa: E402
+from deepspeed_dualpipe.analysis.simulate import simulate  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COSTS = Costs(F=1, B=2, W=1, FB=2.5)

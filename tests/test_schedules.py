@@ -3,9 +3,9 @@
 import pytest
 from deepspeed.runtime.pipe import schedule as ds
 
-from deepspeed_dualpipe.events import Op, rank_events
-from deepspeed_dualpipe.render import schedule_json
-from deepspeed_dualpipe.schedules import SCHEDULES, build_schedule, get_spec, rank_steps
+from deepspeed_dualpipe.analysis.events import Op, rank_events
+from deepspeed_dualpipe.analysis.render import schedule_json
+from deepspeed_dualpipe.schedule import SCHEDULES, build_schedule, get_spec, rank_steps
 from reference_order import check_oracle_invariants, reference_compute_order
 
 

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepspeed_dualpipe.cli import main
-from deepspeed_dualpipe.executor import Costs
-from deepspeed_dualpipe.simulate import simulate, table
+from deepspeed_dualpipe.analysis.symbolic import Costs
+from deepspeed_dualpipe.analysis.simulate import simulate, table
 
 cost = st.sampled_from([0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0])
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from deepspeed_dualpipe import split_backward as sb
-from deepspeed_dualpipe.split_backward import SplitBackward, full_backward, module_supports_split
+from deepspeed_dualpipe.runtime.autograd import split_backward as sb
+from deepspeed_dualpipe.runtime.autograd.split_backward import SplitBackward, full_backward, module_supports_split
 
 D, V, B = 8, 11, 5
 

@@ -5,8 +5,8 @@ import types
 import pytest
 from torch.distributed.pipelining import schedules as ts
 
-from deepspeed_dualpipe import torch_format as tf
-from deepspeed_dualpipe.schedules import get_spec
+from deepspeed_dualpipe.analysis import torch_format as tf
+from deepspeed_dualpipe.schedule import get_spec
 
 CASES = [
     (name, P, M)

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepspeed_dualpipe.events import Comm, Op, rank_events
-from deepspeed_dualpipe.executor import ScheduleError
-from deepspeed_dualpipe.schedules import SCHEDULES, get_spec, rank_steps
-from deepspeed_dualpipe.verify import verify, verify_streams
+from deepspeed_dualpipe.analysis.events import Comm, Op, rank_events
+from deepspeed_dualpipe.analysis.symbolic import ScheduleError
+from deepspeed_dualpipe.schedule import SCHEDULES, get_spec, rank_steps
+from deepspeed_dualpipe.analysis.verify import verify, verify_streams
 from test_schedules import valid_shapes
 
 

@@ -85,7 +85,7 @@ def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_op
     kwargs = dict(load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
                   load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
                   custom_load_fn=custom_load_fn)
-    from deepspeed_dualpipe.engine import DualPipeEngine
+    from deepspeed_dualpipe.runtime.engine import DualPipeEngine
     with torch.no_grad():
         if isinstance(engine, DualPipeEngine):  # its load_checkpoint runs the checks itself
             return engine.load_checkpoint(load_dir, tag, **kwargs)

@@ -6,7 +6,7 @@
   it through the pipeline.
 """
 
-from deepspeed_dualpipe.moe.aux_loss import attach_aux_loss, aux_loss_scale, get_aux_loss_scale
+from deepspeed_dualpipe.runtime.autograd.aux_loss import attach_aux_loss, aux_loss_scale, get_aux_loss_scale
 from deepspeed_dualpipe.moe.block import MoETransformerBlock
 from deepspeed_dualpipe.moe.layer import DualPipeMoE
 from deepspeed_dualpipe.moe.parts import CausalSelfAttention, RMSNorm, SwiGLU

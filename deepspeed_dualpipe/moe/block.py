@@ -8,7 +8,7 @@
                        MoE:   DualPipeMoE over SwiGLU experts (top-k) + shared SwiGLU expert(h)
 
 The MoE's ``l_aux`` is attached to the block's output with
-:func:`~deepspeed_dualpipe.moe.aux_loss.attach_aux_loss`, so a pipeline that passes only the
+:func:`~deepspeed_dualpipe.runtime.autograd.aux_loss.attach_aux_loss`, so a pipeline that passes only the
 hidden states on still trains the router's load balance.
 
 As phases (:meth:`MoETransformerBlock.forward_steps`), the islands are::
@@ -32,10 +32,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from deepspeed_dualpipe.moe.aux_loss import attach_aux_loss
+from deepspeed_dualpipe.runtime.autograd.aux_loss import attach_aux_loss
 from deepspeed_dualpipe.moe.layer import DualPipeMoE
 from deepspeed_dualpipe.moe.parts import CausalSelfAttention, RMSNorm, SwiGLU
-from deepspeed_dualpipe.phases import InlineTape, run
+from deepspeed_dualpipe.runtime.autograd.steps import InlineTape, run
 
 __all__ = ["MoETransformerBlock", "RMSNorm"]
 

@@ -13,7 +13,7 @@ What it adds is :meth:`DualPipeMoE.forward_steps`, the forward as phases::
     -> [residual MLP] -> decode (+ residual mix)
 
 each compute phase an island of the tape, each all-to-all launched async and waited only when
-the generator is resumed (see :mod:`deepspeed_dualpipe.phases`). The phase functions
+the generator is resumed (see :mod:`deepspeed_dualpipe.runtime.autograd.steps`). The phase functions
 (:meth:`gate_phase`, :meth:`expert_phase`, :meth:`residual_phase`, :meth:`decode_phase`) are
 public so a block can fuse them into its own islands (e.g. attention + gate).
 
@@ -37,7 +37,7 @@ from deepspeed.moe.sharded_moe import _route_slots, _sparse_decode, _sparse_enco
 from deepspeed.utils import groups
 from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
 
-from deepspeed_dualpipe.phases import InlineTape, run
+from deepspeed_dualpipe.runtime.autograd.steps import InlineTape, run
 
 __all__ = ["DualPipeMoE"]
 

@@ -1,0 +1,266 @@
+"""The ways into the plugin from a training script.
+
+1. ``deepspeed_dualpipe.integration.initialize.initialize(...)``: a drop-in for ``deepspeed.initialize``.
+2. ``deepspeed_dualpipe.install()``: makes ``deepspeed.initialize`` itself route through (1).
+   Only the attribute ``deepspeed.initialize`` is replaced: a script that ran
+   ``from deepspeed import initialize`` *before* ``install()`` holds the original function
+   and keeps DeepSpeed's behaviour (``pipeline.schedule`` is then ignored, i.e. 1F1B).
+3. ``patches/deepspeed-0.19.8-dualpipe.patch``: DeepSpeed's own ``initialize`` delegates to (1)
+   when the config names a schedule other than "1f1b"; no script change at all.
+
+The schedule is chosen by ``config["pipeline"]["schedule"]``; the key stays in the config
+(DeepSpeed copies ``pipeline`` keys through and ignores those it does not know).
+"""
+
+import functools
+import inspect
+
+import torch
+import deepspeed
+from deepspeed.utils import logger
+
+from deepspeed_dualpipe.config import dualpipe_config
+
+# Set while entry.initialize runs, so a patched deepspeed.initialize (or an installed wrapper)
+# that calls back into us goes straight to DeepSpeed instead of converting the model twice.
+_ACTIVE = False
+# deepspeed.initialize as it was before install(); None while not installed.
+_ORIGINAL_INITIALIZE = None
+
+INIT_ARGS_ATTR = "_dualpipe_init_args"
+
+
+# --- recording PipelineModule constructor arguments -------------------------------------------
+
+
+def record_pipeline_module_args() -> None:
+    """Wrap ``PipelineModule.__init__`` (once) so every instance keeps the arguments it was built
+    with, as ``module._dualpipe_init_args = (args, kwargs)``: rebuilding a user's module with another
+    partitioning needs ``partition_method`` and others that ``PipelineModule`` does not store.
+
+    ``DualPipeModule.from_pipeline_module`` reads it. A one-shot ``layers`` iterable becomes a
+    list, which the first build would otherwise consume.
+
+    Modules built before this runs are not recorded; ``deepspeed_dualpipe``'s import calls it.
+    """
+    from deepspeed.pipe import PipelineModule
+    original = PipelineModule.__init__
+    if getattr(original, "_dualpipe_records_args", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        layers = bound.arguments.get("layers")
+        if layers is not None and not isinstance(layers, (list, tuple, torch.nn.Module)):
+            bound.arguments["layers"] = list(layers)
+        # Plain instance attribute: not a parameter, buffer or submodule, so no state_dict change.
+        object.__setattr__(self, INIT_ARGS_ATTR, (bound.args[1:], dict(bound.kwargs)))
+        original(*bound.args, **bound.kwargs)
+
+    __init__._dualpipe_records_args = True
+    PipelineModule.__init__ = __init__
+
+
+def pipeline_module_init_args(module):
+    """``(args, kwargs)`` that ``module`` was built with (see :func:`record_pipeline_module_args`)."""
+    recorded = getattr(module, INIT_ARGS_ATTR, None)
+    if recorded is None:
+        raise ValueError(f"cannot rebuild {type(module).__name__} for another pipeline schedule: its constructor "
+                         "arguments were not recorded. Import deepspeed_dualpipe before building the PipelineModule.")
+    args, kwargs = recorded
+    return tuple(args), dict(kwargs)
+
+
+# --- initialize ---------------------------------------------------------------------------------
+
+
+def _deepspeed_initialize():
+    # After install(), deepspeed.initialize is our wrapper: call what it replaced.
+    return _ORIGINAL_INITIALIZE or deepspeed.initialize
+
+
+def _plugin_classes():
+    """(DualPipeModule, DualPipeEngine), imported late: the engine pulls in the whole runtime."""
+    from deepspeed_dualpipe.runtime.engine import DualPipeEngine
+    from deepspeed_dualpipe.runtime.module import DualPipeModule
+    return DualPipeModule, DualPipeEngine
+
+
+def _find_config(args, kwargs):
+    """The config the way deepspeed.initialize finds it, without mutating ``args``."""
+    config = kwargs.get("config")
+    if config is None:
+        config = kwargs.get("config_params")
+    if config is None:
+        config = getattr(args, "deepspeed_config", None) or getattr(args, "deepscale_config", None)
+    return config
+
+
+def _as_dualpipev_module(model):
+    from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
+    if isinstance(model, DualPipeVModule):
+        return model
+    logger.info("pipeline.schedule='ds-dualpipev': rebuilding the PipelineModule as DeepSpeed's DualPipeVModule")
+    args, kwargs = pipeline_module_init_args(model)
+    return DualPipeVModule(*args, **kwargs)  # same constructor as PipelineModule
+
+
+# deepspeed.initialize's parameters after (args, model), so positional callers keep working.
+_DS_PARAMS = list(inspect.signature(deepspeed.initialize).parameters)[2:]
+
+
+def initialize(args=None, model=None, *positional, **kwargs):
+    """Drop-in for ``deepspeed.initialize``: same arguments, same return value
+    ``(engine, optimizer, training_dataloader, lr_scheduler)``.
+
+    - schedule "1f1b" (or absent), or ``model`` not a ``PipelineModule``: ``deepspeed.initialize``
+      unchanged.
+    - "ds-dualpipev": the model is rebuilt as DeepSpeed's ``DualPipeVModule``, for which
+      ``deepspeed.initialize`` builds its ``DualPipeVEngine``.
+    - "zb1p", "dualpipe", "dualpipev": the model is converted by
+      ``DualPipeModule.from_pipeline_module`` and ``deepspeed.initialize`` runs with
+      ``deepspeed.PipelineEngine`` (looked up by it at call time) set to ``DualPipeEngine``.
+    """
+    global _ACTIVE
+    if len(positional) > len(_DS_PARAMS):
+        raise TypeError(f"initialize() takes at most {len(_DS_PARAMS) + 2} positional arguments")
+    for name, value in zip(_DS_PARAMS, positional):
+        if name in kwargs:
+            raise TypeError(f"initialize() got multiple values for argument {name!r}")
+        kwargs[name] = value
+    ds_initialize = _deepspeed_initialize()
+    config = _find_config(args, kwargs)
+    from deepspeed.pipe import PipelineModule
+    if _ACTIVE or config is None or not isinstance(model, PipelineModule):
+        # Nothing for us to do: DeepSpeed reports a missing config or model its own way.
+        return ds_initialize(args=args, model=model, **kwargs)
+
+    schedule = dualpipe_config(config).schedule
+    _check_expert_parallelism(model)
+    if schedule == "1f1b":
+        return _weigh_aux_losses_by_gas(ds_initialize(args=args, model=model, **kwargs))
+
+    _ACTIVE = True
+    try:
+        if schedule == "ds-dualpipev":
+            rebuilt = _as_dualpipev_module(model)
+            kwargs = _parameters_of(rebuilt, model, kwargs, schedule)
+            return _weigh_aux_losses_by_gas(ds_initialize(args=args, model=rebuilt, **kwargs))
+        DualPipeModule, DualPipeEngine = _plugin_classes()
+        if not isinstance(model, DualPipeModule):
+            rebuilt = DualPipeModule.from_pipeline_module(model, schedule)
+            model, kwargs = rebuilt, _parameters_of(rebuilt, model, kwargs, schedule)
+        with _pipeline_engine(DualPipeEngine):
+            return ds_initialize(args=args, model=model, **kwargs)
+    finally:
+        _ACTIVE = False
+
+
+def _parameters_of(rebuilt, original, kwargs, schedule):
+    """``model_parameters`` for the rebuilt module. A script that passed ``model.parameters()`` of the
+    module it built meant "all of them", and those belong to the module that is now replaced (and
+    that does not hold a mirror chunk): the rebuilt module's own parameters take their place.
+    Parameter groups cannot be carried over automatically, so they are an error that says what to do."""
+    given = kwargs.get("model_parameters")
+    if given is None:
+        return kwargs
+    given = list(given)
+    if any(isinstance(g, dict) for g in given):
+        raise ValueError(f"pipeline.schedule={schedule!r} rebuilds the PipelineModule, so parameter groups "
+                         f"(model_parameters=[{{'params': ...}}, ...]) built from the original module would train "
+                         f"nothing; build deepspeed_dualpipe.DualPipeModule(..., schedule={schedule!r}) yourself and "
+                         f"make the groups from its parameters, or pass a callable optimizer")
+    ids = {id(p) for p in given}
+    if ids == {id(p) for p in original.parameters()}:
+        return {**kwargs, "model_parameters": list(rebuilt.parameters())}
+    if ids == {id(p) for p in original.parameters() if p.requires_grad}:
+        return {**kwargs, "model_parameters": [p for p in rebuilt.parameters() if p.requires_grad]}
+    raise ValueError(f"pipeline.schedule={schedule!r} rebuilds the PipelineModule, so model_parameters must be all "
+                     f"of its parameters (or all trainable ones) to be carried over; for another selection build "
+                     f"deepspeed_dualpipe.DualPipeModule(..., schedule={schedule!r}) yourself and pass its parameters")
+
+
+def _check_expert_parallelism(model) -> None:
+    """Every ``ep_size`` of the model's MoE layers must divide the data-parallel degree: DeepSpeed
+    carves expert-parallel groups out of each stage's data-parallel ranks (else: a bare assertion
+    deep inside its group set-up). Layers are looked at in the specs, so every rank decides alike."""
+    from deepspeed.pipe import LayerSpec
+    topology = getattr(model, "_topo", None)
+    if topology is None:  # not built by PipelineModule.__init__: DeepSpeed reports what is wrong with it
+        return
+    dp = topology.get_dim("data")
+    for index, spec in enumerate(model._layer_specs):
+        ep_size = spec.module_kwargs.get("ep_size", 1) if isinstance(spec, LayerSpec) else 1
+        if isinstance(ep_size, int) and ep_size > 1 and dp % ep_size:
+            valid = [d for d in range(1, dp + 1) if dp % d == 0]
+            raise ValueError(f"layer {index} ({spec.typename.__name__}) has ep_size={ep_size}, but the data-parallel "
+                             f"degree is {dp} (world size {topology.world_size()} / {model.num_stages} pipeline "
+                             f"stages): expert-parallel groups are cut from each stage's data-parallel ranks, so "
+                             f"ep_size must divide {dp}; use ep_size in {valid} or more ranks")
+
+
+def _weigh_aux_losses_by_gas(result):
+    """DeepSpeed's own engines divide each micro-batch's loss by gradient_accumulation_steps before
+    its backward; the MoE aux losses of :class:`~deepspeed_dualpipe.moe.MoETransformerBlock` get their
+    gradient outside the loss (see :mod:`deepspeed_dualpipe.runtime.autograd.aux_loss`), so they must be scaled
+    alike. (The plugin's engine sets the scale per batch itself.)"""
+    from deepspeed_dualpipe.runtime.autograd.aux_loss import aux_loss_scale
+    steps = getattr(result[0], "gradient_accumulation_steps", None)
+    if callable(steps):
+        aux_loss_scale(1.0 / steps())
+    return result
+
+
+class _pipeline_engine:
+    """Temporarily bind ``deepspeed.PipelineEngine``, the name deepspeed.initialize builds pipeline
+    engines from; restored on exit even when initialize raises."""
+
+    def __init__(self, engine_cls):
+        self.engine_cls = engine_cls
+
+    def __enter__(self):
+        self.saved = deepspeed.PipelineEngine
+        deepspeed.PipelineEngine = self.engine_cls
+
+    def __exit__(self, *exc):
+        deepspeed.PipelineEngine = self.saved
+        return False
+
+
+# --- install / uninstall -------------------------------------------------------------------------
+
+
+def install() -> None:
+    """Make ``deepspeed.initialize`` honour ``pipeline.schedule``. Idempotent."""
+    global _ORIGINAL_INITIALIZE
+    record_pipeline_module_args()
+    if _ORIGINAL_INITIALIZE is not None:
+        return
+    original = deepspeed.initialize
+
+    @functools.wraps(original)
+    def dualpipe_initialize(args=None, model=None, *positional, **kwargs):
+        return initialize(args, model, *positional, **kwargs)
+
+    dualpipe_initialize._dualpipe_installed = True
+    _ORIGINAL_INITIALIZE = original
+    deepspeed.initialize = dualpipe_initialize
+
+
+def uninstall() -> None:
+    """Restore the ``deepspeed.initialize`` that :func:`install` replaced. Idempotent."""
+    global _ORIGINAL_INITIALIZE
+    if _ORIGINAL_INITIALIZE is None:
+        return
+    deepspeed.initialize = _ORIGINAL_INITIALIZE
+    _ORIGINAL_INITIALIZE = None
+
+
+def installed() -> bool:
+    return _ORIGINAL_INITIALIZE is not None
+
+
+__all__ = ["initialize", "install", "uninstall", "installed", "record_pipeline_module_args",
+           "pipeline_module_init_args"]

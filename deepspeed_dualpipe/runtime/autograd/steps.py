@@ -1,0 +1,214 @@
+"""The protocol between phased layers and the engine: steps, and the drivers that run them.
+
+A chunk's forward (and backward) for one micro-batch is a *generator of steps*: it computes,
+launches an all-to-all, ``yield``\\ s the :class:`~deepspeed_dualpipe.runtime.autograd.tape.Pending`, and waits on
+it only when resumed. A driver decides what runs while the all-to-all is in flight:
+
+* :func:`run` waits at once (one micro-batch alone, e.g. a plain ``forward``);
+* :func:`interleave` switches to a second generator, so one micro-batch's all-to-all hides under
+  the other's compute -- DualPipe's overlapped forward/backward pair.
+
+A layer opts in by defining ``forward_steps(self, tape, x)`` (a generator that returns what
+``forward`` returns); every other layer is one compute island. The forward is recorded on a
+:class:`~deepspeed_dualpipe.runtime.autograd.tape.Tape`; :func:`backward_steps` replays it in reverse, giving each
+compute island's backward to :class:`~deepspeed_dualpipe.runtime.autograd.split_backward.SplitBackward` (input part
+now, weight part deferred) and each all-to-all's backward to the all-to-all of its gradient.
+
+Every rank must drive the same generators in the same way: collectives are matched by the order
+in which they are issued, and the drivers are deterministic, so this holds when the engine is.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Generator, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from deepspeed_dualpipe.runtime.autograd.split_backward import SplitBackward, module_supports_split
+from deepspeed_dualpipe.runtime.autograd.tape import InlineTape, Pending, Tape, _CommIsland, _launch, flatten_tensors
+
+__all__ = ["Tape", "InlineTape", "Pending", "DeferredWeights", "forward_steps", "backward_steps", "run",
+           "interleave"]
+
+Steps = Generator[Pending, None, Any]
+
+
+def forward_steps(layers: Iterable[Any], inputs: Any, tape: Tape) -> Steps:
+    """A chunk's forward as steps: ``x = layer(x)`` for each layer, like DeepSpeed's PipelineModule.
+
+    Layers with ``forward_steps(tape, x)`` are delegated to; any other callable is one island.
+    Returns the chunk's outputs.
+    """
+    tape.begin(inputs)
+    x = inputs
+    for layer in layers:
+        phased = getattr(layer, "forward_steps", None)
+        if phased is not None:
+            x = yield from phased(tape, x)
+        else:
+            x = tape.compute(layer, x, params=_declared_params(layer), name=type(layer).__name__)
+    return x
+
+
+def _declared_params(layer: Any) -> Optional[list]:
+    """The parameters a plain layer uses: a module's own, those of the modules a
+    ``functools.partial`` binds (DeepSpeed's ``TiedLayerSpec(forward_fn=...)``), or a bound
+    method's module. ``None`` (its island's backward then runs whole) for any other callable, which
+    may close over parameters nobody declared, and for a module that opted out of split backward
+    (``supports_split_backward = False``)."""
+    modules = [layer]
+    if isinstance(layer, functools.partial):
+        modules = [a for a in (*layer.args, *layer.keywords.values()) if isinstance(a, torch.nn.Module)]
+        if not modules:
+            return None
+    elif not isinstance(layer, torch.nn.Module):
+        owner = getattr(layer, "__self__", None)
+        if not isinstance(owner, torch.nn.Module):
+            return None
+        modules = [owner]
+    if not module_supports_split(modules):
+        return None
+    return [p for m in modules for p in m.parameters()]
+
+
+class DeferredWeights:
+    """The weight parts of one micro-batch's backward, run later in one go."""
+
+    def __init__(self, handles: List[SplitBackward]):
+        self._handles = handles
+        self.split = any(h.split for h in handles)  # False: every weight gradient is in already
+
+    def weight_part(self) -> None:
+        """Accumulate every island's weight gradients (reverse island order, as autograd would)."""
+        handles, self._handles = self._handles, None
+        if handles is None:
+            raise RuntimeError("DeferredWeights.weight_part() was already called for this micro-batch")
+        for h in handles:
+            h.weight_part()
+
+
+def _add(grads: dict, t: torch.Tensor, g: Optional[torch.Tensor]) -> None:
+    if g is not None:
+        old = grads.get(id(t))
+        grads[id(t)] = g if old is None else old + g
+
+
+def _root_grads(tape: Tape, roots: Any, root_grads: Any) -> dict:
+    """Gradients of the roots w.r.t. every tensor an island returned (without entering islands)."""
+    outs = flatten_tensors(roots)
+    grads_in = [None] * len(outs) if root_grads is None else flatten_tensors(root_grads)
+    if len(grads_in) != len(outs):
+        raise ValueError(f"backward_steps: {len(outs)} roots but {len(grads_in)} root grads")
+    pairs = [(o, g) for o, g in zip(outs, grads_in) if o.requires_grad and (g is not None or root_grads is None)]
+    targets = tape.known()
+    if not pairs or not targets:
+        return {}
+    found = torch.autograd.grad([o for o, _ in pairs], targets, [g for _, g in pairs], allow_unused=True)
+    grads: dict = {}
+    for t, g in zip(targets, found):
+        _add(grads, t, g)
+    return grads
+
+
+def backward_steps(tape: Tape, roots: Any, root_grads: Any = None, split: bool = True) -> Steps:
+    """A chunk's backward as steps, islands in reverse. Returns ``(input_grads, weights)``.
+
+    ``roots``: the chunk outputs with their received gradients as ``root_grads``, or a scalar loss
+    computed from them with ``root_grads=None``. ``input_grads`` is aligned with ``tape.inputs``
+    (``None`` where an input is not floating point or does not require grad); ``weights`` is a
+    :class:`DeferredWeights` (``weights.split`` False: nothing was deferred).
+    """
+    if tape.islands is None:
+        raise RuntimeError("backward_steps: this tape was already consumed by a backward")
+    grads = _root_grads(tape, roots, root_grads)
+    islands, inputs = tape.consume()
+    handles = []
+    for island in reversed(islands):
+        if isinstance(island, _CommIsland):
+            if not island.input.requires_grad:
+                continue
+            # Launched even without a gradient (zeros): the peers are waiting for this collective.
+            g = grads.pop(id(island.output), None)
+            g = torch.zeros_like(island.output) if g is None else g
+            pending = _launch(g, island.group, island.name + ".grad")
+            yield pending
+            _add(grads, island.input, pending.wait())
+            continue
+        out_grads = [grads.pop(id(a), None) for a in island.returned]
+        if all(g is None for g in out_grads):
+            continue  # nothing downstream needed this island
+        whole = island.params is None  # undeclared parameters: only a full backward reaches them
+        handle = SplitBackward.input_part(island.raw, out_grads, island.detached, island.params or (),
+                                          split=split and not whole)
+        for t, g in zip(island.originals, handle.input_grads):
+            if t.requires_grad:
+                _add(grads, t, g)
+        handles.append(handle)
+    input_grads = tuple(grads.get(id(t)) if t.is_floating_point() and t.requires_grad else None for t in inputs)
+    return input_grads, DeferredWeights(handles)
+
+
+def _check(step: Any) -> Pending:
+    if not isinstance(step, Pending):
+        raise TypeError(f"a phased generator may only yield Pending all-to-alls, got {type(step).__name__}")
+    return step
+
+
+class _Driver:
+    """Advances one generator step by step and, if asked, records (label, start, end) events."""
+
+    def __init__(self, gen: Steps, label: str, events: Optional[list]):
+        self.gen, self.label, self.events = gen, label, events
+        self.pending: Optional[Pending] = None
+        self.finished, self.result = False, None
+
+    def step(self) -> None:
+        start = time.perf_counter()
+        try:
+            nxt = _check(self.gen.send(None))
+        except StopIteration as stop:
+            nxt, self.finished, self.result = None, True, stop.value
+        if self.events is not None:
+            self.events.append((f"{self.label}:compute", start, time.perf_counter()))
+        self._settle(self.pending)
+        self.pending = nxt
+        if self.finished:
+            self._settle(nxt)
+
+    def _settle(self, pending: Optional[Pending]) -> None:
+        if pending is None:
+            return
+        pending.wait()  # a no-op when the layer has waited already (it always should have)
+        if self.events is not None:
+            self.events.append((f"{self.label}:{pending.name}", pending.start, pending.end))
+
+
+def run(gen: Steps, events: Optional[list] = None, label: str = "run") -> Any:
+    """Drive ``gen`` alone: every all-to-all is waited as soon as it is launched. Returns its result."""
+    driver = _Driver(gen, label, events)
+    while not driver.finished:
+        driver.step()
+        if driver.pending is not None:
+            driver.pending.wait()
+    return driver.result
+
+
+def interleave(first: Steps, second: Steps, events: Optional[list] = None,
+               labels: Sequence[str] = ("first", "second")) -> Tuple[Any, Any]:
+    """Drive two generators alternately; each runs until it launches an all-to-all, then the other.
+
+    ``first`` starts. For a DualPipe pair pass the backward first, as Megatron-core orders it: its
+    first step (the last island's backward) launches the combine's gradient all-to-all, which then
+    hides under the forward's first compute.
+
+    Returns both results. With ``events=[]`` every compute step and all-to-all is appended as
+    ``(label, start, end)`` (``time.perf_counter`` seconds) for a trace.
+    """
+    drivers = [_Driver(first, labels[0], events), _Driver(second, labels[1], events)]
+    while not all(d.finished for d in drivers):
+        for d in drivers:
+            if not d.finished:
+                d.step()
+    return drivers[0].result, drivers[1].result

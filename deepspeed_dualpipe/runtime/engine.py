@@ -1,0 +1,380 @@
+"""``DualPipeEngine``: DeepSpeed's ``PipelineEngine`` as an interpreter of the plugin's schedules.
+
+One ``_exec_*`` method per instruction, as in DeepSpeed. What differs from 1F1B:
+- state is kept per buffer slot (inputs, outputs, received gradients, losses, pending
+  weight passes, pending receives), never once per engine;
+- point-to-point traffic is non-blocking and bounded by ``dualpipe.p2p_timeout_s``
+  (:mod:`.p2p`);
+- chunks with phased (MoE) layers run phase by phase, and an overlapped pair interleaves
+  its backward and forward so each all-to-all hides under the other micro-batch (:mod:`.autograd.steps`);
+- backward may be split into input gradients now (``BackwardInput``) and weight
+  gradients later (``BackwardWeight``);
+- losses come from whichever rank holds a micro-batch's loss stage and are summed over
+  the pipeline, so ``train_batch()`` returns the same global mean on every rank;
+- mirror reduction, clipping and fp16 loss scaling live in :mod:`.gradients`.
+"""
+
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+from deepspeed import comm as dist
+from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.utils import logger
+
+from deepspeed_dualpipe.schedule import instructions
+from deepspeed_dualpipe.runtime.autograd import steps
+from deepspeed_dualpipe.runtime.gradients import GradientReductions
+from deepspeed_dualpipe.runtime.autograd.aux_loss import aux_loss_scale
+from deepspeed_dualpipe.runtime.module import DualPipeModule
+from deepspeed_dualpipe.runtime.p2p import PipelineTimeout, PointToPoint, as_tuple as _as_tuple  # noqa: F401 (re-export)
+from deepspeed_dualpipe.schedule import build_schedule, get_spec
+from deepspeed_dualpipe.runtime.autograd.split_backward import SplitBackward, module_supports_split
+
+
+@dataclass
+class InstructionTime:
+    """When one instruction ran on this rank (``time.perf_counter`` seconds) and how long it waited on peers."""
+
+    instruction: object
+    start: float
+    end: float
+    waited: float
+
+
+class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
+    """Runs a :class:`~deepspeed_dualpipe.runtime.module.DualPipeModule` with its schedule."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.module, DualPipeModule):
+            raise TypeError("DualPipeEngine needs a deepspeed_dualpipe.DualPipeModule; build one with "
+                            "DualPipeModule(..., schedule=...) or use deepspeed_dualpipe.initialize()")
+        from deepspeed_dualpipe.config import dualpipe_config  # local: the config module imports the registry
+        self.dualpipe = dualpipe_config(self._config._param_dict)
+        self.schedule_name = self.module.schedule
+        self._timeout = timedelta(seconds=self.dualpipe.p2p_timeout_s)
+        self._split = self.dualpipe.split_backward and module_supports_split(self.module)
+        for key in ("grads", "input_grads", "losses", "weights", "tapes", "recv_reqs", "grad_reqs"):
+            self.pipe_buffers[key] = [None] * self.num_pipe_buffers
+        self._shapes = {}  # chunk -> [(shape, dtype)] of its received activations
+        self._sent_specs = {}  # chunk -> [(shape, dtype)] announced to the next stage in its metadata
+        self._send_reqs = []
+        self._handoff = {}  # (chunk, micro_batch) -> tensors passed between chunks on this rank
+        self.trace = None  # set to [] to record an InstructionTime per executed instruction
+        self.phase_events = None  # set to [] to record (label, start, end) of each phase of the overlapped pairs
+        self._waited = 0.0
+        get_spec(self.schedule_name).validate(self.num_stages, self.micro_batches)  # before any step
+        phased = [c for c in range(len(self.module.chunk_funcs)) if self.module.chunk_is_phased(c)]
+        if phased and self.module.activation_checkpoint_interval > 0:
+            logger.warning(f"deepspeed_dualpipe: chunks {phased} hold phased (MoE) layers and run phase by phase, "
+                           f"without activation checkpointing (activation_checkpoint_interval="
+                           f"{self.module.activation_checkpoint_interval} applies to the other chunks only)")
+        if self.dualpipe.verify_schedule:
+            from deepspeed_dualpipe.analysis.verify import verify
+            verify(self.schedule_name, self.num_stages, self.micro_batches)
+        if self.global_rank == 0:
+            logger.info(f"deepspeed_dualpipe: schedule={self.schedule_name} stages={self.num_stages} "
+                        f"micro_batches={self.micro_batches} split_backward={self._split}")
+
+    # ----- schedules and batches ----------------------------------------------------------------
+    def _train_schedule(self):
+        return build_schedule(self.schedule_name, self.micro_batches, self.num_stages, self.stage_id)
+
+    def _inference_schedule(self, micro_batches):
+        return build_schedule(self.schedule_name, micro_batches, self.num_stages, self.stage_id, forward_only=True)
+
+    def _exec_schedule(self, pipe_schedule):
+        self._batch = {}
+        self.layout = pipe_schedule.layout  # paths depend on M: DualPipe feeds half from each end
+        self._batch_count = pipe_schedule.micro_batches
+        self._loss_sum = torch.zeros((), device=self.device)
+        try:
+            # MoE aux losses weigh 1/M, as the losses do, and carry the fp16 loss scale, as they do
+            with aux_loss_scale(self._loss_scale() / self._batch_count):
+                self._run(pipe_schedule)
+            self._drain_sends()
+        finally:
+            self._batch, self._handoff = {}, {}
+
+    def _run(self, pipe_schedule):
+        """DeepSpeed's instruction loop, timing each instruction when :attr:`trace` is a list."""
+        if self.trace is None:
+            return super()._exec_schedule(pipe_schedule)
+        self._reserve_pipe_buffers(pipe_schedule.num_pipe_buffers())
+        self.fwd_outputs = []
+        for step in pipe_schedule:
+            for cmd in step:
+                execute = self._INSTRUCTION_MAP.get(type(cmd))
+                if execute is None:
+                    raise RuntimeError(f"{type(self).__name__} does not understand instruction {cmd!r}")
+                self._waited, start = 0.0, time.perf_counter()
+                execute(self, **cmd.kwargs)
+                self.trace.append(InstructionTime(cmd, start, time.perf_counter(), self._waited))
+
+    def train_batch(self, data_iter=None):
+        try:
+            super().train_batch(data_iter)
+        except BaseException:
+            # A failed batch (a peer timed out, bad data) leaves DeepSpeed's timers running, and the
+            # next train_batch would then fail on "timer has already been started" instead of its own error.
+            for timer in getattr(self.timers, "timers", {}).values():
+                if getattr(timer, "started_", False):
+                    timer.reset()
+            raise
+        return self.agg_train_loss
+
+    def _aggregate_total_loss(self):
+        """The mean loss of the batch over all micro-batches and data-parallel ranks, on every rank."""
+        total = self._loss_sum.detach().clone().float()
+        if self.is_pipe_parallel:
+            dist.all_reduce(total, group=self.grid.get_pipe_parallel_group())
+        self.dp_group_loss = total / self._batch_count
+        agg = self.dp_group_loss.clone()
+        if self.is_data_parallel:
+            dist.all_reduce(agg, group=self.mpu.get_data_parallel_group())
+            agg /= self.dp_world_size
+        return agg
+
+    def eval_batch(self, data_iter, return_logits=False, compute_loss=True, reduce_output="avg", bcast_loss=True,
+                   num_micro_batches=None):
+        """Forward-only schedule; returns the mean loss on every rank (and this rank's loss-stage outputs)."""
+        self.module.eval()
+        self._compute_loss = compute_loss
+        self.eval_return_logits = return_logits
+        self._eval_outputs = []
+        train_iterator = self.data_iterator
+        self.set_dataiterator(data_iter)
+        micro_batches = self.micro_batches if num_micro_batches is None else num_micro_batches
+        try:
+            with torch.no_grad():
+                self._exec_schedule(self._inference_schedule(micro_batches))
+                loss = self._aggregate_total_loss()
+        finally:
+            self.set_dataiterator(train_iterator)
+            self.eval_return_logits = False
+        return (loss, self._eval_outputs) if return_logits else loss
+
+    # ----- checkpoints: DeepSpeed's files, saved atomically (deepspeed_dualpipe.checkpoint) -----
+    def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, exclude_frozen_parameters=False):
+        """DeepSpeed's ``save_checkpoint`` (same files), never left half-written: every rank writes into a
+        staging directory, which is renamed to ``tag`` once all have written; ``latest`` changes only then.
+        A rank that dies mid-save makes the others raise ``CheckpointError`` within ``dualpipe.p2p_timeout_s``."""
+        from deepspeed_dualpipe import checkpoint
+        return checkpoint.save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters,
+                                          timeout_s=self.dualpipe.p2p_timeout_s)
+
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+        """DeepSpeed's ``load_checkpoint``, from a checkpoint written under any schedule and pipeline depth that
+        can cut the model. Optimizer state loads only into the placement it was saved from; elsewhere this
+        raises ``CheckpointError`` unless ``load_optimizer_states=False`` (weights, steps and scheduler only)."""
+        from deepspeed_dualpipe import checkpoint
+        tag = checkpoint.prepare_load(self, load_dir, tag, load_optimizer_states, load_module_only)
+        return super().load_checkpoint(load_dir, tag, load_module_strict=load_module_strict,
+                                       load_optimizer_states=load_optimizer_states,
+                                       load_lr_scheduler_states=load_lr_scheduler_states,
+                                       load_module_only=load_module_only, custom_load_fn=custom_load_fn)
+
+    def _micro_batch(self, micro_batch: int):
+        """Micro-batch ``micro_batch`` of this batch, read in order from the data iterator."""
+        while len(self._batch) <= micro_batch:
+            batch = self._next_batch()
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise ValueError(f"pipeline rank {self.stage_id}: micro-batch {len(self._batch)} from the data "
+                                 f"iterator is a {type(batch).__name__}, not an (inputs, labels) pair; yield "
+                                 f"(inputs, labels) micro-batches as for DeepSpeed's PipelineEngine")
+            self._batch[len(self._batch)] = batch
+        return self._batch[micro_batch]
+
+    def _loss_ranks(self) -> str:
+        ends = sorted({self.layout.path(m)[-1][0] for m in range(self.layout.micro_batches)})
+        return "pipeline ranks " + ", ".join(map(str, ends))
+
+    # ----- where this rank sits on a micro-batch's path -----------------------------------------
+    def _upstream(self, chunk, micro_batch):
+        return self.layout.upstream(self.stage_id, chunk, micro_batch)
+
+    def _downstream(self, chunk, micro_batch):
+        return self.layout.downstream(self.stage_id, chunk, micro_batch)
+
+    def _local(self, location) -> bool:
+        return location is not None and location[0] == self.stage_id
+
+    # ----- instructions --------------------------------------------------------------------------
+    def _exec_load_micro_batch(self, buffer_id, chunk, micro_batch):
+        inputs, labels = self._micro_batch(micro_batch)
+        if self._upstream(chunk, micro_batch) is None:
+            loaded = tuple(t.clone().detach().to(self.device) for t in _as_tuple(inputs))
+            self.pipe_buffers["inputs"][buffer_id] = loaded if isinstance(inputs, (tuple, list)) else loaded[0]
+        if self._downstream(chunk, micro_batch) is None and labels is not None:  # None: named at the loss
+            self.pipe_buffers["labels"][buffer_id] = tuple(t.to(self.device) for t in _as_tuple(labels)) \
+                if isinstance(labels, (tuple, list)) else labels.to(self.device)
+
+    def _exec_forward_pass(self, buffer_id, chunk, micro_batch):
+        steps.run(self._forward_steps(buffer_id, chunk, micro_batch))
+
+    def _forward_steps(self, buffer_id, chunk, micro_batch):
+        """One micro-batch's forward through ``chunk``, as steps (a generator, see :mod:`.autograd.steps`).
+
+        A chunk with phased layers (``forward_steps``, e.g. :class:`~deepspeed_dualpipe.moe.DualPipeMoE`)
+        is recorded on a tape of autograd islands and yields at every all-to-all it launches, so an
+        overlapped pair can run the other micro-batch meanwhile; any other chunk runs as DeepSpeed's
+        ``PipelineModule.forward`` (activation checkpointing included) in one step.
+        """
+        inputs = self._inputs(buffer_id, chunk, micro_batch)
+        if self.module.chunk_is_phased(chunk):
+            tape = steps.Tape()
+            outputs = yield from steps.forward_steps(self.module.chunk_funcs[chunk], inputs, tape)
+            self.pipe_buffers["tapes"][buffer_id] = tape if torch.is_grad_enabled() else None
+        else:
+            with self.module.chunk(chunk):
+                outputs = self.module(inputs)
+        downstream = self._downstream(chunk, micro_batch)
+        if downstream is None:
+            self._loss_stage(buffer_id, outputs)
+        else:
+            self.pipe_buffers["outputs"][buffer_id] = outputs
+            if self._local(downstream):  # the V turns here: hand the tensors to the next chunk
+                self._handoff[downstream[1], micro_batch] = _detached(outputs)
+        if not torch.is_grad_enabled():
+            self.pipe_buffers["inputs"][buffer_id] = None
+            if downstream is None or self._local(downstream):
+                self.pipe_buffers["outputs"][buffer_id] = None
+
+    def _loss_stage(self, buffer_id, outputs):
+        if self._compute_loss and self.module.loss_fn is not None:
+            labels = self.pipe_buffers["labels"][buffer_id]
+            if labels is None:
+                raise ValueError(f"pipeline rank {self.stage_id} computes the loss but its micro-batch has no labels "
+                                 f"(None): the data iterator must yield (inputs, labels) on every rank that holds a "
+                                 f"loss stage ({self._loss_ranks()})")
+            loss = self.module.loss_fn(outputs, labels)
+        else:
+            loss = outputs
+        self.pipe_buffers["labels"][buffer_id] = None
+        if self.eval_return_logits:
+            self._eval_outputs.append(outputs)
+        self._loss_sum += loss.detach().float()
+        self.pipe_buffers["losses"][buffer_id] = loss if torch.is_grad_enabled() else None
+
+    def _inputs(self, buffer_id, chunk, micro_batch):
+        upstream = self._upstream(chunk, micro_batch)
+        if self._local(upstream):
+            inputs = self._handoff.pop((chunk, micro_batch))
+            self.pipe_buffers["inputs"][buffer_id] = inputs
+            return inputs
+        self._wait(self.pipe_buffers["recv_reqs"], buffer_id, "the activation", chunk, micro_batch, upstream)
+        return self.pipe_buffers["inputs"][buffer_id]
+
+    def _exec_backward_pass(self, buffer_id, chunk, micro_batch):
+        steps.run(self._backward_steps(buffer_id, chunk, micro_batch, split=False))
+        self._weight_gradients_done()
+
+    def _exec_backward_input(self, buffer_id, chunk, micro_batch):
+        self._keep_weight_part(buffer_id, steps.run(self._backward_steps(buffer_id, chunk, micro_batch, self._split)))
+
+    def _keep_weight_part(self, buffer_id, handle):
+        self.pipe_buffers["weights"][buffer_id] = handle
+        if not handle.split:  # fell back to a full backward: the weight gradients are in already
+            self._weight_gradients_done()
+
+    def _exec_backward_weight(self, buffer_id, chunk, micro_batch):
+        handle = self.pipe_buffers["weights"][buffer_id]
+        self.pipe_buffers["weights"][buffer_id] = None
+        handle.weight_part()
+        self._weight_gradients_done()
+
+    def _weight_gradients_done(self):
+        """bf16: move finished weight gradients into the optimizer's fp32 accumulators (as DeepSpeed's
+        1F1B does after every backward), so micro-batches accumulate in fp32, not bf16."""
+        if self.using_bf16_optimizer:
+            self.optimizer.update_hp_grads(clear_lp_grads=True)
+
+    def _backward_steps(self, buffer_id, chunk, micro_batch, split: bool):
+        """One micro-batch's backward through ``chunk`` as steps (a generator): input gradients now,
+        weight gradients kept in the returned handle when ``split`` (``handle.weight_part()`` later)."""
+        downstream = self._downstream(chunk, micro_batch)
+        if downstream is None:  # loss stage: every micro-batch weighs 1/M in the batch mean
+            outputs, grads = self._scale_loss(self.pipe_buffers["losses"][buffer_id] / self._batch_count), None
+            self.pipe_buffers["losses"][buffer_id] = None
+        else:
+            outputs = self.pipe_buffers["outputs"][buffer_id]
+            if self._local(downstream):
+                grads = self._handoff.pop(("grad", chunk, micro_batch))
+            else:
+                self._wait(self.pipe_buffers["grad_reqs"], buffer_id, "the gradient", chunk, micro_batch, downstream)
+                grads = self.pipe_buffers["grads"][buffer_id]
+            outputs, grads = _with_grads(outputs, grads)
+        inputs = _as_tuple(self.pipe_buffers["inputs"][buffer_id])
+        tape, self.pipe_buffers["tapes"][buffer_id] = self.pipe_buffers["tapes"][buffer_id], None
+        if tape is not None:
+            input_grads, handle = yield from steps.backward_steps(tape, outputs, grads, split=split)
+        else:
+            handle = SplitBackward.input_part(outputs, grads, inputs, self.module.chunk_parameters(chunk), split=split)
+            input_grads = handle.input_grads
+        input_grads = tuple(torch.zeros_like(t) if g is None else g
+                            for t, g in zip(inputs, input_grads) if t.is_floating_point())
+        upstream = self._upstream(chunk, micro_batch)
+        if self._local(upstream):
+            self._handoff["grad", upstream[1], micro_batch] = input_grads
+        elif upstream is not None:
+            self.pipe_buffers["input_grads"][buffer_id] = input_grads
+        self.pipe_buffers["outputs"][buffer_id] = None
+        self.pipe_buffers["grads"][buffer_id] = None
+        if upstream is None or self._local(upstream):
+            self.pipe_buffers["inputs"][buffer_id] = None
+        return handle
+
+    def _exec_overlapped_forward_backward(self, forward_buffer, forward_chunk, forward_micro_batch, backward_buffer,
+                                          backward_chunk, backward_micro_batch, backward_op):
+        """DualPipe's overlapped pair: with phased (MoE) chunks, each all-to-all of one micro-batch runs
+        while the other computes. The backward leads (Megatron-core's order: its first step launches the
+        combine's gradient all-to-all, which then hides under the forward's attention). Chunks without
+        phases, or ``dualpipe.overlap_moe_a2a: false``, run the two halves one after the other."""
+        split = backward_op == "I" and self._split
+        backward = self._backward_steps(backward_buffer, backward_chunk, backward_micro_batch, split)
+        forward = self._forward_steps(forward_buffer, forward_chunk, forward_micro_batch)
+        if self.dualpipe.overlap_moe_a2a:
+            labels = (f"B{backward_micro_batch}.{backward_chunk}", f"F{forward_micro_batch}.{forward_chunk}")
+            handle, _ = steps.interleave(backward, forward, events=self.phase_events, labels=labels)
+        else:  # the plain order: the whole forward, then the whole backward
+            steps.run(forward)
+            handle = steps.run(backward)
+        if backward_op == "I":
+            self._keep_weight_part(backward_buffer, handle)
+        else:
+            self._weight_gradients_done()
+
+    _INSTRUCTION_MAP = {
+        **PipelineEngine._INSTRUCTION_MAP,
+        instructions.LoadMicroBatch: _exec_load_micro_batch,
+        instructions.ForwardPass: _exec_forward_pass,
+        instructions.BackwardPass: _exec_backward_pass,
+        instructions.BackwardInput: _exec_backward_input,
+        instructions.BackwardWeight: _exec_backward_weight,
+        instructions.OverlappedForwardBackward: _exec_overlapped_forward_backward,
+        instructions.SendActivation: PointToPoint._exec_send_activations,
+        instructions.RecvActivation: PointToPoint._exec_recv_activations,
+        instructions.SendGrad: PointToPoint._exec_send_grads,
+        instructions.RecvGrad: PointToPoint._exec_recv_grads,
+        instructions.ReduceMirrorGrads: GradientReductions._exec_reduce_mirror_grads,
+        instructions.ReduceTiedGrads: GradientReductions._exec_reduce_tied_grads,
+    }
+
+
+def _detached(outputs):
+    """The tensors a next chunk on the same rank starts from: cut from this chunk's graph."""
+    tensors = tuple(t.detach().requires_grad_(t.is_floating_point() and torch.is_grad_enabled())
+                    for t in _as_tuple(outputs))
+    return tensors if isinstance(outputs, (tuple, list)) else tensors[0]
+
+
+def _with_grads(outputs, grads):
+    """The floating-point outputs and their gradients, pairwise (integer outputs carry no gradient)."""
+    outs = [t for t in _as_tuple(outputs) if t.is_floating_point()]
+    grads = _as_tuple(grads)
+    if len(outs) != len(grads):
+        raise RuntimeError(f"{len(outs)} floating-point outputs but {len(grads)} gradients received")
+    return tuple(outs), tuple(grads)

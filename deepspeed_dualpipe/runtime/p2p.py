@@ -1,0 +1,186 @@
+"""Point-to-point traffic of :class:`~deepspeed_dualpipe.runtime.engine.DualPipeEngine`, and its failures.
+
+Sends and receives are non-blocking (``deepspeed.comm`` ``batch_isend_irecv``): a receive is
+posted when the schedule says and waited only when the computation that needs it starts; sends
+are waited at the end of the batch. A channel's tensor shapes travel once, as metadata before its
+first message. Every wait is bounded by ``dualpipe.p2p_timeout_s`` and every failure is a
+:class:`PipelineTimeout` naming this rank, the peer, what was awaited and the micro-batch.
+"""
+
+import time
+from datetime import timedelta
+
+import torch
+from deepspeed import comm as dist
+
+_META_SIZE = 64  # int32 slots: count, then (dtype id, ndim, *shape) per tensor
+
+
+def as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x, )
+
+
+class PipelineTimeout(RuntimeError):
+    """A point-to-point operation of the pipeline that failed, never one that hangs.
+
+    Either a wait outlived ``dualpipe.p2p_timeout_s`` (the peer is stuck, mis-scheduled, or gone
+    without closing its connection), or gloo lost the connection to the peer (the peer died: gloo
+    reports a crashed, killed or exited process at once, without waiting for the timeout). The
+    message names this rank, the peer, what was awaited and the micro-batch, and says which it was.
+    """
+
+    @classmethod
+    def gave_up(cls, engine, error, peer, awaited, source, waited):
+        """The wait for ``awaited`` ("the activation of micro-batch 2 (chunk 1)") ``source`` ("from"
+        or "by") pipeline rank ``peer`` ran out of time after ``waited`` seconds."""
+        return cls(f"{cls._who(engine)} gave up waiting for {awaited} {source} "
+                   f"{cls._who(engine, peer)} after {waited:.1f} s (dualpipe.p2p_timeout_s="
+                   f"{engine._timeout.total_seconds():g}), schedule {engine.schedule_name}: that rank is stuck, runs "
+                   f"a different schedule or died without closing its connection; check its log, or raise "
+                   f"dualpipe.p2p_timeout_s if it is only slow (gloo: {error})")
+
+    @classmethod
+    def lost_connection(cls, engine, error, peer, during):
+        """gloo's connection to pipeline rank ``peer`` failed ``during`` ("while sending the activation
+        of micro-batch 3 (chunk 0) to it"): at once, whatever the timeout."""
+        cause = ("an earlier wait on this rank timed out, and gloo closes the connection on a timeout; the first "
+                 "error is the one to read" if "timeout caused pair closure" in str(error) else
+                 "that rank probably died (crashed, was killed or exited); check its log for the first error")
+        return cls(f"{cls._who(engine)} lost its connection to {cls._who(engine, peer)} "
+                   f"{during}, schedule {engine.schedule_name}: {cause} (gloo: {error})")
+
+    @staticmethod
+    def _who(engine, stage=None):
+        """Names ``engine``'s own rank, or its peer at pipeline rank ``stage``: "pipeline rank S (global rank G)"."""
+        if stage is None:
+            return f"pipeline rank {engine.stage_id} (global rank {engine.global_rank})"
+        return f"pipeline rank {stage} (global rank {engine._peer(stage)})"
+
+
+class PointToPoint:
+    """The engine's ``_exec_*`` for sends and receives, and the waits behind them (a mixin)."""
+
+    def _peer(self, peer: int) -> int:
+        return self.grid.stage_to_global(stage_id=peer)
+
+    def _exec_send_activations(self, buffer_id, chunk, micro_batch, peer):
+        outputs = as_tuple(self.pipe_buffers["outputs"][buffer_id])
+        _check_sendable(outputs, self.stage_id, chunk)
+        specs = [(tuple(t.shape), t.dtype) for t in outputs]
+        if chunk not in self._sent_specs:
+            self._sent_specs[chunk] = specs
+            self._isend([_encode_meta(outputs, self.DTYPE_TO_ID, self.device)], peer)
+        elif specs != self._sent_specs[chunk]:
+            raise ValueError(f"pipeline rank {self.stage_id}, chunk {chunk}: micro-batch {micro_batch}'s outputs have "
+                             f"shapes/dtypes {_describe(specs)}, but this channel was set up for "
+                             f"{_describe(self._sent_specs[chunk])}; the plugin's schedules need the same activation "
+                             f"shapes on every micro-batch and step (pad or bucket your batches)")
+        self._isend(outputs, peer)
+
+    def _exec_recv_activations(self, buffer_id, chunk, micro_batch, peer):
+        if chunk not in self._shapes:  # first message on this channel: its shapes come first
+            meta = torch.zeros(_META_SIZE, dtype=torch.int32, device=self.device)
+            self._wait_requests(self._irecv([meta], peer), "the shapes of the activations", chunk, micro_batch, peer)
+            self._shapes[chunk] = _decode_meta(meta, self.ID_TO_DTYPE)
+        tensors = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in self._shapes[chunk]]
+        self.pipe_buffers["recv_reqs"][buffer_id] = self._irecv(tensors, peer)
+        for t in tensors:
+            t.requires_grad_(t.is_floating_point())
+        self.pipe_buffers["inputs"][buffer_id] = tensors[0] if len(tensors) == 1 else tuple(tensors)
+
+    def _exec_send_grads(self, buffer_id, chunk, micro_batch, peer):
+        self._isend(self.pipe_buffers["input_grads"][buffer_id], peer)
+        self.pipe_buffers["input_grads"][buffer_id] = None
+        self.pipe_buffers["inputs"][buffer_id] = None
+
+    def _exec_recv_grads(self, buffer_id, chunk, micro_batch, peer):
+        outputs = as_tuple(self.pipe_buffers["outputs"][buffer_id])
+        grads = [torch.empty_like(t) for t in outputs if t.is_floating_point()]
+        self.pipe_buffers["grad_reqs"][buffer_id] = self._irecv(grads, peer)
+        self.pipe_buffers["grads"][buffer_id] = tuple(grads)
+
+    def _isend(self, tensors, peer):
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self._peer(peer)) for t in tensors]
+        self._send_reqs.append((self._post(ops, peer, "while sending to it"), ops, peer))
+
+    def _irecv(self, tensors, peer):
+        return self._post([dist.P2POp(dist.irecv, t, self._peer(peer)) for t in tensors], peer,
+                          "while posting a receive from it")
+
+    def _post(self, ops, peer, during):
+        """``batch_isend_irecv``; gloo refuses to post to a peer whose connection is gone: say who and why."""
+        try:
+            return dist.batch_isend_irecv(ops)
+        except RuntimeError as error:
+            raise PipelineTimeout.lost_connection(self, error, peer, during) from error
+
+    def _wait(self, requests, buffer_id, what, chunk, micro_batch, location):
+        pending = requests[buffer_id]
+        requests[buffer_id] = None
+        if pending is not None:
+            start = time.perf_counter()
+            self._wait_requests(pending, what, chunk, micro_batch, location[0])
+            self._waited += time.perf_counter() - start
+
+    def _wait_requests(self, requests, what, chunk, micro_batch, peer, deadline=None, source="from"):
+        """Wait for one ``batch_isend_irecv``'s requests until ``deadline`` (``time.monotonic()``;
+        default ``dualpipe.p2p_timeout_s`` from now), else raise :class:`PipelineTimeout`.
+
+        gloo fails a wait either when its timeout expires or, at once, when the connection to the
+        peer drops (the peer crashed, was killed or exited; also every wait after an earlier timeout
+        with that peer, since gloo closes the connection on a timeout). The message says which.
+        """
+        start = time.monotonic()
+        deadline = start + self._timeout.total_seconds() if deadline is None else deadline
+        try:
+            for request in requests:
+                # At least 1 ms: gloo reads a zero timeout as "the process group's default" (30 min).
+                if request.wait(timedelta(seconds=max(deadline - time.monotonic(), 1e-3))) is False:
+                    raise RuntimeError("timed out: the wait returned without completing")
+        except RuntimeError as error:
+            waited = time.monotonic() - start
+            awaited = what if micro_batch is None else f"{what} of micro-batch {micro_batch} (chunk {chunk})"
+            if time.monotonic() >= deadline - 0.01 or "timed out" in str(error).lower():
+                raise PipelineTimeout.gave_up(self, error, peer, awaited, source, waited) from error
+            raise PipelineTimeout.lost_connection(self, error, peer, f"after {waited:.1f} s of waiting for {awaited} "
+                                                  f"{source} it") from error
+
+    def _drain_sends(self):
+        """Wait for every send of the batch, all within one ``dualpipe.p2p_timeout_s``: a receiver that
+        died or never receives fails this like any other wait instead of hanging the end of the batch."""
+        sends, self._send_reqs = self._send_reqs, []
+        deadline = time.monotonic() + self._timeout.total_seconds()
+        for requests, _, peer in sends:
+            self._wait_requests(requests, f"{len(requests)} tensor(s) this rank sent to be received", None, None,
+                                peer, deadline=deadline, source="by")
+
+
+def _check_sendable(outputs, stage: int, chunk: int) -> None:
+    for t in outputs:
+        if not torch.is_tensor(t):
+            raise TypeError(f"pipeline rank {stage}, chunk {chunk}: a stage must return a tensor or a tuple of "
+                            f"tensors to send downstream, got {type(t).__name__}")
+
+
+def _describe(specs) -> str:
+    return ", ".join(f"{list(shape)} {str(dtype).replace('torch.', '')}" for shape, dtype in specs)
+
+
+def _encode_meta(tensors, dtype_to_id, device) -> torch.Tensor:
+    values = [len(tensors)]
+    for t in tensors:
+        values += [dtype_to_id[t.dtype], t.dim(), *t.shape]
+    if len(values) > _META_SIZE:
+        raise ValueError(f"activation metadata needs {len(values)} slots, more than {_META_SIZE}")
+    meta = torch.zeros(_META_SIZE, dtype=torch.int32, device=device)
+    meta[:len(values)] = torch.tensor(values, dtype=torch.int32)
+    return meta
+
+
+def _decode_meta(meta: torch.Tensor, id_to_dtype):
+    values, specs, i = meta.tolist(), [], 1
+    for _ in range(values[0]):
+        dtype, ndim = id_to_dtype[values[i]], values[i + 1]
+        specs.append((tuple(values[i + 2:i + 2 + ndim]), dtype))
+        i += 2 + ndim
+    return specs

@@ -1,0 +1,55 @@
+"""The base of the plugin's schedules: a DeepSpeed ``PipeSchedule`` built from a program."""
+
+from abc import abstractmethod
+
+from deepspeed.runtime.pipe.schedule import PipeSchedule
+
+from deepspeed_dualpipe.schedule.layout import Layout
+from deepspeed_dualpipe.schedule.builder import ProgramBuilder, assign_buffers
+
+
+def require_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+class ProgramSchedule(PipeSchedule):
+    """A schedule whose instructions come from :meth:`program`, written with :class:`ProgramBuilder` verbs.
+
+    Args:
+        micro_batches: micro-batches per batch (DeepSpeed's ``gradient_accumulation_steps``).
+        stages: pipeline ranks (each may hold several chunks).
+        stage_id: the pipeline rank that runs this schedule.
+        forward_only: skip backward, weight passes and the optimizer step (evaluation).
+    """
+
+    name = ""
+    layout_kind = "linear"
+
+    def __init__(self, micro_batches: int, stages: int, stage_id: int, forward_only: bool = False):
+        self.validate(stages, micro_batches)
+        if isinstance(stage_id, bool) or not isinstance(stage_id, int) or not 0 <= stage_id < stages:
+            raise ValueError(f"stage_id must be a pipeline rank in 0..{stages - 1}, got {stage_id!r}")
+        super().__init__(micro_batches, stages, stage_id)
+        self.forward_only = forward_only
+        self.layout = Layout(self.layout_kind, stages, micro_batches)
+        builder = ProgramBuilder(self.layout, stage_id, forward_only)
+        self.program(builder)
+        self._steps = builder.finish(reduce_mirror=self.layout.param_copies > 1)
+        self._buffers = assign_buffers(self._steps)
+
+    @classmethod
+    def validate(cls, stages: int, micro_batches: int) -> None:
+        """Raise ValueError naming the bad value and what would be valid."""
+        require_int("stages", stages, 1)
+        require_int("micro_batches", micro_batches, 1)
+
+    @abstractmethod
+    def program(self, b: ProgramBuilder) -> None:
+        """Issue this rank's operations, in order, through the builder's verbs."""
+
+    def steps(self):
+        yield from self._steps
+
+    def num_pipe_buffers(self) -> int:
+        return max(1, self._buffers)

@@ -1,0 +1,269 @@
+"""What every bench rank runs: one engine per run, then timed steps, runs interleaved, then one
+untimed step per run that samples the activation memory.
+
+A run is a schedule, plus (for dualpipe/dualpipev with ``--a2a``) whether the MoE all-to-alls of
+the overlapped pairs are interleaved with the other micro-batch (``dualpipe.overlap_moe_a2a``).
+"""
+
+import itertools
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import torch
+
+from deepspeed_dualpipe.tools.bench import layers as L
+from deepspeed_dualpipe.runtime.trace import around_each_instruction
+from deepspeed_dualpipe.tools.lm.timeline import start_recording
+
+
+@dataclass(frozen=True)
+class Run:
+    label: str  # row name: the schedule, or e.g. "dualpipe (no overlap)"
+    schedule: str
+    overlap: bool = True
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    runs: Tuple[Run, ...]
+    stages: int
+    micro_batches: int
+    layers: int
+    F: float  # per layer, seconds
+    B: float
+    W: float
+    width: int  # floats per activation sample
+    repeats: int
+    warmup: int = 1
+    a2a_bytes: int = 0  # > 0: SleepMoELayers, expert parallelism 2 inside data parallelism 2
+    calibration_repeats: int = 20
+
+    @property
+    def data_parallel(self) -> int:
+        return 2 if self.a2a_bytes else 1
+
+    @property
+    def world_size(self) -> int:
+        return self.stages * self.data_parallel
+
+
+# One executed instruction: (class name, start, end, waited on peers, time in layers (sleeping),
+# time blocked in all-to-all waits), seconds.
+Record = Tuple[str, float, float, float, float, float]
+
+# Every all-to-all of this process: (launched, wait began, wait ended), perf_counter seconds.
+ALL_TO_ALLS = []
+
+
+def _config(spec: BenchSpec, run: Run) -> dict:
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": spec.micro_batches,
+              "steps_per_print": 10**9, "gradient_clipping": 0.0, "pipeline": {"schedule": run.schedule}}
+    if not run.overlap:
+        config["dualpipe"] = {"overlap_moe_a2a": False}
+    return config
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.0)  # the weights do not matter; the step still runs
+
+
+def _layer_specs(spec: BenchSpec):
+    from deepspeed.pipe import LayerSpec
+    if spec.a2a_bytes:
+        return [LayerSpec(L.SleepMoELayer, spec.F, spec.B, spec.W, spec.a2a_bytes, ep_size=2)
+                for _ in range(spec.layers)]
+    return [LayerSpec(L.SleepLayer, spec.F, spec.B, spec.W) for _ in range(spec.layers)]
+
+
+def _engine(spec: BenchSpec, run: Run):
+    import deepspeed_dualpipe
+    from deepspeed.pipe import PipelineModule
+    model = PipelineModule(layers=_layer_specs(spec), num_stages=spec.stages, loss_fn=L.mean_loss,
+                           partition_method="uniform")
+    engine = deepspeed_dualpipe.initialize(model=model, config=_config(spec, run), optimizer=_sgd)[0]
+    # The plugin's engine times itself, waits included; DeepSpeed's own get their instruction table wrapped.
+    # Their point-to-point calls block inside the communication instructions, so no compute instruction
+    # waits on a peer (``waited`` is 0) and a communication instruction's time is waiting and engine time.
+    start_recording(engine)
+    return engine
+
+
+class _TimedWork:
+    """An async collective's work handle that records how long ``wait()`` blocked."""
+
+    def __init__(self, work, launched):
+        self._work, self._launched = work, launched
+
+    def wait(self, *args, **kwargs):
+        start = time.perf_counter()
+        result = self._work.wait(*args, **kwargs)
+        ALL_TO_ALLS.append((self._launched, start, time.perf_counter()))
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self._work, name)
+
+
+def _time_all_to_alls() -> None:
+    """Record every all-to-all of this process: the tape (and InlineTape) launch them through
+    ``deepspeed.comm.all_to_all_single``, looked up at each call, so wrapping it here sees them all."""
+    from deepspeed import comm
+    original = comm.all_to_all_single
+    if getattr(original, "_bench_timed", False):
+        return
+
+    def timed(*args, **kwargs):
+        launched = time.perf_counter()
+        work = original(*args, **kwargs)
+        if work is None:  # synchronous: it has finished
+            ALL_TO_ALLS.append((launched, launched, time.perf_counter()))
+            return work
+        return _TimedWork(work, launched)
+
+    timed._bench_timed = True
+    comm.all_to_all_single = timed
+
+
+def _within(intervals, i, start, end):
+    """Time of the sorted ``intervals`` (from index ``i``) inside [start, end]; returns (time, next i)."""
+    while i < len(intervals) and intervals[i][1] <= start:
+        i += 1
+    total, j = 0.0, i
+    while j < len(intervals) and intervals[j][0] < end:
+        total += max(0.0, min(intervals[j][1], end) - max(intervals[j][0], start))
+        j += 1
+    return total, i
+
+
+def _records(trace, sleeps, waits) -> List[Record]:
+    """The trace as plain tuples, each with the layer time and the all-to-all wait time that fell
+    inside it (both are nested in instructions, and all lists are in time order)."""
+    out, i, k = [], 0, 0
+    waits = sorted(waits)
+    for item in trace:
+        name, start, end, waited = type(item.instruction).__name__, item.start, item.end, item.waited
+        layer, i = _within(sleeps, i, start, end)
+        a2a, k = _within(waits, k, start, end)
+        out.append((name, start, end, waited, layer, a2a))
+    return out
+
+
+def _step(engine, data) -> dict:
+    from deepspeed import comm as dist
+    engine.trace.clear()
+    L.SLEEPS.clear()
+    ALL_TO_ALLS.clear()
+    dist.barrier()  # every rank starts the step together
+    cpu, start = time.process_time(), time.perf_counter()
+    engine.train_batch(data_iter=data)
+    end, cpu = time.perf_counter(), time.process_time() - cpu
+    waits = [(s, e) for _, s, e in ALL_TO_ALLS]
+    return {"start": start, "end": end, "cpu_s": cpu, "records": _records(engine.trace, L.SLEEPS, waits),
+            "a2a_s": [e - launched for launched, _, e in ALL_TO_ALLS]}
+
+
+# ----- activation memory ---------------------------------------------------------------------
+_TAPE_FIELDS = ("originals", "detached", "raw", "returned", "input", "output")
+
+
+def _tensors(obj, out: list) -> None:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            _tensors(item, out)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _tensors(item, out)
+    elif hasattr(obj, "islands"):  # a phases.Tape: every island's tensors, until the backward consumes it
+        _tensors(obj.inputs, out)
+        for island in obj.islands or ():
+            for field in _TAPE_FIELDS:
+                _tensors(getattr(island, field, None), out)
+
+
+def activation_bytes(engine) -> int:
+    """Bytes of activations alive on this rank now: the distinct storages of the tensors autograd
+    keeps for the bench layers' backward and of those the engine holds per micro-batch (its
+    ``inputs``/``outputs`` buffers, DeepSpeed's ``output_tensors``, the plugin's tapes and the
+    tensors it hands from one chunk to the next). Gradients and labels are not counted."""
+    tensors = L.saved_tensors()
+    for key in ("inputs", "outputs", "output_tensors", "tapes"):
+        _tensors(engine.pipe_buffers.get(key, ()), tensors)
+    _tensors(getattr(engine, "_handoff", {}), tensors)
+    storages = {}
+    for t in tensors:
+        if t.is_floating_point():
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _memory_step(engine, data) -> int:
+    """One untimed step that samples :func:`activation_bytes` after every instruction and whenever a
+    layer saves a tensor (inside an instruction); returns the peak."""
+    peak = [0]
+
+    def sample():
+        peak[0] = max(peak[0], activation_bytes(engine))
+
+    L.ON_SAVE.append(sample)
+    try:
+        with around_each_instruction(engine, after=lambda kind: sample()):
+            _step(engine, data)
+    finally:
+        L.ON_SAVE.remove(sample)
+    return peak[0]
+
+
+# ----- one all-to-all alone ------------------------------------------------------------------
+def _calibrate(spec: BenchSpec, stage: int) -> Dict[str, float]:
+    """Median seconds of one all-to-all of ``a2a_bytes`` over this rank's expert-parallel group:
+    ``alone`` with the other groups idle (one stage after the other), ``concurrent`` with every
+    stage's group at once."""
+    from deepspeed import comm as dist
+    from deepspeed.utils import groups
+    group = groups._get_expert_parallel_group("ep_size_2")
+    send = torch.randn(spec.a2a_bytes // 4 // 2 * 2)
+
+    def times():
+        out = []
+        for _ in range(spec.calibration_repeats):
+            recv = torch.empty_like(send)
+            start = time.perf_counter()
+            dist.all_to_all_single(recv, send, group=group, async_op=True).wait()
+            out.append(time.perf_counter() - start)
+        return statistics.median(out[min(3, len(out) - 1):])
+
+    alone = None
+    for turn in range(spec.stages):
+        dist.barrier()
+        if turn == stage:
+            alone = times()
+    dist.barrier()
+    return {"alone": alone, "concurrent": times()}
+
+
+def bench_rank(spec: BenchSpec) -> dict:
+    """This rank's measured steps per run (warm-up steps left out), its peak activation bytes per
+    run, where it sits (pipeline stage, data-parallel replica) and, with ``a2a_bytes``, the time of
+    one all-to-all alone."""
+    torch.manual_seed(0)
+    sample = (torch.randn(1, spec.width), torch.zeros(1))
+    data = itertools.repeat(sample)  # every rank may load; the same micro-batch each time is enough
+    engines = {run.label: _engine(spec, run) for run in spec.runs}
+    first = next(iter(engines.values()))
+    stage, replica = first.grid.get_stage_id(), first.grid.get_data_parallel_id()
+    calibration = _calibrate(spec, stage) if spec.a2a_bytes else None
+    if spec.a2a_bytes:
+        _time_all_to_alls()
+    steps = {label: [] for label in engines}
+    for round_ in range(spec.warmup + spec.repeats):  # interleaved: drift hits every run alike
+        for label, engine in engines.items():
+            step = _step(engine, data)
+            if round_ >= spec.warmup:
+                steps[label].append(step)
+    memory = {label: _memory_step(engine, data) for label, engine in engines.items()}
+    return {"steps": steps, "memory": memory, "stage": stage, "replica": replica, "a2a": calibration}
