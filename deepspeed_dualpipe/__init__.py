@@ -2,13 +2,22 @@
 
 Schedules are data: a schedule is a DeepSpeed ``PipeSchedule`` whose instruction
 stream can be printed, verified, simulated, drawn and executed.
+
+Layers, each importing only those below it::
+
+    tools/        the apps behind ``python -m deepspeed_dualpipe`` (demo LM, ablations, benchmarks)
+    integration/  initialize/install, recording and conversion of the user's PipelineModule
+    runtime/      DualPipeEngine, its p2p and gradient work, DualPipeModule, trace, autograd/
+    checkpoint/   atomic saves and cross-schedule loads (used by the runtime)
+    analysis/     events, symbolic execution, verifier, simulator, rendering (no processes)
+    schedule/     layouts, instructions and the schedules themselves (pure data)
 """
 
 __version__ = "0.1.0"
 
 from deepspeed_dualpipe.schedule import SCHEDULES, build_schedule  # noqa: E402,F401
 from deepspeed_dualpipe.integration.initialize import initialize, install, installed, uninstall  # noqa: E402,F401
-from deepspeed_dualpipe.integration.initialize import record_pipeline_module_args  # noqa: E402
+from deepspeed_dualpipe.integration.recording import record_pipeline_module_args  # noqa: E402
 
 # Remember every PipelineModule's constructor arguments, so that initialize() can rebuild a
 # user's model for the schedule its config names.
@@ -17,8 +26,10 @@ record_pipeline_module_args()
 
 def __getattr__(name):
     # The engine and module pull in DeepSpeed's runtime: import them on first use only.
-    if name in ("DualPipeModule", "DualPipeEngine"):
+    if name == "DualPipeEngine":
         from deepspeed_dualpipe.runtime.engine import DualPipeEngine
+        return DualPipeEngine
+    if name == "DualPipeModule":
         from deepspeed_dualpipe.runtime.module import DualPipeModule
-        return {"DualPipeModule": DualPipeModule, "DualPipeEngine": DualPipeEngine}[name]
+        return DualPipeModule
     raise AttributeError(name)

@@ -26,11 +26,9 @@ from pydantic import Field, ValidationError, field_validator
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 from deepspeed.utils import logger
 
+from deepspeed_dualpipe.schedule import PLUGIN_SCHEDULES, SCHEDULES, get_spec
+
 DEFAULT_SCHEDULE = "1f1b"
-# Schedules run by the plugin's own DualPipeEngine; the others are DeepSpeed's engines, untouched.
-PLUGIN_SCHEDULES = ("zb1p", "dualpipe", "dualpipev")
-# Run by DeepSpeed's own engines, which never read the "dualpipe" section.
-DEEPSPEED_SCHEDULES = ("1f1b", "ds-dualpipev")
 
 
 class DualPipeSection(DeepSpeedConfigModel):
@@ -72,7 +70,7 @@ class DualPipeConfig(DeepSpeedConfigModel):
 
     @property
     def uses_plugin_engine(self) -> bool:
-        return self.schedule in PLUGIN_SCHEDULES
+        return get_spec(self.schedule).runs_on_plugin_engine
 
     @property
     def split_backward(self) -> bool:
@@ -119,8 +117,6 @@ def dualpipe_config(ds_config: Union[str, Dict[str, Any]]) -> DualPipeConfig:
     in which only ``pipeline.schedule`` is flipped, which an error would break. The section is
     still validated, so a typo in it is an error whatever the schedule.
     """
-    from deepspeed_dualpipe.schedule import SCHEDULES
-
     cfg = load_config(ds_config)
     pipeline = cfg.get("pipeline", {})
     if not isinstance(pipeline, dict):
@@ -140,7 +136,7 @@ def dualpipe_config(ds_config: Union[str, Dict[str, Any]]) -> DualPipeConfig:
     except ValidationError as err:
         raise ValueError(_describe(err, "dualpipe", DualPipeSection)) from None
 
-    if "dualpipe" in cfg and schedule in DEEPSPEED_SCHEDULES:
+    if "dualpipe" in cfg and not result.uses_plugin_engine:
         logger.warning(f"the 'dualpipe' config section is ignored with pipeline.schedule={schedule!r}, which runs "
                        f"DeepSpeed's own engine; it applies to {', '.join(PLUGIN_SCHEDULES)}")
     if result.uses_plugin_engine:
@@ -193,4 +189,4 @@ def _describe(err: ValidationError, prefix: str, model) -> str:
 
 
 __all__ = ["DualPipeConfig", "DualPipeSection", "dualpipe_config", "load_config", "config_schedule",
-           "DEFAULT_SCHEDULE", "PLUGIN_SCHEDULES", "DEEPSPEED_SCHEDULES"]
+           "DEFAULT_SCHEDULE"]

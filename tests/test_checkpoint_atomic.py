@@ -28,7 +28,7 @@ import pytest
 import harness
 import models
 from deepspeed_dualpipe.checkpoint import (MANIFEST, CheckpointError, check_tag, prepare_load, read_latest,
-                                           replaced_dir, staging_dir, write_latest, _prepare)
+                                           replaced_dir, staging_dir, write_latest, prepare_save_dir)
 
 P, M, MBS = 2, 4, 2
 TIMEOUT_S = 4
@@ -216,7 +216,7 @@ def test_the_next_save_undoes_an_interrupted_replacement_and_clears_every_stagin
     open(os.path.join(old, "layer_00-model_states.pt"), "w").close()
     os.makedirs(staging_dir(str(tmp_path), "step1"))
     os.makedirs(staging_dir(str(tmp_path), "other"))  # debris of another interrupted save
-    _prepare(str(tmp_path), "step2")
+    prepare_save_dir(str(tmp_path), "step2")
     assert os.listdir(tmp_path / "step1") == ["layer_00-model_states.pt"]
     assert sorted(os.listdir(tmp_path)) == sorted(["step1", os.path.basename(staging_dir("", "step2"))])
     assert os.listdir(staging_dir(str(tmp_path), "step2")) == []  # a fresh, empty staging directory

@@ -14,20 +14,21 @@ import pytest
 import deepspeed
 from deepspeed.pipe import PipelineModule
 
-from deepspeed_dualpipe.integration import initialize as entry
+from deepspeed_dualpipe.integration import convert, initialize as entry
+from deepspeed_dualpipe.integration.recording import INIT_ARGS_ATTR, record_pipeline_module_args
 
 PATCH = Path(__file__).resolve().parent.parent / "patches" / "deepspeed-0.19.8-dualpipe.patch"
 DS_INIT = Path(deepspeed.__file__)
 
 
 class FakeDualPipeModule:
+    """Stands in for DualPipeModule: remembers the arguments it was rebuilt from."""
 
-    def __init__(self, source, schedule):
-        self.source, self.schedule = source, schedule
+    built = []
 
-    @classmethod
-    def from_pipeline_module(cls, module, schedule):
-        return cls(module, schedule)
+    def __init__(self, *args, schedule, **kwargs):
+        self.args, self.kwargs, self.schedule = args, kwargs, schedule
+        FakeDualPipeModule.built.append(self)
 
 
 class FakeDualPipeEngine:
@@ -47,12 +48,12 @@ class FakeDeepSpeed:
         return ("engine", "optimizer", "dataloader", "lr_scheduler")
 
 
-def pipeline_module(*args, **kwargs):
-    """A PipelineModule instance without building one (that needs torch.distributed); given
-    arguments are recorded as if it had been built with them."""
+def pipeline_module(*args, recorded=True, **kwargs):
+    """A PipelineModule instance without building one (that needs torch.distributed), recorded as if
+    it had been built with ``args`` and ``kwargs`` (default: one stand-in layer list)."""
     module = PipelineModule.__new__(PipelineModule)
-    if args or kwargs:
-        module.__dict__[entry.INIT_ARGS_ATTR] = (args, kwargs)
+    if recorded:
+        module.__dict__[INIT_ARGS_ATTR] = (args or (["layer"], ), kwargs)
     return module
 
 
@@ -104,7 +105,7 @@ def test_plugin_schedule_converts_the_model_and_swaps_the_engine_only_during_the
     (call,) = fake_ds.calls
     assert call["engine"] is FakeDualPipeEngine
     assert isinstance(call["model"], FakeDualPipeModule)
-    assert (call["model"].source, call["model"].schedule) == (model, schedule)
+    assert (call["model"].args, call["model"].schedule) == ((["layer"], ), schedule)
     assert call["config"]["pipeline"]["schedule"] == schedule  # kept for DeepSpeed to ignore
     assert deepspeed.PipelineEngine is deepspeed.runtime.pipe.engine.PipelineEngine
 
@@ -172,14 +173,12 @@ def test_ds_dualpipev_rebuilds_the_module_as_deepspeeds_dualpipev_module(fake_ds
 
 def test_ds_dualpipev_needs_recorded_constructor_arguments(fake_ds):
     with pytest.raises(ValueError, match="Import deepspeed_dualpipe before building"):
-        entry.initialize(model=pipeline_module(), config=ds_config("ds-dualpipev"))
+        entry.initialize(model=pipeline_module(recorded=False), config=ds_config("ds-dualpipev"))
 
 
 def test_a_reentrant_call_from_patched_deepspeed_goes_straight_through(fake_ds, monkeypatch):
     # The patched deepspeed.initialize calls entry.initialize, which calls deepspeed.initialize again.
-    converted = []
-    monkeypatch.setattr(FakeDualPipeModule, "from_pipeline_module",
-                        classmethod(lambda cls, m, s: converted.append(m) or cls(m, s)))
+    FakeDualPipeModule.built.clear()
 
     def patched(args=None, model=None, **kwargs):
         if not isinstance(model, FakeDualPipeModule):
@@ -189,7 +188,7 @@ def test_a_reentrant_call_from_patched_deepspeed_goes_straight_through(fake_ds, 
     monkeypatch.setattr(deepspeed, "initialize", patched)
     entry.install()
     deepspeed.initialize(model=pipeline_module(), config=ds_config("dualpipev"))
-    assert len(converted) == 1 and fake_ds.calls[0]["engine"] is FakeDualPipeEngine
+    assert len(FakeDualPipeModule.built) == 1 and fake_ds.calls[0]["engine"] is FakeDualPipeEngine
 
 
 def test_install_routes_deepspeed_initialize_and_uninstall_restores_it(fake_ds):
@@ -211,9 +210,9 @@ def test_install_routes_deepspeed_initialize_and_uninstall_restores_it(fake_ds):
 
 
 def test_record_pipeline_module_args_wraps_init_once():
-    entry.record_pipeline_module_args()
+    record_pipeline_module_args()
     wrapped = PipelineModule.__init__
-    entry.record_pipeline_module_args()
+    record_pipeline_module_args()
     assert PipelineModule.__init__ is wrapped
 
 
@@ -224,18 +223,19 @@ def test_recorded_args_rebuild_a_real_module_as_dualpipev_module(tmp_path):
         import inspect, torch, deepspeed
         from deepspeed.pipe import PipelineModule, LayerSpec
         from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
-        from deepspeed_dualpipe.integration import initialize as entry
-        entry.record_pipeline_module_args()
+        from deepspeed_dualpipe.integration import convert
+        from deepspeed_dualpipe.integration.recording import pipeline_module_init_args, record_pipeline_module_args
+        record_pipeline_module_args()
         deepspeed.init_distributed(dist_backend="gloo")
         layers = (LayerSpec(torch.nn.Linear, 4, 4) for _ in range(4))  # a one-shot generator
         model = PipelineModule(layers=layers, num_stages=1, partition_method="uniform")
-        args, kwargs = entry.pipeline_module_init_args(model)
+        args, kwargs = pipeline_module_init_args(model)
         got = inspect.signature(PipelineModule.__init__.__wrapped__).bind(None, *args, **kwargs).arguments
         assert got["partition_method"] == "uniform" and len(got["layers"]) == 4, got
         assert "_dualpipe_init_args" not in model.state_dict()
-        rebuilt = entry._as_dualpipev_module(model)
+        rebuilt = convert.as_deepspeed_dualpipev(model)
         assert isinstance(rebuilt, DualPipeVModule) and len(rebuilt.phase_funcs[0]) == 2, rebuilt.phase_bounds
-        assert entry._as_dualpipev_module(rebuilt) is rebuilt
+        assert convert.as_deepspeed_dualpipev(rebuilt) is rebuilt
         print("OK")
     """)
     env = dict(os.environ, DS_ACCELERATOR="cpu", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
@@ -333,7 +333,7 @@ def test_parameter_groups_of_a_module_that_is_rebuilt_are_an_error_that_says_wha
     import torch
     original = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="parameter groups .* build deepspeed_dualpipe.DualPipeModule"):
-        entry._parameters_of(torch.nn.Linear(2, 2), original, {"model_parameters": [{"params": [original.weight]}]},
-                             "dualpipe")
+        convert.parameters_for(torch.nn.Linear(2, 2), original, {"model_parameters": [{"params": [original.weight]}]},
+                                "dualpipe")
     with pytest.raises(ValueError, match="must be all of its parameters"):
-        entry._parameters_of(torch.nn.Linear(2, 2), original, {"model_parameters": [original.weight]}, "dualpipe")
+        convert.parameters_for(torch.nn.Linear(2, 2), original, {"model_parameters": [original.weight]}, "dualpipe")

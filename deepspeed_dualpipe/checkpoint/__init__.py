@@ -37,7 +37,7 @@ the engine as first argument to get the same guarantees.
 from deepspeed_dualpipe.checkpoint.files import (MANIFEST, CheckpointError, check_tag, layout_of, read_latest,
                                                  read_manifest, replaced_dir, staging_dir, write_latest)
 from deepspeed_dualpipe.checkpoint.load import load_checkpoint, prepare_load
-from deepspeed_dualpipe.checkpoint.save import _prepare, save_checkpoint  # noqa: F401 (_prepare: tests)
+from deepspeed_dualpipe.checkpoint.save import prepare_save_dir, save_checkpoint
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "prepare_load", "read_latest", "write_latest",
+__all__ = ["CheckpointError", "save_checkpoint", "prepare_save_dir", "load_checkpoint", "prepare_load", "read_latest", "write_latest",
            "read_manifest", "check_tag", "staging_dir", "replaced_dir", "layout_of", "MANIFEST"]

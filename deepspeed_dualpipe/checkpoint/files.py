@@ -49,7 +49,7 @@ def read_latest(directory: str) -> Optional[str]:
         return None
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -62,7 +62,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: str) -> None:
+def fsync_file(path: str) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
@@ -75,7 +75,7 @@ def write_latest(save_dir: str, tag: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, os.path.join(save_dir, "latest"))
-    _fsync_dir(save_dir)
+    fsync_dir(save_dir)
 
 
 def read_manifest(checkpoint_dir: str) -> Optional[dict]:
@@ -86,7 +86,7 @@ def read_manifest(checkpoint_dir: str) -> Optional[dict]:
         return None
 
 
-def _manifest_files(directory: str) -> dict:
+def manifest_files(directory: str) -> dict:
     files = {}
     for root, _, names in os.walk(directory):
         for name in names:
@@ -118,14 +118,14 @@ def layout_of(engine) -> dict:
             "stage_boundaries": [int(p) for p in module.parts], "num_layers": int(module._num_layers)}
 
 
-def _describe_layout(layout: dict) -> str:
+def describe_layout(layout: dict) -> str:
     text = f"schedule {layout['schedule']} on {layout['pipe_parallel_size']} pipeline ranks"
     if layout.get("stage_boundaries") is not None:
         text += f" (stages start at layers {layout['stage_boundaries'][:-1]})"
     return text
 
 
-def _same_placement(saved: dict, mine: dict) -> bool:
+def same_placement(saved: dict, mine: dict) -> bool:
     keys = ["layout", "pipe_parallel_size", "tensor_parallel_size"]
     if saved.get("stage_boundaries") is not None:
         keys.append("stage_boundaries")

@@ -7,7 +7,7 @@ from typing import Optional
 
 from deepspeed.utils import logger
 
-from deepspeed_dualpipe.checkpoint.files import (CheckpointError, MANIFEST, _describe_layout, _same_placement,
+from deepspeed_dualpipe.checkpoint.files import (CheckpointError, MANIFEST, describe_layout, same_placement,
                                                  layout_of, read_latest, read_manifest, replaced_dir, staging_dir)
 
 
@@ -64,10 +64,10 @@ def prepare_load(engine, load_dir, tag=None, load_optimizer_states=True, load_mo
             saved = {"schedule": "1f1b (DeepSpeed's save, assumed)", "layout": "linear",
                      "pipe_parallel_size": len(rank_files) // tensor, "tensor_parallel_size": tensor}
             source = ", as far as its files tell"
-        if not _same_placement(saved, mine):
+        if not same_placement(saved, mine):
             raise CheckpointError(
-                f"checkpoint {path} was written by {_describe_layout(saved)}{source}; this engine runs "
-                f"{_describe_layout(mine)}. Its optimizer state is stored per pipeline rank, for the parameters "
+                f"checkpoint {path} was written by {describe_layout(saved)}{source}; this engine runs "
+                f"{describe_layout(mine)}. Its optimizer state is stored per pipeline rank, for the parameters "
                 f"that rank held, and is not converted to another placement. Pass load_optimizer_states=False to "
                 f"load the module weights (every layer, from its layer_XX file), the step counters and the "
                 f"learning-rate scheduler only: nothing is lost for an optimizer without per-parameter state "
@@ -78,17 +78,15 @@ def prepare_load(engine, load_dir, tag=None, load_optimizer_states=True, load_mo
 
 def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
                     load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
-    """``engine.load_checkpoint(...)`` after :func:`prepare_load`'s checks, for any pipeline engine. Runs under
-    ``torch.no_grad()``: DeepSpeed's ``PipelineModule`` broadcasts tied weights into parameters as it loads, which
-    autograd would otherwise record."""
+    """DeepSpeed's ``load_checkpoint`` after :func:`prepare_load`'s checks, for any pipeline engine (the plugin's
+    engine calls it too). Runs under ``torch.no_grad()``: DeepSpeed's ``PipelineModule`` broadcasts tied weights
+    into parameters as it loads, which autograd would otherwise record."""
     import torch
-    kwargs = dict(load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
-                  load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
-                  custom_load_fn=custom_load_fn)
-    from deepspeed_dualpipe.runtime.engine import DualPipeEngine
+    from deepspeed.runtime.pipe.engine import PipelineEngine
     with torch.no_grad():
-        if isinstance(engine, DualPipeEngine):  # its load_checkpoint runs the checks itself
-            return engine.load_checkpoint(load_dir, tag, **kwargs)
         tag = prepare_load(engine, load_dir, tag, load_optimizer_states, load_module_only)
-        return engine.load_checkpoint(load_dir, tag, **kwargs)
+        return PipelineEngine.load_checkpoint(engine, load_dir, tag, load_module_strict=load_module_strict,
+                                              load_optimizer_states=load_optimizer_states,
+                                              load_lr_scheduler_states=load_lr_scheduler_states,
+                                              load_module_only=load_module_only, custom_load_fn=custom_load_fn)
 

@@ -10,7 +10,7 @@ from deepspeed_dualpipe.checkpoint.files import CheckpointError, read_latest, st
 _SAVES = itertools.count()  # per process; every rank saves the same sequence of checkpoints
 
 
-class _SaveRendezvous:
+class SaveRendezvous:
     """Barriers of one save through the job's rendezvous store, with heartbeats, never through collectives."""
 
     def __init__(self, engine, save_dir, tag, timeout_s):

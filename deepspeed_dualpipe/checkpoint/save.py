@@ -7,9 +7,9 @@ import shutil
 from deepspeed.utils import logger
 
 from deepspeed_dualpipe.checkpoint.files import (DEFAULT_TIMEOUT_S, FORMAT_VERSION, MANIFEST, REPLACED_PREFIX,
-                                                 STAGING_PREFIX, _fsync_dir, _fsync_file, _manifest_files, check_tag,
+                                                 STAGING_PREFIX, fsync_dir, fsync_file, manifest_files, check_tag,
                                                  layout_of, replaced_dir, staging_dir, write_latest)
-from deepspeed_dualpipe.checkpoint.rendezvous import _SaveRendezvous
+from deepspeed_dualpipe.checkpoint.rendezvous import SaveRendezvous
 
 
 def _is_committer(engine) -> bool:
@@ -20,7 +20,7 @@ def _is_committer(engine) -> bool:
     return engine.global_rank == 0
 
 
-def _prepare(save_dir: str, tag: str) -> None:
+def prepare_save_dir(save_dir: str, tag: str) -> None:
     """Make ``save_dir`` and clear what interrupted earlier saves left behind: saves are sequential, so any
     staging directory there now belongs to a save that never committed."""
     os.makedirs(save_dir, exist_ok=True)
@@ -76,25 +76,25 @@ def _write_files(engine, save_dir, staging_tag, client_state, exclude_frozen_par
         else:
             del checkpoint_engine.save
     for path in written:
-        _fsync_file(path)
+        fsync_file(path)
     return written
 
 
 def _commit(engine, save_dir: str, tag: str, save_latest: bool) -> None:
     """Add the manifest, rename the staging directory to ``tag``, then point ``latest`` at it."""
     staging, final, replaced = staging_dir(save_dir, tag), os.path.join(save_dir, tag), replaced_dir(save_dir, tag)
-    manifest = {"format": FORMAT_VERSION, "tag": tag, "layout": layout_of(engine), "files": _manifest_files(staging)}
+    manifest = {"format": FORMAT_VERSION, "tag": tag, "layout": layout_of(engine), "files": manifest_files(staging)}
     with open(os.path.join(staging, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(staging)
+    fsync_dir(staging)
     if os.path.exists(final):  # saving a tag again: swap the new one in (the old one is removed after the save)
         os.rename(final, replaced)
         os.rename(staging, final)
     else:
         os.rename(staging, final)
-    _fsync_dir(save_dir)
+    fsync_dir(save_dir)
     if save_latest:
         write_latest(save_dir, tag)
 
@@ -121,12 +121,12 @@ def save_checkpoint(engine, save_dir, tag=None, client_state=None, save_latest=T
         return DeepSpeedEngine.save_checkpoint(engine, save_dir, tag, client_state, save_latest,
                                                exclude_frozen_parameters)
 
-    with _SaveRendezvous(engine, save_dir, tag, timeout_s) as rendezvous:
+    with SaveRendezvous(engine, save_dir, tag, timeout_s) as rendezvous:
         committer = _is_committer(engine)
         try:
             check_tag(tag)
             if committer:
-                _prepare(save_dir, tag)
+                prepare_save_dir(save_dir, tag)
             rendezvous.agree_on_tag()
         except BaseException as error:
             rendezvous.report_failure(error)

@@ -15,63 +15,17 @@ The schedule is chosen by ``config["pipeline"]["schedule"]``; the key stays in t
 import functools
 import inspect
 
-import torch
 import deepspeed
-from deepspeed.utils import logger
 
 from deepspeed_dualpipe.config import dualpipe_config
+from deepspeed_dualpipe.integration import convert
+from deepspeed_dualpipe.integration.recording import record_pipeline_module_args
 
-# Set while entry.initialize runs, so a patched deepspeed.initialize (or an installed wrapper)
+# Set while initialize runs, so a patched deepspeed.initialize (or an installed wrapper)
 # that calls back into us goes straight to DeepSpeed instead of converting the model twice.
 _ACTIVE = False
 # deepspeed.initialize as it was before install(); None while not installed.
 _ORIGINAL_INITIALIZE = None
-
-INIT_ARGS_ATTR = "_dualpipe_init_args"
-
-
-# --- recording PipelineModule constructor arguments -------------------------------------------
-
-
-def record_pipeline_module_args() -> None:
-    """Wrap ``PipelineModule.__init__`` (once) so every instance keeps the arguments it was built
-    with, as ``module._dualpipe_init_args = (args, kwargs)``: rebuilding a user's module with another
-    partitioning needs ``partition_method`` and others that ``PipelineModule`` does not store.
-
-    ``DualPipeModule.from_pipeline_module`` reads it. A one-shot ``layers`` iterable becomes a
-    list, which the first build would otherwise consume.
-
-    Modules built before this runs are not recorded; ``deepspeed_dualpipe``'s import calls it.
-    """
-    from deepspeed.pipe import PipelineModule
-    original = PipelineModule.__init__
-    if getattr(original, "_dualpipe_records_args", False):
-        return
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs)
-        layers = bound.arguments.get("layers")
-        if layers is not None and not isinstance(layers, (list, tuple, torch.nn.Module)):
-            bound.arguments["layers"] = list(layers)
-        # Plain instance attribute: not a parameter, buffer or submodule, so no state_dict change.
-        object.__setattr__(self, INIT_ARGS_ATTR, (bound.args[1:], dict(bound.kwargs)))
-        original(*bound.args, **bound.kwargs)
-
-    __init__._dualpipe_records_args = True
-    PipelineModule.__init__ = __init__
-
-
-def pipeline_module_init_args(module):
-    """``(args, kwargs)`` that ``module`` was built with (see :func:`record_pipeline_module_args`)."""
-    recorded = getattr(module, INIT_ARGS_ATTR, None)
-    if recorded is None:
-        raise ValueError(f"cannot rebuild {type(module).__name__} for another pipeline schedule: its constructor "
-                         "arguments were not recorded. Import deepspeed_dualpipe before building the PipelineModule.")
-    args, kwargs = recorded
-    return tuple(args), dict(kwargs)
-
 
 # --- initialize ---------------------------------------------------------------------------------
 
@@ -98,15 +52,6 @@ def _find_config(args, kwargs):
     return config
 
 
-def _as_dualpipev_module(model):
-    from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
-    if isinstance(model, DualPipeVModule):
-        return model
-    logger.info("pipeline.schedule='ds-dualpipev': rebuilding the PipelineModule as DeepSpeed's DualPipeVModule")
-    args, kwargs = pipeline_module_init_args(model)
-    return DualPipeVModule(*args, **kwargs)  # same constructor as PipelineModule
-
-
 # deepspeed.initialize's parameters after (args, model), so positional callers keep working.
 _DS_PARAMS = list(inspect.signature(deepspeed.initialize).parameters)[2:]
 
@@ -119,8 +64,7 @@ def initialize(args=None, model=None, *positional, **kwargs):
       unchanged.
     - "ds-dualpipev": the model is rebuilt as DeepSpeed's ``DualPipeVModule``, for which
       ``deepspeed.initialize`` builds its ``DualPipeVEngine``.
-    - "zb1p", "dualpipe", "dualpipev": the model is converted by
-      ``DualPipeModule.from_pipeline_module`` and ``deepspeed.initialize`` runs with
+    - "zb1p", "dualpipe", "dualpipev": the model is rebuilt in chunks (:func:`.convert.as_chunked`) and ``deepspeed.initialize`` runs with
       ``deepspeed.PipelineEngine`` (looked up by it at call time) set to ``DualPipeEngine``.
     """
     global _ACTIVE
@@ -145,41 +89,17 @@ def initialize(args=None, model=None, *positional, **kwargs):
     _ACTIVE = True
     try:
         if schedule == "ds-dualpipev":
-            rebuilt = _as_dualpipev_module(model)
-            kwargs = _parameters_of(rebuilt, model, kwargs, schedule)
+            rebuilt = convert.as_deepspeed_dualpipev(model)
+            kwargs = convert.parameters_for(rebuilt, model, kwargs, schedule)
             return _weigh_aux_losses_by_gas(ds_initialize(args=args, model=rebuilt, **kwargs))
         DualPipeModule, DualPipeEngine = _plugin_classes()
         if not isinstance(model, DualPipeModule):
-            rebuilt = DualPipeModule.from_pipeline_module(model, schedule)
-            model, kwargs = rebuilt, _parameters_of(rebuilt, model, kwargs, schedule)
+            rebuilt = convert.as_chunked(model, schedule, DualPipeModule)
+            model, kwargs = rebuilt, convert.parameters_for(rebuilt, model, kwargs, schedule)
         with _pipeline_engine(DualPipeEngine):
             return ds_initialize(args=args, model=model, **kwargs)
     finally:
         _ACTIVE = False
-
-
-def _parameters_of(rebuilt, original, kwargs, schedule):
-    """``model_parameters`` for the rebuilt module. A script that passed ``model.parameters()`` of the
-    module it built meant "all of them", and those belong to the module that is now replaced (and
-    that does not hold a mirror chunk): the rebuilt module's own parameters take their place.
-    Parameter groups cannot be carried over automatically, so they are an error that says what to do."""
-    given = kwargs.get("model_parameters")
-    if given is None:
-        return kwargs
-    given = list(given)
-    if any(isinstance(g, dict) for g in given):
-        raise ValueError(f"pipeline.schedule={schedule!r} rebuilds the PipelineModule, so parameter groups "
-                         f"(model_parameters=[{{'params': ...}}, ...]) built from the original module would train "
-                         f"nothing; build deepspeed_dualpipe.DualPipeModule(..., schedule={schedule!r}) yourself and "
-                         f"make the groups from its parameters, or pass a callable optimizer")
-    ids = {id(p) for p in given}
-    if ids == {id(p) for p in original.parameters()}:
-        return {**kwargs, "model_parameters": list(rebuilt.parameters())}
-    if ids == {id(p) for p in original.parameters() if p.requires_grad}:
-        return {**kwargs, "model_parameters": [p for p in rebuilt.parameters() if p.requires_grad]}
-    raise ValueError(f"pipeline.schedule={schedule!r} rebuilds the PipelineModule, so model_parameters must be all "
-                     f"of its parameters (or all trainable ones) to be carried over; for another selection build "
-                     f"deepspeed_dualpipe.DualPipeModule(..., schedule={schedule!r}) yourself and pass its parameters")
 
 
 def _check_expert_parallelism(model) -> None:
@@ -262,5 +182,4 @@ def installed() -> bool:
     return _ORIGINAL_INITIALIZE is not None
 
 
-__all__ = ["initialize", "install", "uninstall", "installed", "record_pipeline_module_args",
-           "pipeline_module_init_args"]
+__all__ = ["initialize", "install", "uninstall", "installed"]

@@ -23,6 +23,7 @@ from deepspeed import comm as dist
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.utils import logger
 
+from deepspeed_dualpipe import checkpoint
 from deepspeed_dualpipe.schedule import instructions
 from deepspeed_dualpipe.runtime.autograd import steps
 from deepspeed_dualpipe.runtime.gradients import GradientReductions
@@ -161,7 +162,6 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         """DeepSpeed's ``save_checkpoint`` (same files), never left half-written: every rank writes into a
         staging directory, which is renamed to ``tag`` once all have written; ``latest`` changes only then.
         A rank that dies mid-save makes the others raise ``CheckpointError`` within ``dualpipe.p2p_timeout_s``."""
-        from deepspeed_dualpipe import checkpoint
         return checkpoint.save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters,
                                           timeout_s=self.dualpipe.p2p_timeout_s)
 
@@ -170,12 +170,8 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         """DeepSpeed's ``load_checkpoint``, from a checkpoint written under any schedule and pipeline depth that
         can cut the model. Optimizer state loads only into the placement it was saved from; elsewhere this
         raises ``CheckpointError`` unless ``load_optimizer_states=False`` (weights, steps and scheduler only)."""
-        from deepspeed_dualpipe import checkpoint
-        tag = checkpoint.prepare_load(self, load_dir, tag, load_optimizer_states, load_module_only)
-        return super().load_checkpoint(load_dir, tag, load_module_strict=load_module_strict,
-                                       load_optimizer_states=load_optimizer_states,
-                                       load_lr_scheduler_states=load_lr_scheduler_states,
-                                       load_module_only=load_module_only, custom_load_fn=custom_load_fn)
+        return checkpoint.load_checkpoint(self, load_dir, tag, load_module_strict, load_optimizer_states,
+                                          load_lr_scheduler_states, load_module_only, custom_load_fn)
 
     def _micro_batch(self, micro_batch: int):
         """Micro-batch ``micro_batch`` of this batch, read in order from the data iterator."""

@@ -18,10 +18,7 @@ import torch
 from deepspeed import comm as dist
 from deepspeed.runtime.pipe.module import PipelineModule, TiedLayerSpec
 
-from deepspeed_dualpipe.schedule.layout import Layout
-from deepspeed_dualpipe.schedule import get_spec
-
-PLUGIN_SCHEDULES = ("zb1p", "dualpipe", "dualpipev")
+from deepspeed_dualpipe.schedule import PLUGIN_SCHEDULES, Layout, LayoutKind, get_spec
 
 
 class DualPipeModule(PipelineModule):
@@ -35,21 +32,15 @@ class DualPipeModule(PipelineModule):
             raise ValueError(f"DualPipeModule runs the plugin's schedules {', '.join(PLUGIN_SCHEDULES)}; got "
                              f"schedule={schedule!r} (DeepSpeed's own PipelineModule runs 1f1b and ds-dualpipev)")
         self.schedule = schedule
-        self.layout_kind = get_spec(schedule).layout_kind
         self.partition_method = _argument(PipelineModule.__init__, "partition_method", args, kwargs, layers,
                                           num_stages, topology, loss_fn)
         super().__init__(layers, num_stages, topology, loss_fn, *args, **kwargs)
         self.mirror_group = self._mirror_groups()
         self._synchronize_mirrors()
 
-    @classmethod
-    def from_pipeline_module(cls, module: PipelineModule, schedule: str) -> "DualPipeModule":
-        """Rebuild a user's ``PipelineModule`` (same layers and settings) for ``schedule``."""
-        if isinstance(module, DualPipeModule) and module.schedule == schedule:
-            return module
-        from deepspeed_dualpipe.integration.initialize import pipeline_module_init_args
-        args, kwargs = pipeline_module_init_args(module)
-        return cls(*args, schedule=schedule, **kwargs)
+    @property
+    def layout_kind(self) -> LayoutKind:
+        return get_spec(self.schedule).layout_kind
 
     # ----- partitioning --------------------------------------------------------------------------
     def _partition_layers(self, method="uniform"):
@@ -79,7 +70,7 @@ class DualPipeModule(PipelineModule):
     def stage_owner(self, layer_idx):
         """The pipeline rank that holds ``layer_idx`` as its chunk 0 (or its only copy)."""
         stage = next(s for s in range(len(self.parts) - 1) if self.parts[s] <= layer_idx < self.parts[s + 1])
-        if self.layout_kind == "v":
+        if self.layout_kind is LayoutKind.V:
             return min(stage, 2 * self.num_stages - 1 - stage)
         return stage
 
@@ -144,7 +135,7 @@ class DualPipeModule(PipelineModule):
         under another. Under DualPipe each stage is written once: by the rank that holds it as
         chunk 0.
         """
-        chunks = [0] if self.layout_kind == "bidirectional" else range(len(self.chunk_funcs))
+        chunks = [0] if self.layout_kind is LayoutKind.BIDIRECTIONAL else range(len(self.chunk_funcs))
         for c in chunks:
             with self.chunk(c):
                 super().save_state_dict(save_dir, checkpoint_engine, exclude_frozen_params)
@@ -156,7 +147,7 @@ class DualPipeModule(PipelineModule):
 
     # ----- tied layers and mirror copies ---------------------------------------------------------
     def _index_tied_modules(self):
-        if self.layout_kind != "bidirectional":
+        if self.layout_kind is not LayoutKind.BIDIRECTIONAL:
             return super()._index_tied_modules()
         # Under DualPipe a tied module shared by stages s and P-1-s lives on both ranks of that
         # mirror pair, and the mirror reduction already sums its gradients: no tied group.
@@ -177,7 +168,7 @@ class DualPipeModule(PipelineModule):
 
     def _mirror_groups(self):
         """The process group of this rank and its mirror (same data-parallel index), for DualPipe."""
-        if self.layout_kind != "bidirectional":
+        if self.layout_kind is not LayoutKind.BIDIRECTIONAL:
             return None
         P, mine = self.num_stages, None
         for dp in range(self._grid.data_parallel_size):
@@ -208,7 +199,7 @@ class DualPipeModule(PipelineModule):
         """Count each parameter once in global norms (gradient clipping, overflow checks)."""
         for p in self.parameters():
             p.ds_pipe_replicated = False
-        if self.layout_kind != "bidirectional":
+        if self.layout_kind is not LayoutKind.BIDIRECTIONAL:
             return
         upper = self.stage_id >= self.num_stages // 2
         chunk0 = {id(p) for p in self.chunk_parameters(0)}

@@ -4,7 +4,9 @@ Nothing here starts a process or touches a tensor: a schedule is a pure function
 (stages, micro-batches, rank) -> instruction stream, read by the analysis and run by the runtime.
 """
 
-from deepspeed_dualpipe.schedule.registry import (SCHEDULES, ScheduleSpec, build_schedule, get_spec,  # noqa: F401
-                                                  rank_steps)
+from deepspeed_dualpipe.schedule.layout import Layout, LayoutKind  # noqa: F401
+from deepspeed_dualpipe.schedule.registry import (DEEPSPEED_SCHEDULES, PLUGIN_SCHEDULES, SCHEDULES,  # noqa: F401
+                                                  EngineKind, ScheduleSpec, build_schedule, get_spec, rank_steps)
 
-__all__ = ["SCHEDULES", "ScheduleSpec", "build_schedule", "get_spec", "rank_steps"]
+__all__ = ["SCHEDULES", "PLUGIN_SCHEDULES", "DEEPSPEED_SCHEDULES", "EngineKind", "Layout", "LayoutKind",
+           "ScheduleSpec", "build_schedule", "get_spec", "rank_steps"]

@@ -4,7 +4,7 @@ from abc import abstractmethod
 
 from deepspeed.runtime.pipe.schedule import PipeSchedule
 
-from deepspeed_dualpipe.schedule.layout import Layout
+from deepspeed_dualpipe.schedule.layout import Layout, LayoutKind
 from deepspeed_dualpipe.schedule.builder import ProgramBuilder, assign_buffers
 
 
@@ -24,7 +24,7 @@ class ProgramSchedule(PipeSchedule):
     """
 
     name = ""
-    layout_kind = "linear"
+    layout_kind = LayoutKind.LINEAR
 
     def __init__(self, micro_batches: int, stages: int, stage_id: int, forward_only: bool = False):
         self.validate(stages, micro_batches)

@@ -6,6 +6,7 @@ reverse-direction micro-batches M/2 .. M-1 that enter at rank P-1. The per-rank
 order of operations is that of ``DualPipe.step`` in deepseek-ai/DualPipe.
 """
 
+from deepspeed_dualpipe.schedule.layout import LayoutKind
 from deepspeed_dualpipe.schedule.base import ProgramSchedule, require_int
 from deepspeed_dualpipe.schedule.builder import ProgramBuilder
 
@@ -84,7 +85,7 @@ class DualPipeSchedule(ProgramSchedule):
     """DualPipe as a DeepSpeed ``PipeSchedule``: P even, M even, M >= 2P."""
 
     name = "dualpipe"
-    layout_kind = "bidirectional"
+    layout_kind = LayoutKind.BIDIRECTIONAL
 
     @classmethod
     def validate(cls, stages: int, micro_batches: int) -> None:

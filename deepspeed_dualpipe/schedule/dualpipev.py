@@ -5,6 +5,7 @@ enters at rank 0, runs chunk 0 down to rank P-1, turns around there (locally) an
 runs chunk 1 back to rank 0, which computes the loss. No parameter is duplicated.
 """
 
+from deepspeed_dualpipe.schedule.layout import LayoutKind
 from deepspeed_dualpipe.schedule.base import ProgramSchedule, require_int
 from deepspeed_dualpipe.schedule.builder import ProgramBuilder
 from deepspeed_dualpipe.schedule.dualpipe import eight_steps
@@ -14,7 +15,7 @@ class DualPipeVSchedule(ProgramSchedule):
     """DualPipeV as a DeepSpeed ``PipeSchedule``: any P >= 1, M >= 2P."""
 
     name = "dualpipev"
-    layout_kind = "v"
+    layout_kind = LayoutKind.V
 
     @classmethod
     def validate(cls, stages: int, micro_batches: int) -> None:

@@ -7,39 +7,54 @@ loads inputs) and its last stage (which computes the loss).
 """
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import List, Optional, Tuple
 
 Location = Tuple[int, int]  # (pipeline rank, chunk on that rank)
+
+
+class LayoutKind(str, Enum):
+    """How a schedule places model stages on ranks (a ``str``, so it reads and serialises as its name)."""
+
+    LINEAR = "linear"  # 1F1B, ZB1P: rank r holds stage r
+    BIDIRECTIONAL = "bidirectional"  # DualPipe: rank r holds stages r and P-1-r (mirror copies)
+    V = "v"  # DualPipeV: rank r holds stages r and 2P-1-r
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
 class Layout:
     """Stage placement of one schedule kind for ``ranks`` ranks and ``micro_batches``."""
 
-    kind: str  # "linear" (1F1B, ZB1P), "bidirectional" (DualPipe) or "v" (DualPipeV)
+    kind: LayoutKind
     ranks: int
     micro_batches: int
 
+    def __post_init__(self):
+        object.__setattr__(self, "kind", LayoutKind(self.kind))
+
     @property
     def chunks_per_rank(self) -> int:
-        return 1 if self.kind == "linear" else 2
+        return 1 if self.kind is LayoutKind.LINEAR else 2
 
     @property
     def model_stages(self) -> int:
         """How many pieces the model is cut into."""
-        return 2 * self.ranks if self.kind == "v" else self.ranks
+        return 2 * self.ranks if self.kind is LayoutKind.V else self.ranks
 
     @property
     def param_copies(self) -> int:
         """How many copies of every parameter the pipeline holds."""
-        return 2 if self.kind == "bidirectional" else 1
+        return 2 if self.kind is LayoutKind.BIDIRECTIONAL else 1
 
     def path(self, micro_batch: int) -> List[Location]:
         """The locations ``micro_batch`` visits, in model-stage order."""
         P = self.ranks
-        if self.kind == "linear":
+        if self.kind is LayoutKind.LINEAR:
             return [(r, 0) for r in range(P)]
-        if self.kind == "bidirectional":
+        if self.kind is LayoutKind.BIDIRECTIONAL:
             if micro_batch < self.micro_batches // 2:
                 return [(r, 0) for r in range(P)]  # forward direction: enters at rank 0
             return [(P - 1 - s, 1) for s in range(P)]  # reverse direction: enters at rank P-1
@@ -50,7 +65,7 @@ class Layout:
         P = self.ranks
         if chunk == 0:
             return rank
-        return P - 1 - rank if self.kind == "bidirectional" else 2 * P - 1 - rank
+        return P - 1 - rank if self.kind is LayoutKind.BIDIRECTIONAL else 2 * P - 1 - rank
 
     def _neighbour(self, rank: int, chunk: int, micro_batch: int, step: int) -> Optional[Location]:
         path = self.path(micro_batch)

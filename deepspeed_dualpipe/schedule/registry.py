@@ -1,21 +1,30 @@
 """The schedule registry: every schedule the plugin can run, by its config name."""
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable, Dict, List
 
 from deepspeed.runtime.pipe import schedule as ds
 
-from deepspeed_dualpipe.schedule.layout import Layout
+from deepspeed_dualpipe.schedule.layout import Layout, LayoutKind
 from deepspeed_dualpipe.schedule.base import ProgramSchedule, require_int
 from deepspeed_dualpipe.schedule.dualpipe import DualPipeSchedule
 from deepspeed_dualpipe.schedule.dualpipev import DualPipeVSchedule
 from deepspeed_dualpipe.schedule.zb1p import ZeroBubbleH1Schedule
 
 
+class EngineKind(str, Enum):
+    """Which engine runs a schedule."""
+
+    PLUGIN = "plugin"  # the plugin's DualPipeEngine, with a DualPipeModule
+    DEEPSPEED = "deepspeed"  # DeepSpeed's own engine, untouched (the baselines)
+
+
 @dataclass(frozen=True)
 class ScheduleSpec:
     name: str
-    layout_kind: str
+    layout_kind: LayoutKind
+    engine: EngineKind
     train: Callable  # (micro_batches, stages, stage_id) -> PipeSchedule
     inference: Callable
     validate: Callable  # (stages, micro_batches) -> None, raises ValueError
@@ -24,9 +33,14 @@ class ScheduleSpec:
     def layout(self, stages: int, micro_batches: int) -> Layout:
         return Layout(self.layout_kind, stages, micro_batches)
 
+    @property
+    def runs_on_plugin_engine(self) -> bool:
+        return self.engine is EngineKind.PLUGIN
+
 
 def _plugin(cls, summary):
-    return ScheduleSpec(cls.name, cls.layout_kind, cls, lambda *a: cls(*a, forward_only=True), cls.validate, summary)
+    return ScheduleSpec(cls.name, cls.layout_kind, EngineKind.PLUGIN, cls, lambda *a: cls(*a, forward_only=True),
+                        cls.validate, summary)
 
 
 def _validate_1f1b(stages, micro_batches):
@@ -41,16 +55,21 @@ def _validate_ds_dualpipev(stages, micro_batches):
 SCHEDULES: Dict[str, ScheduleSpec] = {
     spec.name: spec
     for spec in [
-        ScheduleSpec("1f1b", "linear", ds.TrainSchedule, ds.InferenceSchedule, _validate_1f1b,
+        ScheduleSpec("1f1b", LayoutKind.LINEAR, EngineKind.DEEPSPEED, ds.TrainSchedule, ds.InferenceSchedule, _validate_1f1b,
                      "DeepSpeed's own 1F1B TrainSchedule, unchanged (baseline)"),
         _plugin(ZeroBubbleH1Schedule, "ZeroBubble ZB-H1: backward split into I and W, W deferred"),
         _plugin(DualPipeSchedule, "DualPipe: bidirectional, mirrored chunks, overlapped F&B pairs"),
         _plugin(DualPipeVSchedule, "DualPipeV: DualPipe cut in half, V-shaped, no duplicated parameters"),
-        ScheduleSpec("ds-dualpipev", "v", ds.DualPipeVSchedule,
+        ScheduleSpec("ds-dualpipev", LayoutKind.V, EngineKind.DEEPSPEED, ds.DualPipeVSchedule,
                      lambda m, s, i: ds.DualPipeVSchedule(m, s, i, forward_only=True), _validate_ds_dualpipev,
                      "DeepSpeed 0.19.8's built-in DualPipeV (baseline: no W split, no overlap)"),
     ]
 }
+
+
+# Names by engine, derived from the registry.
+PLUGIN_SCHEDULES = tuple(name for name, spec in SCHEDULES.items() if spec.runs_on_plugin_engine)
+DEEPSPEED_SCHEDULES = tuple(name for name, spec in SCHEDULES.items() if not spec.runs_on_plugin_engine)
 
 
 def get_spec(name: str) -> ScheduleSpec:
@@ -72,4 +91,4 @@ def rank_steps(name: str, stages: int, micro_batches: int, forward_only: bool = 
     return [list(build_schedule(name, micro_batches, stages, r, forward_only).steps()) for r in range(stages)]
 
 
-__all__ = ["SCHEDULES", "ScheduleSpec", "build_schedule", "get_spec", "rank_steps", "ProgramSchedule"]
+__all__ = ["SCHEDULES", "PLUGIN_SCHEDULES", "DEEPSPEED_SCHEDULES", "EngineKind", "ScheduleSpec", "build_schedule", "get_spec", "rank_steps", "ProgramSchedule"]

@@ -7,6 +7,7 @@ idle. The bubble shrinks from (P-1)(F+B) to (P-1)(F+B-2W); every rank holds at m
 activations, 1F1B's maximum (reached there on rank 0 only).
 """
 
+from deepspeed_dualpipe.schedule.layout import LayoutKind
 from deepspeed_dualpipe.schedule.base import ProgramSchedule
 from deepspeed_dualpipe.schedule.builder import ProgramBuilder
 
@@ -15,7 +16,7 @@ class ZeroBubbleH1Schedule(ProgramSchedule):
     """ZB-H1 as a DeepSpeed ``PipeSchedule``: any P >= 1, M >= 1."""
 
     name = "zb1p"
-    layout_kind = "linear"
+    layout_kind = LayoutKind.LINEAR
 
     def program(self, b: ProgramBuilder) -> None:
         P, r, M = self.stages, self.stage_id, self.micro_batches

@@ -27,7 +27,7 @@ from typing import Any, Generator, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from deepspeed_dualpipe.runtime.autograd.split_backward import SplitBackward, module_supports_split
-from deepspeed_dualpipe.runtime.autograd.tape import InlineTape, Pending, Tape, _CommIsland, _launch, flatten_tensors
+from deepspeed_dualpipe.runtime.autograd.tape import InlineTape, Pending, Tape, CommIsland, launch_all_to_all, flatten_tensors
 
 __all__ = ["Tape", "InlineTape", "Pending", "DeferredWeights", "forward_steps", "backward_steps", "run",
            "interleave"]
@@ -126,13 +126,13 @@ def backward_steps(tape: Tape, roots: Any, root_grads: Any = None, split: bool =
     islands, inputs = tape.consume()
     handles = []
     for island in reversed(islands):
-        if isinstance(island, _CommIsland):
+        if isinstance(island, CommIsland):
             if not island.input.requires_grad:
                 continue
             # Launched even without a gradient (zeros): the peers are waiting for this collective.
             g = grads.pop(id(island.output), None)
             g = torch.zeros_like(island.output) if g is None else g
-            pending = _launch(g, island.group, island.name + ".grad")
+            pending = launch_all_to_all(g, island.group, island.name + ".grad")
             yield pending
             _add(grads, island.input, pending.wait())
             continue

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, List, Optional
 
 import torch
 
-__all__ = ["Tape", "InlineTape", "Pending", "flatten_tensors"]
+__all__ = ["Tape", "InlineTape", "Pending", "CommIsland", "ComputeIsland", "launch_all_to_all", "flatten_tensors"]
 
 
 def flatten_tensors(obj: Any) -> List[torch.Tensor]:
@@ -50,7 +50,7 @@ def _comm():
     return dist
 
 
-def _launches(group) -> bool:
+def moves_data(group) -> bool:
     """True if an all-to-all over ``group`` moves data. ``None`` means "no expert parallelism"
     here (DeepSpeed's ``pg_utils.is_parallel`` convention), never the world group."""
     return group is not None and _comm().get_world_size(group=group) > 1
@@ -100,9 +100,9 @@ class Pending:
         return f"Pending({self.name!r}, {'done' if self.done else 'in flight'})"
 
 
-def _launch(x: torch.Tensor, group, name: str) -> Pending:
+def launch_all_to_all(x: torch.Tensor, group, name: str) -> Pending:
     """Start an equal-split all-to-all of ``x`` (no autograd); identity without a real group."""
-    if not _launches(group):
+    if not moves_data(group):
         return Pending(x, None, name, group)
     send = x.contiguous()
     recv = torch.empty_like(send)
@@ -116,14 +116,14 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, x):
         ctx.group = group
-        return _launch(x, group, "all_to_all").wait()
+        return launch_all_to_all(x, group, "all_to_all").wait()
 
     @staticmethod
     def backward(ctx, grad):
         return None, _AllToAll.apply(ctx.group, grad)
 
 
-class _ComputeIsland:
+class ComputeIsland:
     __slots__ = ("name", "originals", "detached", "raw", "returned", "params")
 
     def __init__(self, name, originals, detached, raw, returned, params):
@@ -131,7 +131,7 @@ class _ComputeIsland:
         self.raw, self.returned, self.params = raw, returned, params
 
 
-class _CommIsland:
+class CommIsland:
     __slots__ = ("name", "group", "input", "output")
 
     def __init__(self, name, group, input, output):
@@ -211,7 +211,7 @@ class Tape:
 
         outputs = _map_tensors(outputs, alias)
         params = None if params is None else list(params)
-        self.islands.append(_ComputeIsland(name, originals, detached, raw, returned, params))
+        self.islands.append(ComputeIsland(name, originals, detached, raw, returned, params))
         return outputs
 
     def all_to_all(self, x: torch.Tensor, group, name: str = "all_to_all") -> Pending:
@@ -221,17 +221,17 @@ class Tape:
         is still an island so the code path is the same.
         """
         if not torch.is_grad_enabled():
-            return _launch(x.detach(), group, name)
+            return launch_all_to_all(x.detach(), group, name)
         self.begin(x)
         if x.requires_grad and id(x) not in self._known:
             raise ValueError(f"tape all-to-all {name!r}: its input requires grad but was not returned by an "
                              f"island of this tape")
-        pending = _launch(x.detach(), group, name)  # identity: the result is a fresh detached alias
+        pending = launch_all_to_all(x.detach(), group, name)  # identity: the result is a fresh detached alias
         out = pending._result
         if x.requires_grad:
             out.requires_grad_(True)
             self._known[id(out)] = out
-        self.islands.append(_CommIsland(name, group, x, out))
+        self.islands.append(CommIsland(name, group, x, out))
         return pending
 
 
@@ -247,5 +247,5 @@ class InlineTape:
         return fn(*inputs)
 
     def all_to_all(self, x: torch.Tensor, group, name: str = "all_to_all") -> Pending:
-        out = _AllToAll.apply(group, x) if _launches(group) else x.contiguous()
+        out = _AllToAll.apply(group, x) if moves_data(group) else x.contiguous()
         return Pending(out, None, name, group)
