@@ -157,16 +157,16 @@ def test_two_ranks_train_with_dualpipe_through_the_launcher_and_write_their_outp
 
 def _fake_trace(schedule, stages, micro_batches, rebuild=False):
     """Every rank's instruction stream with made-up timings (1 ms per compute, 0.1 ms otherwise)."""
-    from deepspeed_dualpipe.runtime.engine import InstructionTime
+    from deepspeed_dualpipe.runtime.trace import InstructionTime
     from deepspeed_dualpipe.schedule.instructions import COMPUTE
-    from deepspeed_dualpipe.tools.lm.timeline import _instruction
+    from deepspeed_dualpipe.runtime.trace import instruction_from
     from deepspeed_dualpipe.schedule import rank_steps
     traces = []
     for steps in rank_steps(schedule, stages, micro_batches):
         t, trace = 10.0, []
         for ins in (i for step in steps for i in step):
-            if rebuild:  # as the wrapper around DeepSpeed's own engines records them
-                ins = _instruction(type(ins), ins.kwargs)
+            if rebuild:  # as runtime.trace records them
+                ins = instruction_from(type(ins), ins.kwargs)
             duration = 1e-3 if isinstance(ins, COMPUTE) or type(ins).__name__ in ("ForwardPass", "BackwardPass") \
                 else 1e-4
             trace.append(InstructionTime(ins, t, t + duration, 0.0))

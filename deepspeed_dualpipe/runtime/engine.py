@@ -14,8 +14,6 @@ One ``_exec_*`` method per instruction, as in DeepSpeed. What differs from 1F1B:
 - mirror reduction, clipping and fp16 loss scaling live in :mod:`.gradients`.
 """
 
-import time
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -32,16 +30,6 @@ from deepspeed_dualpipe.runtime.module import DualPipeModule
 from deepspeed_dualpipe.runtime.p2p import PipelineTimeout, PointToPoint, as_tuple as _as_tuple  # noqa: F401 (re-export)
 from deepspeed_dualpipe.schedule import build_schedule, get_spec
 from deepspeed_dualpipe.runtime.autograd.split_backward import SplitBackward, module_supports_split
-
-
-@dataclass
-class InstructionTime:
-    """When one instruction ran on this rank (``time.perf_counter`` seconds) and how long it waited on peers."""
-
-    instruction: object
-    start: float
-    end: float
-    waited: float
 
 
 class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
@@ -63,7 +51,7 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         self._sent_specs = {}  # chunk -> [(shape, dtype)] announced to the next stage in its metadata
         self._send_reqs = []
         self._handoff = {}  # (chunk, micro_batch) -> tensors passed between chunks on this rank
-        self.trace = None  # set to [] to record an InstructionTime per executed instruction
+        self.trace = None  # a list of InstructionTime while runtime.trace.start_recording records
         self.phase_events = None  # set to [] to record (label, start, end) of each phase of the overlapped pairs
         self._waited = 0.0
         get_spec(self.schedule_name).validate(self.num_stages, self.micro_batches)  # before any step
@@ -94,25 +82,10 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         try:
             # MoE aux losses weigh 1/M, as the losses do, and carry the fp16 loss scale, as they do
             with aux_loss_scale(self._loss_scale() / self._batch_count):
-                self._run(pipe_schedule)
+                super()._exec_schedule(pipe_schedule)
             self._drain_sends()
         finally:
             self._batch, self._handoff = {}, {}
-
-    def _run(self, pipe_schedule):
-        """DeepSpeed's instruction loop, timing each instruction when :attr:`trace` is a list."""
-        if self.trace is None:
-            return super()._exec_schedule(pipe_schedule)
-        self._reserve_pipe_buffers(pipe_schedule.num_pipe_buffers())
-        self.fwd_outputs = []
-        for step in pipe_schedule:
-            for cmd in step:
-                execute = self._INSTRUCTION_MAP.get(type(cmd))
-                if execute is None:
-                    raise RuntimeError(f"{type(self).__name__} does not understand instruction {cmd!r}")
-                self._waited, start = 0.0, time.perf_counter()
-                execute(self, **cmd.kwargs)
-                self.trace.append(InstructionTime(cmd, start, time.perf_counter(), self._waited))
 
     def train_batch(self, data_iter=None):
         try:

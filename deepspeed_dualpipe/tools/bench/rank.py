@@ -14,8 +14,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from deepspeed_dualpipe.tools.bench import layers as L
-from deepspeed_dualpipe.runtime.trace import around_each_instruction
-from deepspeed_dualpipe.tools.lm.timeline import start_recording
+from deepspeed_dualpipe.runtime.trace import around_each_instruction, start_recording
 
 
 @dataclass(frozen=True)
@@ -83,9 +82,8 @@ def _engine(spec: BenchSpec, run: Run):
     model = PipelineModule(layers=_layer_specs(spec), num_stages=spec.stages, loss_fn=L.mean_loss,
                            partition_method="uniform")
     engine = deepspeed_dualpipe.initialize(model=model, config=_config(spec, run), optimizer=_sgd)[0]
-    # The plugin's engine times itself, waits included; DeepSpeed's own get their instruction table wrapped.
-    # Their point-to-point calls block inside the communication instructions, so no compute instruction
-    # waits on a peer (``waited`` is 0) and a communication instruction's time is waiting and engine time.
+    # DeepSpeed's engines block inside their communication instructions, so no compute instruction waits on a
+    # peer there (``waited`` is 0) and a communication instruction's time is waiting and engine time.
     start_recording(engine)
     return engine
 
@@ -211,7 +209,7 @@ def _memory_step(engine, data) -> int:
 
     L.ON_SAVE.append(sample)
     try:
-        with around_each_instruction(engine, after=lambda kind: sample()):
+        with around_each_instruction(engine, after=lambda kind, kwargs: sample()):
             _step(engine, data)
     finally:
         L.ON_SAVE.remove(sample)

@@ -141,13 +141,13 @@ class ActivationMeter:
         if live > self.peak:
             self.peak, self.peak_at = live, self._instruction
 
-    def _entering(self, kind):
+    def _entering(self, kind, kwargs):
         self._instruction = kind.__name__
 
     def measure(self, step):
         """Run ``step()`` (one ``train_batch``) while counting; returns its result. :attr:`peak` is then set."""
         start = time.perf_counter()
-        with around_each_instruction(self.engine, before=self._entering, after=lambda kind: self._scan()), \
+        with around_each_instruction(self.engine, before=self._entering, after=lambda kind, kwargs: self._scan()), \
                 torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             result = step()
         self.seconds = time.perf_counter() - start

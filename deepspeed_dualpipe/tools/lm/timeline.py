@@ -1,8 +1,7 @@
 """A measured training step: per-instruction timings of every rank, as pictures, a trace and numbers.
 
 Each rank records ``(instruction, start, end, waited)`` for every instruction of one
-``train_batch`` (the plugin's engine does so itself when ``engine.trace = []``; DeepSpeed's own
-engines are timed by wrapping their instruction table, see :func:`start_recording`). Times are
+``train_batch`` (:func:`deepspeed_dualpipe.runtime.trace.start_recording`, for any engine). Times are
 seconds since a barrier that all ranks left together. Rank 0 gathers the records and turns them
 into:
 
@@ -16,7 +15,6 @@ into:
 
 import json
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -35,56 +33,6 @@ class Record:
     end: float
     waited: float  # time spent waiting on a peer inside the instruction (plugin engine only)
     op: Optional[E.Op]  # the compute operation it ran, None for the rest
-
-
-def start_recording(engine) -> None:
-    """Make ``engine`` record its next batch's instructions into ``engine.trace`` (a list of
-    ``InstructionTime``); set ``engine.trace = None`` to stop."""
-    from deepspeed_dualpipe.runtime.engine import DualPipeEngine
-    if not isinstance(engine, DualPipeEngine) and "_INSTRUCTION_MAP" not in vars(engine):
-        _wrap_instruction_table(engine)
-    engine.trace = []
-    if isinstance(engine, DualPipeEngine):
-        engine.phase_events = []  # the steps of the overlapped pairs' MoE phases, all-to-alls included
-
-
-def phase_records(engine, t0: float) -> List[tuple]:
-    """The engine's recorded MoE phases as ``(label, start, end)`` relative to ``t0`` (labels like
-    ``"B3.1:compute"`` or ``"F4.0:dispatch"``: micro-batch 3's backward in chunk 1, ...); recording stops."""
-    events, engine.phase_events = getattr(engine, "phase_events", None) or [], None
-    return [(label, start - t0, end - t0) for label, start, end in events]
-
-
-def _wrap_instruction_table(engine) -> None:
-    """DeepSpeed's own engines keep no trace: time this instance's instruction table.
-
-    Their sends and receives block inside the communication instructions, so no compute
-    instruction waits on a peer there (``waited`` is 0).
-    """
-    from deepspeed_dualpipe.runtime.engine import InstructionTime
-
-    def timed(kind, execute):
-
-        def run(self, **kwargs):
-            start = time.perf_counter()
-            execute(self, **kwargs)
-            if getattr(self, "trace", None) is not None:
-                self.trace.append(InstructionTime(_instruction(kind, kwargs), start, time.perf_counter(), 0.0))
-
-        return run
-
-    engine.trace = None
-    engine._INSTRUCTION_MAP = {kind: timed(kind, fn) for kind, fn in type(engine)._INSTRUCTION_MAP.items()}
-
-
-def _instruction(kind, kwargs):
-    """An instance of ``kind`` holding ``kwargs``, as ``PipeInstruction.__init__`` would make it."""
-    instruction = kind.__new__(kind)
-    instruction.name = kind.__name__
-    instruction.kwargs = dict(kwargs)
-    for key, value in kwargs.items():
-        setattr(instruction, key, value)
-    return instruction
 
 
 def records(trace, t0: float, layout: Layout, rank: int) -> List[Record]:

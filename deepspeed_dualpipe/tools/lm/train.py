@@ -35,6 +35,7 @@ import torch
 from deepspeed_dualpipe.tools.lm import data as D
 from deepspeed_dualpipe.tools.lm import memory as MEM
 from deepspeed_dualpipe.tools.lm import timeline as TL
+from deepspeed_dualpipe.runtime.trace import phase_records, start_recording, stop_recording
 from deepspeed_dualpipe.tools.lm.model import (PARTITION, LocalModel, ModelConfig, layer_specs, lm_loss,
                                        seed_layer)
 
@@ -256,7 +257,7 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
     for step in range(lm.steps):
         trace_now = step == lm.trace_step
         if trace_now:
-            TL.start_recording(engine)
+            start_recording(engine)
             dist.barrier()
         t0 = time.perf_counter()
         if step == memory_step:
@@ -273,8 +274,8 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
         interval_steps += 1
         if trace_now:
             mine = TL.records(engine.trace, t0, layout, engine.stage_id)
-            phases = TL.phase_records(engine, t0)
-            engine.trace = None
+            phases = phase_records(engine, t0)
+            stop_recording(engine)
             gathered = _gather((engine.stage_id, dp_rank, mine, phases))
             if gathered is not None:
                 everyone = gathered  # by global rank: (pipeline stage, data-parallel rank, records, MoE phases)
