@@ -1,8 +1,25 @@
 """``DualPipeEngine``: DeepSpeed's ``PipelineEngine`` as an interpreter of the plugin's schedules.
 
 One ``_exec_*`` method per instruction, as in DeepSpeed. What differs from 1F1B:
-- state is kept per buffer slot (inputs, outputs, received gradients, losses, pending
-  weight passes, pending receives), never once per engine;
+- state is kept per buffer slot (:class:`.slots.Slot`), never once per engine; who writes and
+  who clears each field:
+
+  ==============  =============================  ===========================================
+  Slot field      set by                         cleared by
+  ==============  =============================  ===========================================
+  inputs          LoadMicroBatch, RecvActivation  SendGrad, or the backward at a first stage
+                  (posted), a hand-off
+  labels          LoadMicroBatch                 the forward (loss computed)
+  outputs         the forward                    the backward
+  loss            the forward at a loss stage    the backward
+  output_grads    RecvGrad (posted)              the backward
+  input_grads     the backward                   SendGrad
+  tape            a phased forward               the backward
+  weight_part     BackwardInput, a pair's I      BackwardWeight
+  ==============  =============================  ===========================================
+
+  Between the two chunks of one rank (DualPipeV's turn) tensors go through :class:`.slots.Handoffs`:
+  activations forward, gradients backward, never through a slot;
 - point-to-point traffic is non-blocking and bounded by ``dualpipe.p2p_timeout_s``
   (:mod:`.p2p`);
 - chunks with phased (MoE) layers run phase by phase, and an overlapped pair interleaves
@@ -27,7 +44,8 @@ from deepspeed_dualpipe.runtime.autograd import steps
 from deepspeed_dualpipe.runtime.gradients import GradientReductions
 from deepspeed_dualpipe.runtime.autograd.aux_loss import aux_loss_scale
 from deepspeed_dualpipe.runtime.module import DualPipeModule
-from deepspeed_dualpipe.runtime.p2p import PipelineTimeout, PointToPoint, as_tuple as _as_tuple  # noqa: F401 (re-export)
+from deepspeed_dualpipe.runtime.p2p import PointToPoint, as_tuple as _as_tuple
+from deepspeed_dualpipe.runtime.slots import Handoffs, Slot
 from deepspeed_dualpipe.schedule import build_schedule, get_spec
 from deepspeed_dualpipe.runtime.autograd.split_backward import SplitBackward, module_supports_split
 
@@ -45,12 +63,11 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         self.schedule_name = self.module.schedule
         self._timeout = timedelta(seconds=self.dualpipe.p2p_timeout_s)
         self._split = self.dualpipe.split_backward and module_supports_split(self.module)
-        for key in ("grads", "input_grads", "losses", "weights", "tapes", "recv_reqs", "grad_reqs"):
-            self.pipe_buffers[key] = [None] * self.num_pipe_buffers
+        self.slots = []  # one Slot per buffer slot of the running schedule (see runtime/slots.py)
+        self.handoffs = Handoffs.empty()
         self._shapes = {}  # chunk -> [(shape, dtype)] of its received activations
         self._sent_specs = {}  # chunk -> [(shape, dtype)] announced to the next stage in its metadata
         self._send_reqs = []
-        self._handoff = {}  # (chunk, micro_batch) -> tensors passed between chunks on this rank
         self.trace = None  # a list of InstructionTime while runtime.trace.start_recording records
         self.phase_events = None  # set to [] to record (label, start, end) of each phase of the overlapped pairs
         self._waited = 0.0
@@ -74,6 +91,10 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
     def _inference_schedule(self, micro_batches):
         return build_schedule(self.schedule_name, micro_batches, self.num_stages, self.stage_id, forward_only=True)
 
+    def _reserve_pipe_buffers(self, num_buffers):
+        """Fresh slots for a schedule (DeepSpeed's own ``pipe_buffers`` lists are not used)."""
+        self.slots = [Slot() for _ in range(num_buffers)]
+
     def _exec_schedule(self, pipe_schedule):
         self._batch = {}
         self.layout = pipe_schedule.layout  # paths depend on M: DualPipe feeds half from each end
@@ -85,7 +106,7 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
                 super()._exec_schedule(pipe_schedule)
             self._drain_sends()
         finally:
-            self._batch, self._handoff = {}, {}
+            self._batch, self.handoffs = {}, Handoffs.empty()
 
     def train_batch(self, data_iter=None):
         try:
@@ -173,12 +194,12 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
 
     # ----- instructions --------------------------------------------------------------------------
     def _exec_load_micro_batch(self, buffer_id, chunk, micro_batch):
-        inputs, labels = self._micro_batch(micro_batch)
+        slot, (inputs, labels) = self.slots[buffer_id], self._micro_batch(micro_batch)
         if self._upstream(chunk, micro_batch) is None:
             loaded = tuple(t.clone().detach().to(self.device) for t in _as_tuple(inputs))
-            self.pipe_buffers["inputs"][buffer_id] = loaded if isinstance(inputs, (tuple, list)) else loaded[0]
+            slot.inputs = loaded if isinstance(inputs, (tuple, list)) else loaded[0]
         if self._downstream(chunk, micro_batch) is None and labels is not None:  # None: named at the loss
-            self.pipe_buffers["labels"][buffer_id] = tuple(t.to(self.device) for t in _as_tuple(labels)) \
+            slot.labels = tuple(t.to(self.device) for t in _as_tuple(labels)) \
                 if isinstance(labels, (tuple, list)) else labels.to(self.device)
 
     def _exec_forward_pass(self, buffer_id, chunk, micro_batch):
@@ -192,11 +213,11 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         overlapped pair can run the other micro-batch meanwhile; any other chunk runs as DeepSpeed's
         ``PipelineModule.forward`` (activation checkpointing included) in one step.
         """
-        inputs = self._inputs(buffer_id, chunk, micro_batch)
+        slot, inputs = self.slots[buffer_id], self._inputs(buffer_id, chunk, micro_batch)
         if self.module.chunk_is_phased(chunk):
             tape = steps.Tape()
             outputs = yield from steps.forward_steps(self.module.chunk_funcs[chunk], inputs, tape)
-            self.pipe_buffers["tapes"][buffer_id] = tape if torch.is_grad_enabled() else None
+            slot.tape = tape if torch.is_grad_enabled() else None
         else:
             with self.module.chunk(chunk):
                 outputs = self.module(inputs)
@@ -204,17 +225,18 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         if downstream is None:
             self._loss_stage(buffer_id, outputs)
         else:
-            self.pipe_buffers["outputs"][buffer_id] = outputs
+            slot.outputs = outputs
             if self._local(downstream):  # the V turns here: hand the tensors to the next chunk
-                self._handoff[downstream[1], micro_batch] = _detached(outputs)
+                self.handoffs.activations[downstream[1], micro_batch] = _detached(outputs)
         if not torch.is_grad_enabled():
-            self.pipe_buffers["inputs"][buffer_id] = None
+            slot.inputs = None
             if downstream is None or self._local(downstream):
-                self.pipe_buffers["outputs"][buffer_id] = None
+                slot.outputs = None
 
     def _loss_stage(self, buffer_id, outputs):
+        slot = self.slots[buffer_id]
         if self._compute_loss and self.module.loss_fn is not None:
-            labels = self.pipe_buffers["labels"][buffer_id]
+            labels = slot.labels
             if labels is None:
                 raise ValueError(f"pipeline rank {self.stage_id} computes the loss but its micro-batch has no labels "
                                  f"(None): the data iterator must yield (inputs, labels) on every rank that holds a "
@@ -222,20 +244,19 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
             loss = self.module.loss_fn(outputs, labels)
         else:
             loss = outputs
-        self.pipe_buffers["labels"][buffer_id] = None
+        slot.labels = None
         if self.eval_return_logits:
             self._eval_outputs.append(outputs)
         self._loss_sum += loss.detach().float()
-        self.pipe_buffers["losses"][buffer_id] = loss if torch.is_grad_enabled() else None
+        slot.loss = loss if torch.is_grad_enabled() else None
 
     def _inputs(self, buffer_id, chunk, micro_batch):
-        upstream = self._upstream(chunk, micro_batch)
+        slot, upstream = self.slots[buffer_id], self._upstream(chunk, micro_batch)
         if self._local(upstream):
-            inputs = self._handoff.pop((chunk, micro_batch))
-            self.pipe_buffers["inputs"][buffer_id] = inputs
-            return inputs
-        self._wait(self.pipe_buffers["recv_reqs"], buffer_id, "the activation", chunk, micro_batch, upstream)
-        return self.pipe_buffers["inputs"][buffer_id]
+            slot.inputs = self.handoffs.activations.pop((chunk, micro_batch))
+        else:
+            slot.activation_recv = self._wait(slot.activation_recv, "the activation", chunk, micro_batch, upstream)
+        return slot.inputs
 
     def _exec_backward_pass(self, buffer_id, chunk, micro_batch):
         steps.run(self._backward_steps(buffer_id, chunk, micro_batch, split=False))
@@ -245,13 +266,13 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         self._keep_weight_part(buffer_id, steps.run(self._backward_steps(buffer_id, chunk, micro_batch, self._split)))
 
     def _keep_weight_part(self, buffer_id, handle):
-        self.pipe_buffers["weights"][buffer_id] = handle
+        self.slots[buffer_id].weight_part = handle
         if not handle.split:  # fell back to a full backward: the weight gradients are in already
             self._weight_gradients_done()
 
     def _exec_backward_weight(self, buffer_id, chunk, micro_batch):
-        handle = self.pipe_buffers["weights"][buffer_id]
-        self.pipe_buffers["weights"][buffer_id] = None
+        slot = self.slots[buffer_id]
+        handle, slot.weight_part = slot.weight_part, None
         handle.weight_part()
         self._weight_gradients_done()
 
@@ -264,20 +285,19 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
     def _backward_steps(self, buffer_id, chunk, micro_batch, split: bool):
         """One micro-batch's backward through ``chunk`` as steps (a generator): input gradients now,
         weight gradients kept in the returned handle when ``split`` (``handle.weight_part()`` later)."""
-        downstream = self._downstream(chunk, micro_batch)
+        slot, downstream = self.slots[buffer_id], self._downstream(chunk, micro_batch)
         if downstream is None:  # loss stage: every micro-batch weighs 1/M in the batch mean
-            outputs, grads = self._scale_loss(self.pipe_buffers["losses"][buffer_id] / self._batch_count), None
-            self.pipe_buffers["losses"][buffer_id] = None
+            outputs, grads = self._scale_loss(slot.loss / self._batch_count), None
+            slot.loss = None
         else:
-            outputs = self.pipe_buffers["outputs"][buffer_id]
             if self._local(downstream):
-                grads = self._handoff.pop(("grad", chunk, micro_batch))
+                grads = self.handoffs.grads.pop((chunk, micro_batch))
             else:
-                self._wait(self.pipe_buffers["grad_reqs"], buffer_id, "the gradient", chunk, micro_batch, downstream)
-                grads = self.pipe_buffers["grads"][buffer_id]
-            outputs, grads = _with_grads(outputs, grads)
-        inputs = _as_tuple(self.pipe_buffers["inputs"][buffer_id])
-        tape, self.pipe_buffers["tapes"][buffer_id] = self.pipe_buffers["tapes"][buffer_id], None
+                slot.grad_recv = self._wait(slot.grad_recv, "the gradient", chunk, micro_batch, downstream)
+                grads = slot.output_grads
+            outputs, grads = _with_grads(slot.outputs, grads)
+        inputs = _as_tuple(slot.inputs)
+        tape, slot.tape = slot.tape, None
         if tape is not None:
             input_grads, handle = yield from steps.backward_steps(tape, outputs, grads, split=split)
         else:
@@ -287,13 +307,12 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
                             for t, g in zip(inputs, input_grads) if t.is_floating_point())
         upstream = self._upstream(chunk, micro_batch)
         if self._local(upstream):
-            self._handoff["grad", upstream[1], micro_batch] = input_grads
+            self.handoffs.grads[upstream[1], micro_batch] = input_grads
         elif upstream is not None:
-            self.pipe_buffers["input_grads"][buffer_id] = input_grads
-        self.pipe_buffers["outputs"][buffer_id] = None
-        self.pipe_buffers["grads"][buffer_id] = None
+            slot.input_grads = input_grads
+        slot.outputs = slot.output_grads = None
         if upstream is None or self._local(upstream):
-            self.pipe_buffers["inputs"][buffer_id] = None
+            slot.inputs = None
         return handle
 
     def _exec_overlapped_forward_backward(self, forward_buffer, forward_chunk, forward_micro_batch, backward_buffer,

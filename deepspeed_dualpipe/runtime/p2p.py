@@ -64,7 +64,7 @@ class PointToPoint:
         return self.grid.stage_to_global(stage_id=peer)
 
     def _exec_send_activations(self, buffer_id, chunk, micro_batch, peer):
-        outputs = as_tuple(self.pipe_buffers["outputs"][buffer_id])
+        outputs = as_tuple(self.slots[buffer_id].outputs)
         _check_sendable(outputs, self.stage_id, chunk)
         specs = [(tuple(t.shape), t.dtype) for t in outputs]
         if chunk not in self._sent_specs:
@@ -83,21 +83,22 @@ class PointToPoint:
             self._wait_requests(self._irecv([meta], peer), "the shapes of the activations", chunk, micro_batch, peer)
             self._shapes[chunk] = _decode_meta(meta, self.ID_TO_DTYPE)
         tensors = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in self._shapes[chunk]]
-        self.pipe_buffers["recv_reqs"][buffer_id] = self._irecv(tensors, peer)
+        slot = self.slots[buffer_id]
+        slot.activation_recv = self._irecv(tensors, peer)
         for t in tensors:
             t.requires_grad_(t.is_floating_point())
-        self.pipe_buffers["inputs"][buffer_id] = tensors[0] if len(tensors) == 1 else tuple(tensors)
+        slot.inputs = tensors[0] if len(tensors) == 1 else tuple(tensors)
 
     def _exec_send_grads(self, buffer_id, chunk, micro_batch, peer):
-        self._isend(self.pipe_buffers["input_grads"][buffer_id], peer)
-        self.pipe_buffers["input_grads"][buffer_id] = None
-        self.pipe_buffers["inputs"][buffer_id] = None
+        slot = self.slots[buffer_id]
+        self._isend(slot.input_grads, peer)
+        slot.input_grads = slot.inputs = None
 
     def _exec_recv_grads(self, buffer_id, chunk, micro_batch, peer):
-        outputs = as_tuple(self.pipe_buffers["outputs"][buffer_id])
-        grads = [torch.empty_like(t) for t in outputs if t.is_floating_point()]
-        self.pipe_buffers["grad_reqs"][buffer_id] = self._irecv(grads, peer)
-        self.pipe_buffers["grads"][buffer_id] = tuple(grads)
+        slot = self.slots[buffer_id]
+        grads = [torch.empty_like(t) for t in as_tuple(slot.outputs) if t.is_floating_point()]
+        slot.grad_recv = self._irecv(grads, peer)
+        slot.output_grads = tuple(grads)
 
     def _isend(self, tensors, peer):
         ops = [dist.P2POp(dist.isend, t.contiguous(), self._peer(peer)) for t in tensors]
@@ -114,9 +115,8 @@ class PointToPoint:
         except RuntimeError as error:
             raise PipelineTimeout.lost_connection(self, error, peer, during) from error
 
-    def _wait(self, requests, buffer_id, what, chunk, micro_batch, location):
-        pending = requests[buffer_id]
-        requests[buffer_id] = None
+    def _wait(self, pending, what, chunk, micro_batch, location):
+        """Wait for a slot's posted receive (if any); returns ``None``, for the slot to forget it."""
         if pending is not None:
             start = time.perf_counter()
             self._wait_requests(pending, what, chunk, micro_batch, location[0])

@@ -188,9 +188,12 @@ def activation_bytes(engine) -> int:
     ``inputs``/``outputs`` buffers, DeepSpeed's ``output_tensors``, the plugin's tapes and the
     tensors it hands from one chunk to the next). Gradients and labels are not counted."""
     tensors = L.saved_tensors()
-    for key in ("inputs", "outputs", "output_tensors", "tapes"):
+    for key in ("inputs", "outputs", "output_tensors"):
         _tensors(engine.pipe_buffers.get(key, ()), tensors)
-    _tensors(getattr(engine, "_handoff", {}), tensors)
+    for slot in getattr(engine, "slots", ()):
+        _tensors([slot.inputs, slot.outputs, slot.tape], tensors)
+    handoffs = getattr(engine, "handoffs", None)
+    _tensors([handoffs.activations, handoffs.grads] if handoffs else [], tensors)
     storages = {}
     for t in tensors:
         if t.is_floating_point():

@@ -12,10 +12,10 @@ their gradients and that are held for a backward still to come, that is:
    ``torch.autograd.graph.saved_tensors_hooks``), under every engine, including the autograd
    islands of the plugin's MoE phases and the graphs kept for deferred weight-gradient passes;
    freed when that backward has used it;
-2. held by the engine between instructions: the tensors in ``engine.pipe_buffers`` (stage inputs
-   and outputs, received and outgoing gradients), and in the objects stored there (the plugin's
-   tapes of MoE phases and deferred weight passes), and in the plugin's hand-offs between the two
-   chunks of a rank.
+2. held by the engine between instructions: the tensors in DeepSpeed's ``engine.pipe_buffers`` or
+   the plugin's ``engine.slots`` (stage inputs and outputs, received and outgoing gradients, tapes
+   of MoE phases and deferred weight passes), and in the plugin's hand-offs between the two chunks
+   of a rank.
 
 It is sampled after every saved tensor and after every instruction (the engine's buffers as of
 the last instruction boundary). Not counted: temporaries that live only inside one operation or
@@ -127,7 +127,7 @@ class ActivationMeter:
     # ----- what the engine holds between instructions ---------------------------------------------
     def _scan(self):
         held: Dict[tuple, int] = {}
-        roots = [getattr(self.engine, "pipe_buffers", None), getattr(self.engine, "_handoff", None)]
+        roots = [getattr(self.engine, name, None) for name in ("pipe_buffers", "slots", "handoffs")]
         for t in _tensors(roots):
             found = _storage(t)
             if found is not None and found[0] not in self._excluded:
