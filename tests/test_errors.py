@@ -72,7 +72,7 @@ def test_labels_missing_on_a_loss_rank_is_named_and_the_other_rank_does_not_hang
     kinds = {rank: outcome[0][0] for rank, outcome in outcomes.items()}
     messages = " ".join(outcome[0][1] for outcome in outcomes.values())
     assert "ValueError" in kinds.values() and "has no labels" in messages
-    assert set(kinds.values()) <= {"ValueError", "PipelineTimeout"}  # the peer gives up within the timeout
+    assert set(kinds.values()) <= {"ValueError", "PeerTimeout", "PeerLost"}  # the peer gives up within the timeout
 
 
 @pytest.mark.slow

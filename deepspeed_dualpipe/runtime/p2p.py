@@ -4,7 +4,8 @@ Sends and receives are non-blocking (``deepspeed.comm`` ``batch_isend_irecv``): 
 posted when the schedule says and waited only when the computation that needs it starts; sends
 are waited at the end of the batch. A channel's tensor shapes travel once, as metadata before its
 first message. Every wait is bounded by ``dualpipe.p2p_timeout_s`` and every failure is a
-:class:`PipelineTimeout` naming this rank, the peer, what was awaited and the micro-batch.
+:class:`~.errors.PipelineCommError` (:class:`~.errors.PeerTimeout` or
+:class:`~.errors.PeerLost`) naming this rank, the peer, what was awaited and the micro-batch.
 """
 
 import time
@@ -13,48 +14,13 @@ from datetime import timedelta
 import torch
 from deepspeed import comm as dist
 
+from deepspeed_dualpipe.runtime.errors import PeerTimeout, connection_failed
+
 _META_SIZE = 64  # int32 slots: count, then (dtype id, ndim, *shape) per tensor
 
 
 def as_tuple(x):
     return tuple(x) if isinstance(x, (tuple, list)) else (x, )
-
-
-class PipelineTimeout(RuntimeError):
-    """A point-to-point operation of the pipeline that failed, never one that hangs.
-
-    Either a wait outlived ``dualpipe.p2p_timeout_s`` (the peer is stuck, mis-scheduled, or gone
-    without closing its connection), or gloo lost the connection to the peer (the peer died: gloo
-    reports a crashed, killed or exited process at once, without waiting for the timeout). The
-    message names this rank, the peer, what was awaited and the micro-batch, and says which it was.
-    """
-
-    @classmethod
-    def gave_up(cls, engine, error, peer, awaited, source, waited):
-        """The wait for ``awaited`` ("the activation of micro-batch 2 (chunk 1)") ``source`` ("from"
-        or "by") pipeline rank ``peer`` ran out of time after ``waited`` seconds."""
-        return cls(f"{cls._who(engine)} gave up waiting for {awaited} {source} "
-                   f"{cls._who(engine, peer)} after {waited:.1f} s (dualpipe.p2p_timeout_s="
-                   f"{engine._timeout.total_seconds():g}), schedule {engine.schedule_name}: that rank is stuck, runs "
-                   f"a different schedule or died without closing its connection; check its log, or raise "
-                   f"dualpipe.p2p_timeout_s if it is only slow (gloo: {error})")
-
-    @classmethod
-    def lost_connection(cls, engine, error, peer, during):
-        """gloo's connection to pipeline rank ``peer`` failed ``during`` ("while sending the activation
-        of micro-batch 3 (chunk 0) to it"): at once, whatever the timeout."""
-        cause = ("an earlier wait on this rank timed out, and gloo closes the connection on a timeout; the first "
-                 "error is the one to read" if "timeout caused pair closure" in str(error) else
-                 "that rank probably died (crashed, was killed or exited); check its log for the first error")
-        return cls(f"{cls._who(engine)} lost its connection to {cls._who(engine, peer)} "
-                   f"{during}, schedule {engine.schedule_name}: {cause} (gloo: {error})")
-
-    @staticmethod
-    def _who(engine, stage=None):
-        """Names ``engine``'s own rank, or its peer at pipeline rank ``stage``: "pipeline rank S (global rank G)"."""
-        if stage is None:
-            return f"pipeline rank {engine.stage_id} (global rank {engine.global_rank})"
-        return f"pipeline rank {stage} (global rank {engine._peer(stage)})"
 
 
 class PointToPoint:
@@ -113,7 +79,7 @@ class PointToPoint:
         try:
             return dist.batch_isend_irecv(ops)
         except RuntimeError as error:
-            raise PipelineTimeout.lost_connection(self, error, peer, during) from error
+            raise connection_failed(self, error, peer, during) from error
 
     def _wait(self, pending, what, chunk, micro_batch, location):
         """Wait for a slot's posted receive (if any); returns ``None``, for the slot to forget it."""
@@ -124,7 +90,7 @@ class PointToPoint:
 
     def _wait_requests(self, requests, what, chunk, micro_batch, peer, deadline=None, source="from"):
         """Wait for one ``batch_isend_irecv``'s requests until ``deadline`` (``time.monotonic()``;
-        default ``dualpipe.p2p_timeout_s`` from now), else raise :class:`PipelineTimeout`.
+        default ``dualpipe.p2p_timeout_s`` from now), else raise :class:`~.errors.PeerTimeout` (or :class:`~.errors.PeerLost`).
 
         gloo fails a wait either when its timeout expires or, at once, when the connection to the
         peer drops (the peer crashed, was killed or exited; also every wait after an earlier timeout
@@ -141,8 +107,8 @@ class PointToPoint:
             waited = time.monotonic() - start
             awaited = what if micro_batch is None else f"{what} of micro-batch {micro_batch} (chunk {chunk})"
             if time.monotonic() >= deadline - 0.01 or "timed out" in str(error).lower():
-                raise PipelineTimeout.gave_up(self, error, peer, awaited, source, waited) from error
-            raise PipelineTimeout.lost_connection(self, error, peer, f"after {waited:.1f} s of waiting for {awaited} "
+                raise PeerTimeout.gave_up(self, error, peer, awaited, source, waited) from error
+            raise connection_failed(self, error, peer, f"after {waited:.1f} s of waiting for {awaited} "
                                                   f"{source} it") from error
 
     def _drain_sends(self):
