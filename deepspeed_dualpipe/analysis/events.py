@@ -13,6 +13,7 @@ from typing import List, Optional
 from deepspeed.runtime.pipe import schedule as ds
 
 from deepspeed_dualpipe.schedule import instructions
+from deepspeed_dualpipe.schedule import get_spec, rank_steps
 from deepspeed_dualpipe.schedule.layout import Layout
 
 
@@ -121,3 +122,11 @@ def _event(ins, layout, rank, counters):
             micro_batch = ins.micro_batch if plugin else counters.next(op, chunk)
             return Op(op, chunk, micro_batch, buffer=ins.kwargs.get("buffer_id"))
     return None
+
+
+def schedule_events(schedule: str, stages: int, micro_batches: int, forward_only: bool = False):
+    """``(layout, streams)``: every rank's events for the named schedule, built from its instruction streams.
+    Verification, simulation, rendering and export all start here."""
+    layout = get_spec(schedule).layout(stages, micro_batches)
+    steps = rank_steps(schedule, stages, micro_batches, forward_only)
+    return layout, [rank_events(s, layout, r) for r, s in enumerate(steps)]

@@ -3,7 +3,7 @@
 from typing import List
 
 from deepspeed_dualpipe.analysis.events import Op, rank_events
-from deepspeed_dualpipe.analysis.symbolic import Costs, execute
+from deepspeed_dualpipe.analysis.symbolic import Costs, execute_schedule
 from deepspeed_dualpipe.schedule import get_spec, rank_steps
 
 
@@ -27,9 +27,7 @@ def render_text(schedule: str, stages: int, micro_batches: int, costs: Costs = C
     """
     cell = cell or len(f"1F{micro_batches - 1}") + 1
     cell += cell % 2  # even, so that half time units fall on whole characters
-    layout = get_spec(schedule).layout(stages, micro_batches)
-    steps = rank_steps(schedule, stages, micro_batches)
-    execution = execute([rank_events(s, layout, r) for r, s in enumerate(steps)], layout, costs)
+    execution = execute_schedule(schedule, stages, micro_batches, costs)
     width = round(execution.makespan * cell)
     rows: List[str] = []
     for rank, timeline in enumerate(execution.timelines):

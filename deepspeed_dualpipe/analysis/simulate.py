@@ -9,9 +9,7 @@ DualPipe, 2P for DualPipeV (which runs PP stages on PP/2 ranks).
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-from deepspeed_dualpipe.analysis.events import rank_events
-from deepspeed_dualpipe.analysis.symbolic import Costs, Execution, execute
-from deepspeed_dualpipe.schedule import get_spec, rank_steps
+from deepspeed_dualpipe.analysis.symbolic import Costs, Execution, execute_schedule
 
 
 @dataclass(frozen=True)
@@ -67,10 +65,8 @@ class Simulated:
 
 
 def simulate(schedule: str, stages: int, micro_batches: int, costs: Costs = Costs()) -> Simulated:
-    spec = get_spec(schedule)
-    layout = spec.layout(stages, micro_batches)
-    steps = rank_steps(schedule, stages, micro_batches)
-    execution = execute([rank_events(s, layout, r) for r, s in enumerate(steps)], layout, costs)
+    execution = execute_schedule(schedule, stages, micro_batches, costs)
+    layout = execution.layout
     return Simulated(schedule, stages, micro_batches, costs, execution, layout.model_stages, layout.param_copies)
 
 

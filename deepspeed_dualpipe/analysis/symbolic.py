@@ -11,7 +11,7 @@ costs this finds deadlocks; run with the report's costs it is the simulator.
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from deepspeed_dualpipe.analysis.events import Comm, Op
+from deepspeed_dualpipe.analysis.events import Comm, Op, schedule_events
 from deepspeed_dualpipe.schedule.layout import Layout
 
 
@@ -130,6 +130,14 @@ def execute(streams: List[list], layout: Layout, costs: Costs = Costs(), forward
         raise ScheduleError(f"deadlock: {waits}")
     execution.live_peak = [r.peak for r in ranks]
     return execution
+
+
+def execute_schedule(schedule: str, stages: int, micro_batches: int, costs: Costs = Costs(),
+                     forward_only: bool = False) -> Execution:
+    """Build the named schedule's streams and execute them: the one path of the verifier, the simulator
+    and the renderer."""
+    layout, streams = schedule_events(schedule, stages, micro_batches, forward_only)
+    return execute(streams, layout, costs, forward_only)
 
 
 def _advance(rank, event, layout, costs, arrival, execution, forward_only) -> bool:

@@ -15,10 +15,9 @@ It reports the peak number of live activations per rank.
 from dataclasses import dataclass
 from typing import List
 
-from deepspeed_dualpipe.analysis.events import Comm, Op, rank_events
+from deepspeed_dualpipe.analysis.events import Comm, Op, schedule_events
 from deepspeed_dualpipe.analysis.symbolic import Costs, ScheduleError, execute
 from deepspeed_dualpipe.schedule.layout import Layout
-from deepspeed_dualpipe.schedule import get_spec, rank_steps
 
 
 @dataclass
@@ -31,9 +30,8 @@ class Verified:
 
 def verify(schedule: str, stages: int, micro_batches: int, forward_only: bool = False) -> Verified:
     """Verify the named schedule; raises :class:`ScheduleError` naming the first violation."""
-    layout = get_spec(schedule).layout(stages, micro_batches)
-    steps = rank_steps(schedule, stages, micro_batches, forward_only)
-    peaks = verify_streams([rank_events(s, layout, r) for r, s in enumerate(steps)], layout, forward_only)
+    layout, streams = schedule_events(schedule, stages, micro_batches, forward_only)
+    peaks = verify_streams(streams, layout, forward_only)
     return Verified(schedule, stages, micro_batches, peaks)
 
 
