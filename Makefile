@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: demo test venv clean
+.PHONY: demo test lint format venv clean
 
 # The main job: 4 ranks (CPU without a GPU) train the MoE language model of configs/dualpipe_moe.json
 # through DeepSpeed's launcher; outputs in runs/dualpipe_moe/.
@@ -20,13 +20,24 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# DeepSpeed's formatter (yapf, 119 columns, .style.yapf) and linter (flake8 on E9,F,W6, setup.cfg).
+LINTED := deepspeed_dualpipe tests examples
+
+lint: $(STAMP)
+	$(PY) -m flake8 $(LINTED)
+	$(PY) -m yapf --diff --recursive $(LINTED) > /dev/null || { $(PY) -m yapf --diff --recursive $(LINTED); \
+		echo "yapf would reformat the files above: run 'make format'"; exit 1; }
+
+format: $(STAMP)
+	$(PY) -m yapf --in-place --recursive $(LINTED)
+
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[test,plot]'
+	$(PY) -m pip install --quiet -e '.[test,plot,lint]'
 	@# DeepSpeed JIT-compiles its CPU shared-memory op on first use (minutes on 2 cores): do it here,
 	@# once, rather than inside the first multi-process test's time limit.
 	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"

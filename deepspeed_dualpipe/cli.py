@@ -25,9 +25,10 @@ def _add_shape(p, schedule=True):
 
 
 def _add_costs(p, default=DEFAULT_COSTS):
-    p.add_argument("--cost", default=default,
+    p.add_argument("--cost",
+                   default=default,
                    help=f"per-chunk costs F,B (full backward),W (its weight part),FB (overlapped pair),latency "
-                        f"(default {default})")
+                   f"(default {default})")
 
 
 def cmd_schedule(args) -> None:
@@ -85,7 +86,8 @@ def cmd_demo(args) -> None:
     from deepspeed_dualpipe.tools.lm.launch import launch
     extra = ["--steps", str(args.steps)] if args.steps else []
     print(f"launching: deepspeed --num_gpus {args.ranks} examples/train_moe_lm.py --deepspeed_config {args.config} "
-          f"{' '.join(extra)}".rstrip(), flush=True)
+          f"{' '.join(extra)}".rstrip(),
+          flush=True)
     start = time.perf_counter()
     done = launch(args.config, args.ranks, extra)
     if done.returncode:

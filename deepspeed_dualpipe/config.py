@@ -158,9 +158,9 @@ def _check_engine_support(cfg: Dict[str, Any], schedule: str) -> None:
     fp16 = cfg.get("fp16") or {}
     optimizer = cfg.get("optimizer") or {}
     clipping = cfg.get("gradient_clipping", 1.0)  # DeepSpeed clips at 1.0 unless told otherwise
-    if (isinstance(fp16, dict) and fp16.get("enabled") is True and stage in (0, None)
-            and isinstance(optimizer, dict) and str(optimizer.get("type", "")).lower() == "lamb"
-            and isinstance(clipping, (int, float)) and clipping > 0):
+    if (isinstance(fp16, dict) and fp16.get("enabled") is True and stage in (0, None) and isinstance(optimizer, dict)
+            and str(optimizer.get("type", "")).lower() == "lamb" and isinstance(clipping,
+                                                                                (int, float)) and clipping > 0):
         raise ValueError(f"gradient_clipping={clipping} (DeepSpeed's default is 1.0) with fp16 and optimizer.type="
                          f"{optimizer['type']!r} at ZeRO stage 0 cannot be used with pipeline.schedule={schedule!r}: "
                          f"DeepSpeed's fp16 LAMB step clips by a norm of flattened gradients that would count the "
@@ -188,5 +188,6 @@ def _describe(err: ValidationError, prefix: str, model) -> str:
     return "; ".join(lines)
 
 
-__all__ = ["DualPipeConfig", "DualPipeSection", "dualpipe_config", "load_config", "config_schedule",
-           "DEFAULT_SCHEDULE"]
+__all__ = [
+    "DualPipeConfig", "DualPipeSection", "dualpipe_config", "load_config", "config_schedule", "DEFAULT_SCHEDULE"
+]

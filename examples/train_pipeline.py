@@ -33,7 +33,7 @@ class Block(nn.Module):
 
 
 def head(embedding, x):
-    return x @ embedding.weight.t() / embedding.weight.size(1) ** 0.5  # head tied to the token embedding
+    return x @ embedding.weight.t() / embedding.weight.size(1)**0.5  # head tied to the token embedding
 
 
 def lm_loss(logits, labels):
@@ -42,8 +42,8 @@ def lm_loss(logits, labels):
 
 def layers(num_layers, hidden, vocab):
     return ([TiedLayerSpec("embed", nn.Embedding, vocab, hidden)] +
-            [LayerSpec(Block, hidden) for _ in range(num_layers - 2)] +
-            [TiedLayerSpec("embed", nn.Embedding, vocab, hidden, forward_fn=head)])
+            [LayerSpec(Block, hidden)
+             for _ in range(num_layers - 2)] + [TiedLayerSpec("embed", nn.Embedding, vocab, hidden, forward_fn=head)])
 
 
 def batches(seed, count, micro_batch_size, seq_len, vocab):
@@ -72,8 +72,10 @@ def main():
     with open(args.deepspeed_config) as f:
         schedule = json.load(f).get("pipeline", {}).get("schedule", "1f1b")
     torch.manual_seed(1234)
-    model = PipelineModule(layers=layers(args.layers, args.hidden, args.vocab), num_stages=args.stages,
-                           loss_fn=lm_loss, partition_method="uniform")
+    model = PipelineModule(layers=layers(args.layers, args.hidden, args.vocab),
+                           num_stages=args.stages,
+                           loss_fn=lm_loss,
+                           partition_method="uniform")
     engine, *_ = deepspeed.initialize(args=args, model=model, model_parameters=model.parameters())
 
     data = batches(engine.grid.get_data_parallel_id(), args.steps * engine.micro_batches,

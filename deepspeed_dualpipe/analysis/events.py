@@ -66,9 +66,9 @@ _COMM = {
     ds.RecvGrad: ("recv", "grad"),
 }
 
-
 # DeepSpeed's ForwardPass/BackwardPass cover the plugin's subclasses of them too.
-_COMPUTE = [(instructions.BackwardInput, "I"), (instructions.BackwardWeight, "W"), (ds.ForwardPass, "F"), (ds.BackwardPass, "B")]
+_COMPUTE = [(instructions.BackwardInput, "I"), (instructions.BackwardWeight, "W"), (ds.ForwardPass, "F"),
+            (ds.BackwardPass, "B")]
 
 
 def _comm_kind(ins):
@@ -106,8 +106,11 @@ def rank_events(steps: List[list], layout: Layout, rank: int) -> List[object]:
 def _event(ins, layout, rank, counters):
     if isinstance(ins, instructions.OverlappedForwardBackward):
         k = ins.kwargs
-        return Op("FB", forward=Op("F", k["forward_chunk"], k["forward_micro_batch"], buffer=k["forward_buffer"]),
-                  backward=Op(k["backward_op"], k["backward_chunk"], k["backward_micro_batch"],
+        return Op("FB",
+                  forward=Op("F", k["forward_chunk"], k["forward_micro_batch"], buffer=k["forward_buffer"]),
+                  backward=Op(k["backward_op"],
+                              k["backward_chunk"],
+                              k["backward_micro_batch"],
                               buffer=k["backward_buffer"]))
     plugin = "micro_batch" in ins.kwargs
     chunk = ins.kwargs.get("chunk", ins.kwargs.get("phase", 0))

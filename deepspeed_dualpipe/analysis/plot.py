@@ -20,8 +20,11 @@ COLOURS = {  # op -> (chunk 0, chunk 1)
     "I": ("#a6d8f0", "#1f78b4"),
     "W": ("#d4bde8", "#7b4fa6"),
 }
-CHUNKS = {"linear": ("", ""), "bidirectional": (" (forward direction)", " (reverse direction)"),
-          "v": (" (chunk 0, down the V)", " (chunk 1, back up the V)")}
+CHUNKS = {
+    "linear": ("", ""),
+    "bidirectional": (" (forward direction)", " (reverse direction)"),
+    "v": (" (chunk 0, down the V)", " (chunk 1, back up the V)")
+}
 INCH_PER_UNIT, MAX_WIDTH, INCH_PER_RANK = 0.3, 60.0, 0.5
 
 
@@ -46,7 +49,11 @@ def summary(execution: Execution) -> str:
     return f"makespan {_number(execution.makespan)}  bubble/rank {bubble}"
 
 
-def plot_timeline(schedule: str, stages: int, micro_batches: int, costs: Costs, out: str,
+def plot_timeline(schedule: str,
+                  stages: int,
+                  micro_batches: int,
+                  costs: Costs,
+                  out: str,
                   title: Optional[str] = None) -> str:
     """Simulate ``schedule`` with ``costs`` and draw its timeline to ``out`` (.png or .svg); returns ``out``."""
     from deepspeed_dualpipe.analysis.simulate import simulate
@@ -99,8 +106,7 @@ def plot_execution(execution: Execution, out: str, title: Optional[str] = None) 
         if w * points_per_unit < 0.65 * label_size * len(str(op.micro_batch)):
             return  # no room for the label
         text = "white" if op.chunk % 2 else "black"
-        ax.text(x + w / 2, y + h / 2, str(op.micro_batch), ha="center", va="center", fontsize=label_size,
-                color=text)
+        ax.text(x + w / 2, y + h / 2, str(op.micro_batch), ha="center", va="center", fontsize=label_size, color=text)
 
     pairs = False
     for rank, timeline in enumerate(timelines):
@@ -121,13 +127,17 @@ def plot_execution(execution: Execution, out: str, title: Optional[str] = None) 
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
     chunks = CHUNKS.get(execution.layout.kind, ("", ""))
-    handles = [Patch(facecolor=COLOURS[op][c], edgecolor="#555555", label=NAMES[op] + chunks[c])
-               for op in COLOURS for c in (0, 1) if (op, c) in seen]
+    handles = [
+        Patch(facecolor=COLOURS[op][c], edgecolor="#555555", label=NAMES[op] + chunks[c]) for op in COLOURS
+        for c in (0, 1) if (op, c) in seen
+    ]
     if pairs:
-        handles.append(Patch(facecolor="white", edgecolor="black", linewidth=1.2,
-                             label="overlapped forward & backward (forward on top)"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3), fontsize=9,
-               frameon=False)
+        handles.append(
+            Patch(facecolor="white",
+                  edgecolor="black",
+                  linewidth=1.2,
+                  label="overlapped forward & backward (forward on top)"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3), fontsize=9, frameon=False)
     if title:
         ax.set_title(title, fontsize=11, loc="left")
     with matplotlib.rc_context({"svg.fonttype": "none"}):  # SVG keeps its labels as text

@@ -60,8 +60,12 @@ class Simulated:
         return None if row is None else row.bubble_of(self.model_stages, self.costs)
 
     def to_json(self) -> dict:
-        return {"makespan": self.makespan, "bubble": self.bubble, "peak_activations": self.peak_activations,
-                "param_copies": self.param_copies}
+        return {
+            "makespan": self.makespan,
+            "bubble": self.bubble,
+            "peak_activations": self.peak_activations,
+            "param_copies": self.param_copies
+        }
 
 
 def simulate(schedule: str, stages: int, micro_batches: int, costs: Costs = Costs()) -> Simulated:
@@ -76,8 +80,10 @@ def _number(x: float) -> str:
 
 def table(results: List[Simulated]) -> str:
     """The side-by-side text table printed by ``python -m deepspeed_dualpipe simulate``."""
-    header = ["schedule", "makespan", "bubble/rank (min..max)", "Table 2 bubble", "= formula", "peak act/rank",
-              "Table 2 act", "param copies"]
+    header = [
+        "schedule", "makespan", "bubble/rank (min..max)", "Table 2 bubble", "= formula", "peak act/rank",
+        "Table 2 act", "param copies"
+    ]
     rows = []
     for s in results:
         row = TABLE2.get(s.schedule)

@@ -132,7 +132,10 @@ def execute(streams: List[list], layout: Layout, costs: Costs = Costs(), forward
     return execution
 
 
-def execute_schedule(schedule: str, stages: int, micro_batches: int, costs: Costs = Costs(),
+def execute_schedule(schedule: str,
+                     stages: int,
+                     micro_batches: int,
+                     costs: Costs = Costs(),
                      forward_only: bool = False) -> Execution:
     """Build the named schedule's streams and execute them: the one path of the verifier, the simulator
     and the renderer."""
@@ -151,7 +154,7 @@ def _advance(rank, event, layout, costs, arrival, execution, forward_only) -> bo
         message = _message(event.payload, event.micro_batch, source, target)
         channel = (rank.rank, event.peer) if event.direction == "send" else (event.peer, rank.rank)
         if event.direction == "send":
-            producer = ("F",) if event.payload == "act" else ("B", "I")
+            producer = ("F", ) if event.payload == "act" else ("B", "I")
             if not any((op, event.chunk, event.micro_batch) in rank.done for op in producer):
                 raise ScheduleError(f"rank {rank.rank}: {event} is posted before the tensor it sends is computed")
             if message in arrival:
@@ -178,8 +181,7 @@ def _advance(rank, event, layout, costs, arrival, execution, forward_only) -> bo
     start, end = ready, ready + costs.of(event)
     for part in event.parts():
         key = (part.op, part.chunk, part.micro_batch)
-        if key in rank.done or (part.op in "BI" and any((o, part.chunk, part.micro_batch) in rank.done
-                                                        for o in "BI")):
+        if key in rank.done or (part.op in "BI" and any((o, part.chunk, part.micro_batch) in rank.done for o in "BI")):
             raise ScheduleError(f"rank {rank.rank}: {part} runs twice")
         if part.op == "F":
             rank.live += 1
@@ -223,7 +225,7 @@ def _needs(rank, part: Op, layout, arrival, forward_only) -> Optional[float]:
     if source is None:
         return 0.0
     if source[0] == rank.rank:  # the neighbouring stage is on this rank: it must have run already
-        wanted = ("F",) if payload == "act" else ("B", "I")
+        wanted = ("F", ) if payload == "act" else ("B", "I")
         if not any((op, source[1], m) in rank.done for op in wanted):
             raise ScheduleError(f"rank {rank.rank}: {part} runs before {source[1]}{wanted[0]}{m} on the same rank")
         return 0.0

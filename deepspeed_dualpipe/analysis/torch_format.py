@@ -32,8 +32,9 @@ from deepspeed_dualpipe.schedule import get_spec, rank_steps
 TORCH_EXPRESSIBLE = ("1f1b", "zb1p", "dualpipev", "ds-dualpipev")
 
 _NOT_EXPRESSIBLE = {
-    "dualpipe": "DualPipe duplicates every model stage on two ranks (rank r and its mirror P-1-r, one copy per "
-                "direction), while torch.distributed.pipelining maps each stage index to exactly one rank",
+    "dualpipe":
+    "DualPipe duplicates every model stage on two ranks (rank r and its mirror P-1-r, one copy per "
+    "direction), while torch.distributed.pipelining maps each stage index to exactly one rank",
 }
 
 _NEEDED = ("_Action", "_ComputationType", "_validate_schedule", "_format_pipeline_order", "PipelineScheduleMulti")
@@ -49,18 +50,28 @@ def _torch() -> SimpleNamespace:
         if not hasattr(ts, symbol):
             raise RuntimeError(f"torch.distributed.pipelining.schedules.{symbol} is missing in this torch version")
     kind = ts._ComputationType
-    for member in ("FORWARD", "FULL_BACKWARD", "BACKWARD_INPUT", "BACKWARD_WEIGHT", "OVERLAP_F_B",
-                   "SEND_F", "RECV_F", "SEND_B", "RECV_B"):
+    for member in ("FORWARD", "FULL_BACKWARD", "BACKWARD_INPUT", "BACKWARD_WEIGHT", "OVERLAP_F_B", "SEND_F", "RECV_F",
+                   "SEND_B", "RECV_B"):
         if not hasattr(kind, member):
             raise RuntimeError(f"torch.distributed.pipelining.schedules._ComputationType.{member} is missing")
     if "sub_actions" not in ts._Action._fields:
         raise RuntimeError("torch.distributed.pipelining.schedules._Action.sub_actions is missing")
-    return SimpleNamespace(
-        Action=ts._Action, OVERLAP_F_B=kind.OVERLAP_F_B, validate=ts._validate_schedule,
-        format=ts._format_pipeline_order,
-        compute={"F": kind.FORWARD, "B": kind.FULL_BACKWARD, "I": kind.BACKWARD_INPUT, "W": kind.BACKWARD_WEIGHT},
-        comm={("send", "act"): kind.SEND_F, ("recv", "act"): kind.RECV_F,
-              ("send", "grad"): kind.SEND_B, ("recv", "grad"): kind.RECV_B})
+    return SimpleNamespace(Action=ts._Action,
+                           OVERLAP_F_B=kind.OVERLAP_F_B,
+                           validate=ts._validate_schedule,
+                           format=ts._format_pipeline_order,
+                           compute={
+                               "F": kind.FORWARD,
+                               "B": kind.FULL_BACKWARD,
+                               "I": kind.BACKWARD_INPUT,
+                               "W": kind.BACKWARD_WEIGHT
+                           },
+                           comm={
+                               ("send", "act"): kind.SEND_F,
+                               ("recv", "act"): kind.RECV_F,
+                               ("send", "grad"): kind.SEND_B,
+                               ("recv", "grad"): kind.RECV_B
+                           })
 
 
 def _check_expressible(schedule: str):

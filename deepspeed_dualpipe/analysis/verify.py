@@ -59,8 +59,9 @@ def _check_complete(rank: int, ops: List[Op], layout: Layout, forward_only: bool
             expected = (1, 0, 0, 0) if forward_only else None
             ok = (f, b, i, w) == expected if forward_only else (f == 1 and (b, i, w) in ((1, 0, 0), (0, 1, 1)))
             if not ok:
-                raise ScheduleError(f"rank {rank}: chunk {chunk}, micro-batch {m} has F x{f}, B x{b}, I x{i}, W x{w}; "
-                                    f"expected one F and {'nothing else' if forward_only else 'one B, or one I and one W'}")
+                raise ScheduleError(
+                    f"rank {rank}: chunk {chunk}, micro-batch {m} has F x{f}, B x{b}, I x{i}, W x{w}; "
+                    f"expected one F and {'nothing else' if forward_only else 'one B, or one I and one W'}")
     if counts:
         raise ScheduleError(f"rank {rank}: operations on chunks it does not hold: {sorted(counts)}")
 

@@ -39,5 +39,7 @@ from deepspeed_dualpipe.checkpoint.files import (MANIFEST, CheckpointError, chec
 from deepspeed_dualpipe.checkpoint.load import load_checkpoint, prepare_load
 from deepspeed_dualpipe.checkpoint.save import prepare_save_dir, save_checkpoint
 
-__all__ = ["CheckpointError", "save_checkpoint", "prepare_save_dir", "load_checkpoint", "prepare_load", "read_latest", "write_latest",
-           "read_manifest", "check_tag", "staging_dir", "replaced_dir", "layout_of", "MANIFEST"]
+__all__ = [
+    "CheckpointError", "save_checkpoint", "prepare_save_dir", "load_checkpoint", "prepare_load", "read_latest",
+    "write_latest", "read_manifest", "check_tag", "staging_dir", "replaced_dir", "layout_of", "MANIFEST"
+]

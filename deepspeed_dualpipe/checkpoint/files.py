@@ -4,13 +4,11 @@ import json
 import os
 from typing import Optional
 
-
 STAGING_PREFIX = ".dualpipe-partial-"
 REPLACED_PREFIX = ".dualpipe-replaced-"
 MANIFEST = "dualpipe_checkpoint.json"
 FORMAT_VERSION = 1
 DEFAULT_TIMEOUT_S = 300.0
-
 
 
 class CheckpointError(RuntimeError):
@@ -32,8 +30,8 @@ def replaced_dir(save_dir: str, tag: str) -> str:
 
 def check_tag(tag) -> str:
     tag = str(tag)
-    if not tag or tag in (".", "..") or "/" in tag or os.sep in tag or tag.startswith((STAGING_PREFIX,
-                                                                                      REPLACED_PREFIX)):
+    if not tag or tag in (".", "..") or "/" in tag or os.sep in tag or tag.startswith(
+        (STAGING_PREFIX, REPLACED_PREFIX)):
         raise ValueError(f"checkpoint tag {tag!r} cannot be used: a tag names one directory inside save_dir (no "
                          f"path separators, not '.' or '..', not starting with {STAGING_PREFIX!r} or "
                          f"{REPLACED_PREFIX!r}, which the atomic save uses)")
@@ -112,10 +110,15 @@ def layout_of(engine) -> dict:
             DualPipeVModule = ()
         schedule, kind = ("ds-dualpipev", "ds-v") if isinstance(module, DualPipeVModule) else ("1f1b", "linear")
     grid = engine.grid
-    return {"schedule": schedule, "layout": kind, "pipe_parallel_size": int(engine.num_stages),
-            "tensor_parallel_size": int(grid.get_slice_parallel_world_size()),
-            "data_parallel_size": int(grid.get_data_parallel_world_size()),
-            "stage_boundaries": [int(p) for p in module.parts], "num_layers": int(module._num_layers)}
+    return {
+        "schedule": schedule,
+        "layout": kind,
+        "pipe_parallel_size": int(engine.num_stages),
+        "tensor_parallel_size": int(grid.get_slice_parallel_world_size()),
+        "data_parallel_size": int(grid.get_data_parallel_world_size()),
+        "stage_boundaries": [int(p) for p in module.parts],
+        "num_layers": int(module._num_layers)
+    }
 
 
 def describe_layout(layout: dict) -> str:

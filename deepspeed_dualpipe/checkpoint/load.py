@@ -7,8 +7,8 @@ from typing import Optional
 
 from deepspeed.utils import logger
 
-from deepspeed_dualpipe.checkpoint.files import (CheckpointError, MANIFEST, describe_layout, same_placement,
-                                                 layout_of, read_latest, read_manifest, replaced_dir, staging_dir)
+from deepspeed_dualpipe.checkpoint.files import (CheckpointError, MANIFEST, describe_layout, same_placement, layout_of,
+                                                 read_latest, read_manifest, replaced_dir, staging_dir)
 
 
 def _missing_tag(load_dir: str, tag: str) -> CheckpointError:
@@ -18,8 +18,9 @@ def _missing_tag(load_dir: str, tag: str) -> CheckpointError:
         return CheckpointError(f"checkpoint {tag!r} in {load_dir} was never completed: its save was interrupted "
                                f"(its partial files are in {staging_dir(load_dir, tag)}). Load the last complete "
                                f"checkpoint instead (tag=None loads the one 'latest' names{hint})")
-    available = sorted(d for d in os.listdir(load_dir) if os.path.isdir(os.path.join(load_dir, d))
-                       and not d.startswith(".")) if os.path.isdir(load_dir) else []
+    available = sorted(
+        d for d in os.listdir(load_dir)
+        if os.path.isdir(os.path.join(load_dir, d)) and not d.startswith(".")) if os.path.isdir(load_dir) else []
     where = f"the checkpoints there are {available}" if available else "there is no checkpoint there"
     return CheckpointError(f"no checkpoint {tag!r} in {load_dir}: {where}{hint}")
 
@@ -44,9 +45,11 @@ def prepare_load(engine, load_dir, tag=None, load_optimizer_states=True, load_mo
         tag, path = os.path.basename(replaced), replaced
     manifest = read_manifest(path)
     if manifest is not None:
-        wrong = [f"{name} ({'missing' if not os.path.exists(os.path.join(path, name)) else 'size changed'})"
-                 for name, size in manifest["files"].items()
-                 if not os.path.exists(os.path.join(path, name)) or os.path.getsize(os.path.join(path, name)) != size]
+        wrong = [
+            f"{name} ({'missing' if not os.path.exists(os.path.join(path, name)) else 'size changed'})"
+            for name, size in manifest["files"].items()
+            if not os.path.exists(os.path.join(path, name)) or os.path.getsize(os.path.join(path, name)) != size
+        ]
         if wrong:
             raise CheckpointError(f"checkpoint {path} is damaged: {', '.join(wrong[:5])}"
                                   f"{' and more' if len(wrong) > 5 else ''} differ from the manifest {MANIFEST} "
@@ -61,8 +64,12 @@ def prepare_load(engine, load_dir, tag=None, load_optimizer_states=True, load_mo
             saved, source = manifest["layout"], ""
         else:  # written by DeepSpeed's own save: its 1F1B placement, one mp_rank file per pipeline x tensor rank
             tensor = mine["tensor_parallel_size"]
-            saved = {"schedule": "1f1b (DeepSpeed's save, assumed)", "layout": "linear",
-                     "pipe_parallel_size": len(rank_files) // tensor, "tensor_parallel_size": tensor}
+            saved = {
+                "schedule": "1f1b (DeepSpeed's save, assumed)",
+                "layout": "linear",
+                "pipe_parallel_size": len(rank_files) // tensor,
+                "tensor_parallel_size": tensor
+            }
             source = ", as far as its files tell"
         if not same_placement(saved, mine):
             raise CheckpointError(
@@ -76,8 +83,14 @@ def prepare_load(engine, load_dir, tag=None, load_optimizer_states=True, load_mo
     return tag
 
 
-def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
-                    load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+def load_checkpoint(engine,
+                    load_dir,
+                    tag=None,
+                    load_module_strict=True,
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=True,
+                    load_module_only=False,
+                    custom_load_fn=None):
     """DeepSpeed's ``load_checkpoint`` after :func:`prepare_load`'s checks, for any pipeline engine (the plugin's
     engine calls it too). Runs under ``torch.no_grad()``: DeepSpeed's ``PipelineModule`` broadcasts tied weights
     into parameters as it loads, which autograd would otherwise record."""
@@ -85,8 +98,11 @@ def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_op
     from deepspeed.runtime.pipe.engine import PipelineEngine
     with torch.no_grad():
         tag = prepare_load(engine, load_dir, tag, load_optimizer_states, load_module_only)
-        return PipelineEngine.load_checkpoint(engine, load_dir, tag, load_module_strict=load_module_strict,
+        return PipelineEngine.load_checkpoint(engine,
+                                              load_dir,
+                                              tag,
+                                              load_module_strict=load_module_strict,
                                               load_optimizer_states=load_optimizer_states,
                                               load_lr_scheduler_states=load_lr_scheduler_states,
-                                              load_module_only=load_module_only, custom_load_fn=custom_load_fn)
-
+                                              load_module_only=load_module_only,
+                                              custom_load_fn=custom_load_fn)

@@ -54,8 +54,8 @@ class SaveRendezvous:
 
     def not_saved(self, reason: str) -> CheckpointError:
         latest = read_latest(self.save_dir)
-        previous = (f"'latest' still names {latest!r}, which is complete and loads" if latest is not None else
-                    "there is no 'latest' file in it")
+        previous = (f"'latest' still names {latest!r}, which is complete and loads"
+                    if latest is not None else "there is no 'latest' file in it")
         return CheckpointError(f"{self.who()}: checkpoint {self.tag!r} in {self.save_dir} was not saved: {reason}. "
                                f"Nothing was committed: {previous}. Partial files may remain in "
                                f"{staging_dir(self.save_dir, self.tag)}; the next save_checkpoint removes them.")

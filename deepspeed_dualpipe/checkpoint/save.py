@@ -59,10 +59,14 @@ def _write_files(engine, save_dir, staging_tag, client_state, exclude_frozen_par
         engine._create_checkpoint_file(save_dir, staging_tag, False)
         if engine.has_moe_layers:
             engine.save_non_zero_checkpoint = False  # as DeepSpeed: the MoE path writes the non-expert file itself
-            engine._save_moe_checkpoint(save_dir, staging_tag, client_state=client_state,
+            engine._save_moe_checkpoint(save_dir,
+                                        staging_tag,
+                                        client_state=client_state,
                                         exclude_frozen_parameters=exclude_frozen_parameters)
         else:
-            engine._save_checkpoint(save_dir, staging_tag, client_state=client_state,
+            engine._save_checkpoint(save_dir,
+                                    staging_tag,
+                                    client_state=client_state,
                                     exclude_frozen_parameters=exclude_frozen_parameters)
         if engine.save_zero_checkpoint:
             engine._create_zero_checkpoint_files(save_dir, staging_tag)
@@ -99,7 +103,12 @@ def _commit(engine, save_dir: str, tag: str, save_latest: bool) -> None:
         write_latest(save_dir, tag)
 
 
-def save_checkpoint(engine, save_dir, tag=None, client_state=None, save_latest=True, exclude_frozen_parameters=False,
+def save_checkpoint(engine,
+                    save_dir,
+                    tag=None,
+                    client_state=None,
+                    save_latest=True,
+                    exclude_frozen_parameters=False,
                     timeout_s=None):
     """``engine.save_checkpoint(...)`` (same arguments, same files), atomic: see the module's docstring.
 

@@ -11,5 +11,7 @@ from deepspeed_dualpipe.moe.block import MoETransformerBlock
 from deepspeed_dualpipe.moe.layer import DualPipeMoE
 from deepspeed_dualpipe.moe.parts import CausalSelfAttention, RMSNorm, SwiGLU
 
-__all__ = ["DualPipeMoE", "MoETransformerBlock", "RMSNorm", "SwiGLU", "CausalSelfAttention", "attach_aux_loss",
-           "aux_loss_scale", "get_aux_loss_scale"]
+__all__ = [
+    "DualPipeMoE", "MoETransformerBlock", "RMSNorm", "SwiGLU", "CausalSelfAttention", "attach_aux_loss",
+    "aux_loss_scale", "get_aux_loss_scale"
+]

@@ -43,10 +43,22 @@ __all__ = ["MoETransformerBlock", "RMSNorm"]
 class MoETransformerBlock(nn.Module):
     """Pre-norm decoder block with a dense SwiGLU MLP or a DualPipeMoE (+ shared expert)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, num_experts: int, ep_size: int = 1, k: int = 2,
-                 ffn_hidden_size: Optional[int] = None, shared_expert: bool = True, capacity_factor: float = 1.0,
-                 min_capacity: int = 4, drop_tokens: bool = True, aux_loss_coef: float = 0.01, dense: bool = False,
-                 use_rts: bool = False, top2_2nd_expert_sampling: bool = False, norm_eps: float = 1e-6):
+    def __init__(self,
+                 hidden_size: int,
+                 num_heads: int,
+                 num_experts: int,
+                 ep_size: int = 1,
+                 k: int = 2,
+                 ffn_hidden_size: Optional[int] = None,
+                 shared_expert: bool = True,
+                 capacity_factor: float = 1.0,
+                 min_capacity: int = 4,
+                 drop_tokens: bool = True,
+                 aux_loss_coef: float = 0.01,
+                 dense: bool = False,
+                 use_rts: bool = False,
+                 top2_2nd_expert_sampling: bool = False,
+                 norm_eps: float = 1e-6):
         super().__init__()
         ffn = ffn_hidden_size or 4 * hidden_size
         self.dense = dense
@@ -58,9 +70,16 @@ class MoETransformerBlock(nn.Module):
         if dense:
             self.mlp = SwiGLU(hidden_size, ffn)
             return
-        self.moe = DualPipeMoE(hidden_size, SwiGLU(hidden_size, ffn), num_experts=num_experts, ep_size=ep_size, k=k,
-                               capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
-                               min_capacity=min_capacity, drop_tokens=drop_tokens, use_rts=use_rts,
+        self.moe = DualPipeMoE(hidden_size,
+                               SwiGLU(hidden_size, ffn),
+                               num_experts=num_experts,
+                               ep_size=ep_size,
+                               k=k,
+                               capacity_factor=capacity_factor,
+                               eval_capacity_factor=capacity_factor,
+                               min_capacity=min_capacity,
+                               drop_tokens=drop_tokens,
+                               use_rts=use_rts,
                                top2_2nd_expert_sampling=top2_2nd_expert_sampling)
         if shared_expert:
             self.shared_expert = SwiGLU(hidden_size, ffn)
@@ -98,18 +117,29 @@ class MoETransformerBlock(nn.Module):
             return tape.compute(self._dense, x, params=self.parameters(), name="block")
         moe, group = self.moe, self.moe.a2a_group
         pre = self._params(self.norm1, self.attn, self.norm2, moe.deepspeed_moe.gate)
-        x, h, dispatched, l_aux, slots, gates, exp_counts = tape.compute(self._pre_dispatch, x, params=pre,
+        x, h, dispatched, l_aux, slots, gates, exp_counts = tape.compute(self._pre_dispatch,
+                                                                         x,
+                                                                         params=pre,
                                                                          name="attention+gate")
         pending = tape.all_to_all(dispatched, group, name="dispatch")
         yield pending
-        expert_out = tape.compute(moe.expert_phase, pending.wait(), params=moe.deepspeed_moe.experts.parameters(),
+        expert_out = tape.compute(moe.expert_phase,
+                                  pending.wait(),
+                                  params=moe.deepspeed_moe.experts.parameters(),
                                   name="experts")
         pending = tape.all_to_all(expert_out, group, name="combine")
         yield pending
         shared = None
         if self.shared_expert is not None:
             shared = tape.compute(self.shared_expert, h, params=self.shared_expert.parameters(), name="shared_expert")
-        out = tape.compute(self._post, pending.wait(), slots, gates, x, shared, l_aux, params=(),
+        out = tape.compute(self._post,
+                           pending.wait(),
+                           slots,
+                           gates,
+                           x,
+                           shared,
+                           l_aux,
+                           params=(),
                            name="decode+residual")
         moe.deepspeed_moe.l_aux, moe.deepspeed_moe.exp_counts = l_aux, exp_counts
         return out

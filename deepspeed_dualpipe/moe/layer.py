@@ -80,8 +80,7 @@ class DualPipeMoE(MoE):
         """
         moe = self.deepspeed_moe
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
-        l_aux, capacity, num_experts, indices, locations, gates, exp_counts = moe.gate(tokens, used_token, True,
-                                                                                       False)
+        l_aux, capacity, num_experts, indices, locations, gates, exp_counts = moe.gate(tokens, used_token, True, False)
         capacity = int(capacity)
         slots = _route_slots(indices, locations, num_experts, capacity)
         return _sparse_encode(tokens, slots, num_experts, capacity), l_aux, slots, gates, exp_counts
@@ -100,7 +99,11 @@ class DualPipeMoE(MoE):
             output_mlp = output_mlp[0]  # a bias returned beside the output is ignored, as in DeepSpeed
         return output_mlp, F.softmax(self.coefficient(hidden_states), dim=-1)
 
-    def decode_phase(self, combined: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor, shape,
+    def decode_phase(self,
+                     combined: torch.Tensor,
+                     slots: torch.Tensor,
+                     gates: torch.Tensor,
+                     shape,
                      residual=None) -> torch.Tensor:
         """Gather each token's expert outputs, weight them by the gates, mix in the residual."""
         d_model = combined.shape[-1]
@@ -118,12 +121,13 @@ class DualPipeMoE(MoE):
             raise NotImplementedError(f"DualPipeMoE cannot run as phases with {reason}")
         moe, group = self.deepspeed_moe, self.a2a_group
         gate = (lambda h: self.gate_phase(h, used_token))  # the token mask is a constant, not an input
-        dispatched, l_aux, slots, gates, exp_counts = tape.compute(gate, hidden_states, params=moe.gate.parameters(),
+        dispatched, l_aux, slots, gates, exp_counts = tape.compute(gate,
+                                                                   hidden_states,
+                                                                   params=moe.gate.parameters(),
                                                                    name="gate")
         pending = tape.all_to_all(dispatched, group, name="dispatch")
         yield pending
-        expert_out = tape.compute(self.expert_phase, pending.wait(), params=moe.experts.parameters(),
-                                  name="experts")
+        expert_out = tape.compute(self.expert_phase, pending.wait(), params=moe.experts.parameters(), name="experts")
         pending = tape.all_to_all(expert_out, group, name="combine")
         yield pending
         residual = None

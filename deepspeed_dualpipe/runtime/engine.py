@@ -132,7 +132,12 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
             agg /= self.dp_world_size
         return agg
 
-    def eval_batch(self, data_iter, return_logits=False, compute_loss=True, reduce_output="avg", bcast_loss=True,
+    def eval_batch(self,
+                   data_iter,
+                   return_logits=False,
+                   compute_loss=True,
+                   reduce_output="avg",
+                   bcast_loss=True,
                    num_micro_batches=None):
         """Forward-only schedule; returns the mean loss on every rank (and this rank's loss-stage outputs)."""
         self.module.eval()
@@ -156,11 +161,22 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         """DeepSpeed's ``save_checkpoint`` (same files), never left half-written: every rank writes into a
         staging directory, which is renamed to ``tag`` once all have written; ``latest`` changes only then.
         A rank that dies mid-save makes the others raise ``CheckpointError`` within ``dualpipe.p2p_timeout_s``."""
-        return checkpoint.save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters,
+        return checkpoint.save_checkpoint(self,
+                                          save_dir,
+                                          tag,
+                                          client_state,
+                                          save_latest,
+                                          exclude_frozen_parameters,
                                           timeout_s=self.dualpipe.p2p_timeout_s)
 
-    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
-                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+    def load_checkpoint(self,
+                        load_dir,
+                        tag=None,
+                        load_module_strict=True,
+                        load_optimizer_states=True,
+                        load_lr_scheduler_states=True,
+                        load_module_only=False,
+                        custom_load_fn=None):
         """DeepSpeed's ``load_checkpoint``, from a checkpoint written under any schedule and pipeline depth that
         can cut the model. Optimizer state loads only into the placement it was saved from; elsewhere this
         raises ``CheckpointError`` unless ``load_optimizer_states=False`` (weights, steps and scheduler only)."""
@@ -303,8 +319,8 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         else:
             handle = SplitBackward.input_part(outputs, grads, inputs, self.module.chunk_parameters(chunk), split=split)
             input_grads = handle.input_grads
-        input_grads = tuple(torch.zeros_like(t) if g is None else g
-                            for t, g in zip(inputs, input_grads) if t.is_floating_point())
+        input_grads = tuple(
+            torch.zeros_like(t) if g is None else g for t, g in zip(inputs, input_grads) if t.is_floating_point())
         upstream = self._upstream(chunk, micro_batch)
         if self._local(upstream):
             self.handoffs.grads[upstream[1], micro_batch] = input_grads

@@ -20,11 +20,14 @@ class GradientReductions:
     def _exec_reduce_mirror_grads(self):
         """Sum every gradient across the mirror pair (r, P-1-r): both copies of a stage see half the batch."""
         self._drain_sends()
-        params = [p for _, p in self.module.named_mirror_tensors() if isinstance(p, torch.nn.Parameter)
-                  and p.requires_grad]
+        params = [
+            p for _, p in self.module.named_mirror_tensors() if isinstance(p, torch.nn.Parameter) and p.requires_grad
+        ]
         grads = [self._gradient(p) for p in params]
-        flat = torch.cat([g.reshape(-1) if g is not None else torch.zeros(p.numel(), dtype=self._grad_dtype(),
-                                                                          device=p.device) for p, g in zip(params, grads)])
+        flat = torch.cat([
+            g.reshape(-1) if g is not None else torch.zeros(p.numel(), dtype=self._grad_dtype(), device=p.device)
+            for p, g in zip(params, grads)
+        ])
         dist.all_reduce(flat, group=self.module.mirror_group)
         offset = 0
         for p, g in zip(params, grads):

@@ -59,9 +59,7 @@ class DualPipeModule(PipelineModule):
             super()._partition_layers(method)
         finally:
             self.num_stages = ranks
-        self.chunk_bounds: List[Tuple[int, int]] = [
-            (self.parts[s], self.parts[s + 1]) for s in self._chunk_stages()
-        ]
+        self.chunk_bounds: List[Tuple[int, int]] = [(self.parts[s], self.parts[s + 1]) for s in self._chunk_stages()]
 
     def _chunk_stages(self) -> List[int]:
         layout = Layout(self.layout_kind, self.num_stages, 1)
@@ -153,8 +151,10 @@ class DualPipeModule(PipelineModule):
         # mirror pair, and the mirror reduction already sums its gradients: no tied group.
         P = self.num_stages
         for key in sorted({s.key for s in self._layer_specs if isinstance(s, TiedLayerSpec)}):
-            stages = {self.stage_owner(i) for i, s in enumerate(self._layer_specs)
-                      if isinstance(s, TiedLayerSpec) and s.key == key}
+            stages = {
+                self.stage_owner(i)
+                for i, s in enumerate(self._layer_specs) if isinstance(s, TiedLayerSpec) and s.key == key
+            }
             pairs = {min(s, P - 1 - s) for s in stages}
             if len(pairs) > 1:
                 raise ValueError(f"dualpipe supports tied layers only within one mirror pair of stages (s and P-1-s, "
@@ -215,4 +215,3 @@ def _argument(function, name, args, kwargs, *leading):
     bound = inspect.signature(function).bind(None, *leading, *args, **kwargs)
     bound.apply_defaults()
     return bound.arguments[name]
-

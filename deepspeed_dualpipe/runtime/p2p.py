@@ -109,7 +109,7 @@ class PointToPoint:
             if time.monotonic() >= deadline - 0.01 or "timed out" in str(error).lower():
                 raise PeerTimeout.gave_up(self, error, peer, awaited, source, waited) from error
             raise connection_failed(self, error, peer, f"after {waited:.1f} s of waiting for {awaited} "
-                                                  f"{source} it") from error
+                                    f"{source} it") from error
 
     def _drain_sends(self):
         """Wait for every send of the batch, all within one ``dualpipe.p2p_timeout_s``: a receiver that
@@ -117,8 +117,13 @@ class PointToPoint:
         sends, self._send_reqs = self._send_reqs, []
         deadline = time.monotonic() + self._timeout.total_seconds()
         for requests, _, peer in sends:
-            self._wait_requests(requests, f"{len(requests)} tensor(s) this rank sent to be received", None, None,
-                                peer, deadline=deadline, source="by")
+            self._wait_requests(requests,
+                                f"{len(requests)} tensor(s) this rank sent to be received",
+                                None,
+                                None,
+                                peer,
+                                deadline=deadline,
+                                source="by")
 
 
 def _check_sendable(outputs, stage: int, chunk: int) -> None:

@@ -86,8 +86,9 @@ def start_recording(engine) -> list:
         started[kind] = time.perf_counter()
 
     def after(kind, kwargs):
-        trace.append(InstructionTime(instruction_from(kind, kwargs), started.pop(kind), time.perf_counter(),
-                                     getattr(engine, "_waited", 0.0)))
+        trace.append(
+            InstructionTime(instruction_from(kind, kwargs), started.pop(kind), time.perf_counter(),
+                            getattr(engine, "_waited", 0.0)))
 
     engine._stop_recording = _wrap(engine, before, after)
     engine.trace = trace
@@ -113,4 +114,7 @@ def phase_records(engine, t0: float) -> list:
     return [(label, start - t0, end - t0) for label, start, end in events]
 
 
-__all__ = ["InstructionTime", "instruction_from", "around_each_instruction", "start_recording", "stop_recording", "phase_records"]
+__all__ = [
+    "InstructionTime", "instruction_from", "around_each_instruction", "start_recording", "stop_recording",
+    "phase_records"
+]

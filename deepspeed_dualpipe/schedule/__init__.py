@@ -5,8 +5,17 @@ Nothing here starts a process or touches a tensor: a schedule is a pure function
 """
 
 from deepspeed_dualpipe.schedule.layout import Layout, LayoutKind  # noqa: F401
-from deepspeed_dualpipe.schedule.registry import (DEEPSPEED_SCHEDULES, PLUGIN_SCHEDULES, SCHEDULES,  # noqa: F401
-                                                  EngineKind, ScheduleSpec, build_schedule, get_spec, rank_steps)
+from deepspeed_dualpipe.schedule.registry import (
+    DEEPSPEED_SCHEDULES,
+    PLUGIN_SCHEDULES,
+    SCHEDULES,  # noqa: F401
+    EngineKind,
+    ScheduleSpec,
+    build_schedule,
+    get_spec,
+    rank_steps)
 
-__all__ = ["SCHEDULES", "PLUGIN_SCHEDULES", "DEEPSPEED_SCHEDULES", "EngineKind", "Layout", "LayoutKind",
-           "ScheduleSpec", "build_schedule", "get_spec", "rank_steps"]
+__all__ = [
+    "SCHEDULES", "PLUGIN_SCHEDULES", "DEEPSPEED_SCHEDULES", "EngineKind", "Layout", "LayoutKind", "ScheduleSpec",
+    "build_schedule", "get_spec", "rank_steps"
+]

@@ -135,8 +135,8 @@ class ProgramBuilder:
         mf = self._forward_op(forward_chunk)
         backward = self._backward_op(backward_chunk, zero_bubble=False)
         self._emit(
-            instructions.OverlappedForwardBackward((forward_chunk, mf), forward_chunk, mf, backward.buffer_id, backward.chunk,
-                                        backward.micro_batch, "B"))
+            instructions.OverlappedForwardBackward((forward_chunk, mf), forward_chunk, mf, backward.buffer_id,
+                                                   backward.chunk, backward.micro_batch, "B"))
         self.send_forward(forward_chunk)
         self.send_backward(backward_chunk)
 
@@ -156,7 +156,10 @@ class ProgramBuilder:
             raise AssertionError(f"rank {self.rank}: weight passes left pending: {list(self._weights)}")
         if not self.forward_only:
             tail = [instructions.ReduceMirrorGrads()] if reduce_mirror else []
-            self.steps.append(tail + [instructions.ReduceTiedGrads(), instructions.ReduceGrads(), instructions.OptimizerStep()])
+            self.steps.append(
+                tail + [instructions.ReduceTiedGrads(),
+                        instructions.ReduceGrads(),
+                        instructions.OptimizerStep()])
         return [step for step in self.steps if step]
 
 

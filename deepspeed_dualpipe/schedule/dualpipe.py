@@ -102,5 +102,9 @@ class DualPipeSchedule(ProgramSchedule):
     def program(self, b: ProgramBuilder) -> None:
         P, r = self.stages, self.stage_id
         half = P // 2
-        eight_steps(b, ranks=half, position=min(r, P - 1 - r), micro_batches=self.micro_batches // 2,
-                    near=0 if r < half else 1, middle=r in (half - 1, half))
+        eight_steps(b,
+                    ranks=half,
+                    position=min(r, P - 1 - r),
+                    micro_batches=self.micro_batches // 2,
+                    near=0 if r < half else 1,
+                    middle=r in (half - 1, half))

@@ -53,8 +53,14 @@ class OverlappedForwardBackward(ds.PipeInstruction):
     ``"I"`` (input gradients only).
     """
 
-    def __init__(self, forward_buffer, forward_chunk, forward_micro_batch, backward_buffer, backward_chunk,
-                 backward_micro_batch, backward_op="B"):
+    def __init__(self,
+                 forward_buffer,
+                 forward_chunk,
+                 forward_micro_batch,
+                 backward_buffer,
+                 backward_chunk,
+                 backward_micro_batch,
+                 backward_op="B"):
         super().__init__(forward_buffer=forward_buffer,
                          forward_chunk=forward_chunk,
                          forward_micro_batch=forward_micro_batch,

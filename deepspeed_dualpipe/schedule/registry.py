@@ -55,8 +55,8 @@ def _validate_ds_dualpipev(stages, micro_batches):
 SCHEDULES: Dict[str, ScheduleSpec] = {
     spec.name: spec
     for spec in [
-        ScheduleSpec("1f1b", LayoutKind.LINEAR, EngineKind.DEEPSPEED, ds.TrainSchedule, ds.InferenceSchedule, _validate_1f1b,
-                     "DeepSpeed's own 1F1B TrainSchedule, unchanged (baseline)"),
+        ScheduleSpec("1f1b", LayoutKind.LINEAR, EngineKind.DEEPSPEED, ds.TrainSchedule, ds.InferenceSchedule,
+                     _validate_1f1b, "DeepSpeed's own 1F1B TrainSchedule, unchanged (baseline)"),
         _plugin(ZeroBubbleH1Schedule, "ZeroBubble ZB-H1: backward split into I and W, W deferred"),
         _plugin(DualPipeSchedule, "DualPipe: bidirectional, mirrored chunks, overlapped F&B pairs"),
         _plugin(DualPipeVSchedule, "DualPipeV: DualPipe cut in half, V-shaped, no duplicated parameters"),
@@ -65,7 +65,6 @@ SCHEDULES: Dict[str, ScheduleSpec] = {
                      "DeepSpeed 0.19.8's built-in DualPipeV (baseline: no W split, no overlap)"),
     ]
 }
-
 
 # Names by engine, derived from the registry.
 PLUGIN_SCHEDULES = tuple(name for name, spec in SCHEDULES.items() if spec.runs_on_plugin_engine)
@@ -91,4 +90,7 @@ def rank_steps(name: str, stages: int, micro_batches: int, forward_only: bool = 
     return [list(build_schedule(name, micro_batches, stages, r, forward_only).steps()) for r in range(stages)]
 
 
-__all__ = ["SCHEDULES", "PLUGIN_SCHEDULES", "DEEPSPEED_SCHEDULES", "EngineKind", "ScheduleSpec", "build_schedule", "get_spec", "rank_steps", "ProgramSchedule"]
+__all__ = [
+    "SCHEDULES", "PLUGIN_SCHEDULES", "DEEPSPEED_SCHEDULES", "EngineKind", "ScheduleSpec", "build_schedule", "get_spec",
+    "rank_steps", "ProgramSchedule"
+]

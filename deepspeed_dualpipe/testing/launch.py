@@ -31,10 +31,17 @@ def free_port() -> int:
 
 
 def rank_env(rank: int, world_size: int, port: int) -> dict:
-    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu",
-            # Few cores, several ranks: more threads per rank only oversubscribe them.
-            "OMP_NUM_THREADS": "1"}
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "DS_ACCELERATOR": "cpu",
+        # Few cores, several ranks: more threads per rank only oversubscribe them.
+        "OMP_NUM_THREADS": "1"
+    }
 
 
 def _worker(rank, env, fn, args, results):

@@ -154,8 +154,9 @@ def _merge_groups(groups: list) -> list:
         if "grads" not in g:
             raise RuntimeError("split backward: a parameter group received no gradient")
         g = {"params": set(g["params"]), "intermediates": list(g["intermediates"]), "grads": list(g["grads"])}
-        for other in [m for m in merged
-                      if m["params"] & g["params"] or set(m["intermediates"]) & set(g["intermediates"])]:
+        for other in [
+                m for m in merged if m["params"] & g["params"] or set(m["intermediates"]) & set(g["intermediates"])
+        ]:
             merged.remove(other)
             g["params"] |= other["params"]
             for node, grad in zip(other["intermediates"], other["grads"]):

@@ -29,8 +29,7 @@ import torch
 from deepspeed_dualpipe.runtime.autograd.split_backward import SplitBackward, module_supports_split
 from deepspeed_dualpipe.runtime.autograd.tape import InlineTape, Pending, Tape, CommIsland, launch_all_to_all, flatten_tensors
 
-__all__ = ["Tape", "InlineTape", "Pending", "DeferredWeights", "forward_steps", "backward_steps", "run",
-           "interleave"]
+__all__ = ["Tape", "InlineTape", "Pending", "DeferredWeights", "forward_steps", "backward_steps", "run", "interleave"]
 
 Steps = Generator[Pending, None, Any]
 
@@ -140,7 +139,10 @@ def backward_steps(tape: Tape, roots: Any, root_grads: Any = None, split: bool =
         if all(g is None for g in out_grads):
             continue  # nothing downstream needed this island
         whole = island.params is None  # undeclared parameters: only a full backward reaches them
-        handle = SplitBackward.input_part(island.raw, out_grads, island.detached, island.params or (),
+        handle = SplitBackward.input_part(island.raw,
+                                          out_grads,
+                                          island.detached,
+                                          island.params or (),
                                           split=split and not whole)
         for t, g in zip(island.originals, handle.input_grads):
             if t.requires_grad:
@@ -195,7 +197,9 @@ def run(gen: Steps, events: Optional[list] = None, label: str = "run") -> Any:
     return driver.result
 
 
-def interleave(first: Steps, second: Steps, events: Optional[list] = None,
+def interleave(first: Steps,
+               second: Steps,
+               events: Optional[list] = None,
                labels: Sequence[str] = ("first", "second")) -> Tuple[Any, Any]:
     """Drive two generators alternately; each runs until it launches an all-to-all, then the other.
 

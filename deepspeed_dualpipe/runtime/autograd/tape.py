@@ -182,7 +182,10 @@ class Tape:
         detached.append(d)
         return d
 
-    def compute(self, fn: Callable, *inputs: Any, params: Optional[Iterable[torch.nn.Parameter]] = None,
+    def compute(self,
+                fn: Callable,
+                *inputs: Any,
+                params: Optional[Iterable[torch.nn.Parameter]] = None,
                 name: Optional[str] = None) -> Any:
         """Run ``fn(*inputs)`` on detached inputs as one island; return its outputs.
 

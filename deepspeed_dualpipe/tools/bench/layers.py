@@ -293,7 +293,9 @@ class SleepMoELayer(torch.nn.Module):
         send = tape.compute(self._pre, x, params=[self.weight_pre], name="pre")
         pending = tape.all_to_all(send, self.group, name="dispatch")
         yield pending
-        mid = tape.compute(lambda r: self._experts(r, used), pending.wait(), params=[self.weight_experts],
+        mid = tape.compute(lambda r: self._experts(r, used),
+                           pending.wait(),
+                           params=[self.weight_experts],
                            name="experts")
         pending = tape.all_to_all(mid, self.group, name="combine")
         yield pending

@@ -43,8 +43,10 @@ def overheads(step: dict, plugin: bool) -> List[float]:
     DeepSpeed's own engines do not separate waiting from their blocking communication, so for
     them only compute instructions (which never wait there) are counted.
     """
-    return [end - start - waited - layer - a2a for name, start, end, waited, layer, a2a in step["records"]
-            if plugin or name in COMPUTE]
+    return [
+        end - start - waited - layer - a2a for name, start, end, waited, layer, a2a in step["records"]
+        if plugin or name in COMPUTE
+    ]
 
 
 def _by_stage(values: List[float], stages: List[int], reduce=statistics.mean) -> List[float]:
@@ -69,15 +71,19 @@ def summarize(per_rank: List[dict], label: str, plugin: bool) -> dict:
     # CPU time of all ranks (every thread of their processes) over the step's wall time: the cores the
     # run kept busy. Near the machine's core count the ranks compete for CPU and the timings stretch.
     cores = [sum(r["cpu_s"] for r in s) / step_time(s) for s in steps]
-    return {"step_s": statistics.median(times), "cores_used": statistics.median(cores),
-            "bubble": _by_stage([statistics.median(b[r] for b in bubbles) for r in range(len(per_rank))], stages),
-            "busy_s": per_rank_median(busy), "layer_s": per_rank_median(layer_time),
-            "a2a_wait_s": per_rank_median(a2a_wait_time),
-            "a2a_median_s": statistics.median(a2a) if a2a else None,
-            "overhead_ms": 1e3 * statistics.median(over) if over else None,
-            "overhead_mean_ms": 1e3 * statistics.mean(over) if over else None,
-            "instructions": sum(len(r["records"]) for r in steps[0]),
-            "peak_activation_bytes": _by_stage([r["memory"][label] for r in per_rank], stages, reduce=max)}
+    return {
+        "step_s": statistics.median(times),
+        "cores_used": statistics.median(cores),
+        "bubble": _by_stage([statistics.median(b[r] for b in bubbles) for r in range(len(per_rank))], stages),
+        "busy_s": per_rank_median(busy),
+        "layer_s": per_rank_median(layer_time),
+        "a2a_wait_s": per_rank_median(a2a_wait_time),
+        "a2a_median_s": statistics.median(a2a) if a2a else None,
+        "overhead_ms": 1e3 * statistics.median(over) if over else None,
+        "overhead_mean_ms": 1e3 * statistics.mean(over) if over else None,
+        "instructions": sum(len(r["records"]) for r in steps[0]),
+        "peak_activation_bytes": _by_stage([r["memory"][label] for r in per_rank], stages, reduce=max)
+    }
 
 
 def all_to_all_alone(per_rank: List[dict]) -> Dict[str, float]:

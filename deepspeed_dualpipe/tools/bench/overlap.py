@@ -31,8 +31,10 @@ class OverlapSpec:
 def _chunk(spec: OverlapSpec):
     from deepspeed_dualpipe.moe import MoETransformerBlock
     torch.manual_seed(0)
-    blocks = [MoETransformerBlock(spec.hidden, 4, spec.experts, ep_size=2, k=2, capacity_factor=1.0,
-                                  aux_loss_coef=0.01) for _ in range(spec.blocks)]
+    blocks = [
+        MoETransformerBlock(spec.hidden, 4, spec.experts, ep_size=2, k=2, capacity_factor=1.0, aux_loss_coef=0.01)
+        for _ in range(spec.blocks)
+    ]
     for block in blocks:
         block.moe.set_deepspeed_parallelism()  # what deepspeed.initialize does for every MoE layer
     return blocks
@@ -95,15 +97,25 @@ def measure(spec: OverlapSpec, timeout: float = 600.0) -> dict:
 
     compute, comm = median("sequential", "compute"), median("sequential", "comm")
     sequential, overlapped = median("sequential", "wall"), median("overlapped", "wall")
-    return {"hidden": spec.hidden, "tokens": spec.tokens, "experts": spec.experts, "blocks": spec.blocks,
-            "all_to_alls_per_pair": 4 * spec.blocks, "a2a_bytes": _a2a_bytes(spec),
-            "compute_s": compute, "a2a_s": comm, "sequential_s": sequential, "overlapped_s": overlapped,
-            "efficiency": (sequential - overlapped) / min(compute, comm)}
+    return {
+        "hidden": spec.hidden,
+        "tokens": spec.tokens,
+        "experts": spec.experts,
+        "blocks": spec.blocks,
+        "all_to_alls_per_pair": 4 * spec.blocks,
+        "a2a_bytes": _a2a_bytes(spec),
+        "compute_s": compute,
+        "a2a_s": comm,
+        "sequential_s": sequential,
+        "overlapped_s": overlapped,
+        "efficiency": (sequential - overlapped) / min(compute, comm)
+    }
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("overlap", help="time one overlapped forward/backward pair with real MoE all-to-alls "
-                                       "on 2 ranks, against the same pair run sequentially")
+    p = sub.add_parser("overlap",
+                       help="time one overlapped forward/backward pair with real MoE all-to-alls "
+                       "on 2 ranks, against the same pair run sequentially")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--tokens", type=int, default=256, help="tokens per micro-batch and rank")
     p.add_argument("--experts", type=int, default=4)
@@ -119,12 +131,12 @@ def render(r: dict) -> str:
     return "\n".join([
         f"2 ranks, expert parallelism 2: {r['blocks']} MoE blocks, hidden {r['hidden']}, {r['tokens']} tokens per "
         f"micro-batch, {r['experts']} experts; {r['all_to_alls_per_pair']} all-to-alls of {r['a2a_bytes']} bytes "
-        f"per rank in a pair",
-        f"  compute alone (pair, sequential run)  {ms(r['compute_s'])}",
+        f"per rank in a pair", f"  compute alone (pair, sequential run)  {ms(r['compute_s'])}",
         f"  all-to-all alone (waits, sequential)  {ms(r['a2a_s'])}",
         f"  pair sequential                       {ms(r['sequential_s'])}",
         f"  pair overlapped                       {ms(r['overlapped_s'])}",
-        f"  overlap efficiency (seq - ovl) / min(compute, a2a) = {r['efficiency']:.2f}"])
+        f"  overlap efficiency (seq - ovl) / min(compute, a2a) = {r['efficiency']:.2f}"
+    ])
 
 
 def main(args) -> None:

@@ -65,7 +65,13 @@ def overlapped_pair(layers: int, F: float, B: float, a2a: float) -> float:
     return interleaved(backward, forward, a2a)
 
 
-def chunk_costs(schedule: str, stages: int, layers: int, F: float, B: float, W: float, a2a: float = 0.0,
+def chunk_costs(schedule: str,
+                stages: int,
+                layers: int,
+                F: float,
+                B: float,
+                W: float,
+                a2a: float = 0.0,
                 overlap: bool = True) -> Costs:
     k = layers_per_chunk(schedule, stages, layers)
     if not a2a:
@@ -84,19 +90,37 @@ def activation_unit_bytes(schedule: str, stages: int, layers: int, width: int, a
     return k * (act + 2 * a2a_tensor) + act
 
 
-def predicted(schedule: str, stages: int, micro_batches: int, layers: int, F: float, B: float, W: float,
-              a2a: float = 0.0, overlap: bool = True, width: int = 0, a2a_bytes: int = 0) -> dict:
+def predicted(schedule: str,
+              stages: int,
+              micro_batches: int,
+              layers: int,
+              F: float,
+              B: float,
+              W: float,
+              a2a: float = 0.0,
+              overlap: bool = True,
+              width: int = 0,
+              a2a_bytes: int = 0) -> dict:
     """Simulated step time (seconds), bubble fraction and peak live activations per rank."""
     costs = chunk_costs(schedule, stages, layers, F, B, W, a2a, overlap)
     sim = simulate(schedule, stages, micro_batches, costs)
     unit = activation_unit_bytes(schedule, stages, layers, width, a2a_bytes)
-    return {"sim_step_s": sim.makespan, "sim_bubble": [b / sim.makespan for b in sim.bubble],
-            "sim_pair_s": costs.pair if costs.FB is not None else None,
-            "sim_peak_activations": sim.peak_activations, "activation_unit_bytes": unit,
-            "sim_peak_activation_bytes": [n * unit for n in sim.peak_activations]}
+    return {
+        "sim_step_s": sim.makespan,
+        "sim_bubble": [b / sim.makespan for b in sim.bubble],
+        "sim_pair_s": costs.pair if costs.FB is not None else None,
+        "sim_peak_activations": sim.peak_activations,
+        "activation_unit_bytes": unit,
+        "sim_peak_activation_bytes": [n * unit for n in sim.peak_activations]
+    }
 
 
-def scaling(schedules: List[str], ranks=(4, 8, 16, 32), layers_per_stage: int = 2, F=1.0, B=2.0, W=1.0,
+def scaling(schedules: List[str],
+            ranks=(4, 8, 16, 32),
+            layers_per_stage: int = 2,
+            F=1.0,
+            B=2.0,
+            W=1.0,
             micro_batches_per_rank: int = 4) -> Dict[int, Dict[str, float]]:
     """Worst rank's simulated bubble fraction for each P, with a model of ``layers_per_stage * P``
     layers and M = ``micro_batches_per_rank * P`` (the bubble fraction depends on M/P, so it is kept)."""

@@ -57,8 +57,15 @@ ALL_TO_ALLS = []
 
 
 def _config(spec: BenchSpec, run: Run) -> dict:
-    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": spec.micro_batches,
-              "steps_per_print": 10**9, "gradient_clipping": 0.0, "pipeline": {"schedule": run.schedule}}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": spec.micro_batches,
+        "steps_per_print": 10**9,
+        "gradient_clipping": 0.0,
+        "pipeline": {
+            "schedule": run.schedule
+        }
+    }
     if not run.overlap:
         config["dualpipe"] = {"overlap_moe_a2a": False}
     return config
@@ -71,15 +78,18 @@ def _sgd(params):
 def _layer_specs(spec: BenchSpec):
     from deepspeed.pipe import LayerSpec
     if spec.a2a_bytes:
-        return [LayerSpec(L.SleepMoELayer, spec.F, spec.B, spec.W, spec.a2a_bytes, ep_size=2)
-                for _ in range(spec.layers)]
+        return [
+            LayerSpec(L.SleepMoELayer, spec.F, spec.B, spec.W, spec.a2a_bytes, ep_size=2) for _ in range(spec.layers)
+        ]
     return [LayerSpec(L.SleepLayer, spec.F, spec.B, spec.W) for _ in range(spec.layers)]
 
 
 def _engine(spec: BenchSpec, run: Run):
     import deepspeed_dualpipe
     from deepspeed.pipe import PipelineModule
-    model = PipelineModule(layers=_layer_specs(spec), num_stages=spec.stages, loss_fn=L.mean_loss,
+    model = PipelineModule(layers=_layer_specs(spec),
+                           num_stages=spec.stages,
+                           loss_fn=L.mean_loss,
                            partition_method="uniform")
     engine = deepspeed_dualpipe.initialize(model=model, config=_config(spec, run), optimizer=_sgd)[0]
     # DeepSpeed's engines block inside their communication instructions, so no compute instruction waits on a
@@ -158,8 +168,13 @@ def _step(engine, data) -> dict:
     engine.train_batch(data_iter=data)
     end, cpu = time.perf_counter(), time.process_time() - cpu
     waits = [(s, e) for _, s, e in ALL_TO_ALLS]
-    return {"start": start, "end": end, "cpu_s": cpu, "records": _records(engine.trace, L.SLEEPS, waits),
-            "a2a_s": [e - launched for launched, _, e in ALL_TO_ALLS]}
+    return {
+        "start": start,
+        "end": end,
+        "cpu_s": cpu,
+        "records": _records(engine.trace, L.SLEEPS, waits),
+        "a2a_s": [e - launched for launched, _, e in ALL_TO_ALLS]
+    }
 
 
 # ----- activation memory ---------------------------------------------------------------------

@@ -50,10 +50,17 @@ def add_parser(sub) -> None:
     p.add_argument("--stages", "-P", type=int, default=4, help="pipeline ranks P")
     p.add_argument("--micro-batches", "-M", type=int, default=16)
     p.add_argument("--layers", type=int, default=8, help="layers of the whole model (a multiple of 2P)")
-    p.add_argument("--cost", default="F=5ms,B=10ms,W=5ms", help="per-layer times F, B (full backward), W (its "
+    p.add_argument("--cost",
+                   default="F=5ms,B=10ms,W=5ms",
+                   help="per-layer times F, B (full backward), W (its "
                    "weight part)")
     p.add_argument("--width", type=int, default=4096, help="floats per activation (sent between stages)")
-    p.add_argument("--a2a", type=parse_bytes, nargs="?", const=DEFAULT_A2A_BYTES, default=0, metavar="BYTES",
+    p.add_argument("--a2a",
+                   type=parse_bytes,
+                   nargs="?",
+                   const=DEFAULT_A2A_BYTES,
+                   default=0,
+                   metavar="BYTES",
                    help="MoE layers: a dispatch and a combine all-to-all of BYTES per rank in every layer, over "
                    "expert parallelism 2 inside data parallelism 2 (2P ranks); dualpipe and dualpipev also run "
                    f"without overlap. Without BYTES: {DEFAULT_A2A_BYTES} (1 MiB)")
@@ -89,8 +96,16 @@ def bench(args) -> dict:
         raise ValueError(f"--a2a {a2a_bytes}: each rank's share ({a2a_bytes // 2} bytes) must hold an activation "
                          f"({4 * args.width} bytes, --width {args.width}); use --a2a >= {8 * args.width}")
     runs = _runs(names, bool(a2a_bytes))
-    spec = BenchSpec(runs, args.stages, args.micro_batches, args.layers, costs["F"], costs["B"], costs["W"],
-                     args.width, args.repeats, a2a_bytes=a2a_bytes)
+    spec = BenchSpec(runs,
+                     args.stages,
+                     args.micro_batches,
+                     args.layers,
+                     costs["F"],
+                     costs["B"],
+                     costs["W"],
+                     args.width,
+                     args.repeats,
+                     a2a_bytes=a2a_bytes)
     per_rank = run_ranks(bench_rank, spec.world_size, spec, timeout=args.timeout)
     alone = measure.all_to_all_alone(per_rank)
     # The simulator charges each all-to-all its time with every stage's at once: in a pipeline's
@@ -99,8 +114,16 @@ def bench(args) -> dict:
     results = {}
     for run in runs:
         row = measure.summarize(per_rank, run.label, plugin=run.schedule in PLUGIN_SCHEDULES)
-        row.update(predict.predicted(run.schedule, args.stages, args.micro_batches, args.layers, **costs,
-                                     a2a=a2a_s, overlap=run.overlap, width=args.width, a2a_bytes=a2a_bytes))
+        row.update(
+            predict.predicted(run.schedule,
+                              args.stages,
+                              args.micro_batches,
+                              args.layers,
+                              **costs,
+                              a2a=a2a_s,
+                              overlap=run.overlap,
+                              width=args.width,
+                              a2a_bytes=a2a_bytes))
         row["schedule"], row["overlap"] = run.schedule, run.overlap
         results[run.label] = row
     base = results.get("1f1b")
@@ -109,13 +132,35 @@ def bench(args) -> dict:
         row["sim_ratio_to_1f1b"] = row["sim_step_s"] / base["sim_step_s"] if base else None
     plugin = [r["overhead_ms"] for r in results.values() if r["schedule"] in PLUGIN_SCHEDULES]
     plugin_mean = [r["overhead_mean_ms"] for r in results.values() if r["schedule"] in PLUGIN_SCHEDULES]
-    result = {"stages": args.stages, "micro_batches": args.micro_batches, "layers": args.layers, "costs_s": costs,
-              "width": args.width, "repeats": args.repeats, "data_parallel": spec.data_parallel,
-              "a2a_bytes": a2a_bytes, "schedules": results,
-              "plugin_overhead_ms": statistics.median(plugin) if plugin else None,
-              "plugin_overhead_mean_ms": statistics.median(plugin_mean) if plugin_mean else None,
-              "scaling": predict.scaling(names, layers_per_stage=args.layers // args.stages,
-                                         micro_batches_per_rank=max(2, args.micro_batches // args.stages), **costs)}
+    result = {
+        "stages":
+        args.stages,
+        "micro_batches":
+        args.micro_batches,
+        "layers":
+        args.layers,
+        "costs_s":
+        costs,
+        "width":
+        args.width,
+        "repeats":
+        args.repeats,
+        "data_parallel":
+        spec.data_parallel,
+        "a2a_bytes":
+        a2a_bytes,
+        "schedules":
+        results,
+        "plugin_overhead_ms":
+        statistics.median(plugin) if plugin else None,
+        "plugin_overhead_mean_ms":
+        statistics.median(plugin_mean) if plugin_mean else None,
+        "scaling":
+        predict.scaling(names,
+                        layers_per_stage=args.layers // args.stages,
+                        micro_batches_per_rank=max(2, args.micro_batches // args.stages),
+                        **costs)
+    }
     if a2a_bytes:
         result["a2a_alone_s"] = alone.get("alone")
         result["a2a_concurrent_s"] = alone.get("concurrent")
@@ -167,8 +212,11 @@ def _grid(header, rows) -> str:
     return "\n".join(lines)
 
 
-_TARGETS = {"vs_no_overlap": ("the same run without overlap", 0.75), "vs_1f1b": ("DeepSpeed 1F1B", 0.70),
-            "vs_ds-dualpipev": ("DeepSpeed's built-in DualPipeV", 1.0)}
+_TARGETS = {
+    "vs_no_overlap": ("the same run without overlap", 0.75),
+    "vs_1f1b": ("DeepSpeed 1F1B", 0.70),
+    "vs_ds-dualpipev": ("DeepSpeed's built-in DualPipeV", 1.0)
+}
 
 
 def render(result: dict) -> str:
@@ -177,8 +225,10 @@ def render(result: dict) -> str:
     if result.get("a2a_bytes"):
         moe = (f", MoE all-to-all of {result['a2a_bytes']} bytes per rank (dispatch + combine per layer; "
                f"expert parallelism 2 inside data parallelism 2: {2 * result['stages']} ranks)")
-    out = [f"P={result['stages']} ranks, M={result['micro_batches']} micro-batches, {result['layers']} layers, per "
-           f"layer F={_ms(c['F'])}ms B={_ms(c['B'])}ms W={_ms(c['W'])}ms{moe}, median of {result['repeats']} steps"]
+    out = [
+        f"P={result['stages']} ranks, M={result['micro_batches']} micro-batches, {result['layers']} layers, per "
+        f"layer F={_ms(c['F'])}ms B={_ms(c['B'])}ms W={_ms(c['W'])}ms{moe}, median of {result['repeats']} steps"
+    ]
     if result.get("a2a_bytes"):
         a, c_a2a = result["a2a_alone_s"], result["a2a_sim_s"]
         out.append(f"one all-to-all of {result['a2a_bytes']} bytes: {_ms(a)} ms alone, {_ms(c_a2a)} ms with every "
@@ -186,20 +236,31 @@ def render(result: dict) -> str:
                    f"{_ms(4 * c_a2a)} ms beside F+B = {_ms(c['F'] + c['B'])} ms of compute (comm:compute = "
                    f"{4 * c_a2a / (c['F'] + c['B']):.2f}; alone {4 * a / (c['F'] + c['B']):.2f})")
     out.append("")
-    rows = [[name, _ms(r["step_s"]), _ms(r["sim_step_s"]), _ratio(r["ratio_to_1f1b"]), _ratio(r["sim_ratio_to_1f1b"]),
-             _bubbles(r["bubble"]), _bubbles(r["sim_bubble"]),
-             "-" if r["overhead_ms"] is None else f"{r['overhead_ms']:.2f}"]
-            for name, r in result["schedules"].items()]
-    out.append(_grid(["schedule", "step ms", "sim ms", "x 1f1b", "sim x 1f1b", "bubble/rank", "sim bubble/rank",
-                      "overhead ms/instr"], rows))
-    out += ["", "where the time goes, per rank (ms): busy = compute instructions less waits on peers; in layers = "
-            "sleeping" + ("; a2a = blocked in all-to-all waits" if result.get("a2a_bytes") else "")]
+    rows = [[
+        name,
+        _ms(r["step_s"]),
+        _ms(r["sim_step_s"]),
+        _ratio(r["ratio_to_1f1b"]),
+        _ratio(r["sim_ratio_to_1f1b"]),
+        _bubbles(r["bubble"]),
+        _bubbles(r["sim_bubble"]), "-" if r["overhead_ms"] is None else f"{r['overhead_ms']:.2f}"
+    ] for name, r in result["schedules"].items()]
+    out.append(
+        _grid([
+            "schedule", "step ms", "sim ms", "x 1f1b", "sim x 1f1b", "bubble/rank", "sim bubble/rank",
+            "overhead ms/instr"
+        ], rows))
+    out += [
+        "", "where the time goes, per rank (ms): busy = compute instructions less waits on peers; in layers = "
+        "sleeping" + ("; a2a = blocked in all-to-all waits" if result.get("a2a_bytes") else "")
+    ]
     rows = [[name, " ".join(_ms(b) for b in r["busy_s"]), " ".join(_ms(b) for b in r["layer_s"])] +
             ([" ".join(_ms(b) for b in r["a2a_wait_s"])] if result.get("a2a_bytes") else []) +
             [" ".join(_ms(r["sim_step_s"] * (1 - b)) for b in r["sim_bubble"]), f"{r['cores_used']:.2f}"]
             for name, r in result["schedules"].items()]
-    out.append(_grid(["schedule", "busy", "in layers"] + (["a2a"] if result.get("a2a_bytes") else []) +
-                     ["sim busy", "cores"], rows))
+    out.append(
+        _grid(["schedule", "busy", "in layers"] + (["a2a"] if result.get("a2a_bytes") else []) + ["sim busy", "cores"],
+              rows))
     out.append("cores: CPU time of all ranks over the step's wall time (the machine has "
                f"{os.cpu_count()}, shared)")
     if result["plugin_overhead_ms"] is not None:
@@ -216,21 +277,26 @@ def render(result: dict) -> str:
                 met = (v["measured"] < target) if op == "<" else (v["measured"] <= target)
                 out.append(f"  {name} vs {what}: {v['measured']:.3f} / {v['sim']:.3f}  (target {op} {target:g}: "
                            f"{'met' if met else 'missed'})")
-    out += ["", "peak activation memory per rank: measured (bytes alive: kept for backward, or held by the engine "
-            "per micro-batch) / simulated (peak live chunk activations x unit)"]
-    rows = [[name, " ".join(_size(b) for b in r["peak_activation_bytes"]),
-             " ".join(str(n) for n in r["sim_peak_activations"]), _size(r["activation_unit_bytes"]),
-             " ".join(_size(b) for b in r["sim_peak_activation_bytes"]),
-             " ".join(f"{m / s:.2f}" if s else "-" for m, s in zip(r["peak_activation_bytes"],
-                                                                   r["sim_peak_activation_bytes"]))]
-            for name, r in result["schedules"].items()]
+    out += [
+        "", "peak activation memory per rank: measured (bytes alive: kept for backward, or held by the engine "
+        "per micro-batch) / simulated (peak live chunk activations x unit)"
+    ]
+    rows = [[
+        name, " ".join(_size(b)
+                       for b in r["peak_activation_bytes"]), " ".join(str(n) for n in r["sim_peak_activations"]),
+        _size(r["activation_unit_bytes"]), " ".join(_size(b) for b in r["sim_peak_activation_bytes"]),
+        " ".join(f"{m / s:.2f}" if s else "-"
+                 for m, s in zip(r["peak_activation_bytes"], r["sim_peak_activation_bytes"]))
+    ] for name, r in result["schedules"].items()]
     out.append(_grid(["schedule", "measured", "sim count", "unit", "sim bytes", "measured/sim"], rows))
-    out += ["", "simulated worst-rank bubble fraction as P grows (M = "
-            f"{max(2, result['micro_batches'] // result['stages'])}P, {result['layers'] // result['stages']} layers "
-            "per 1f1b stage, no all-to-all):"]
+    out += [
+        "", "simulated worst-rank bubble fraction as P grows (M = "
+        f"{max(2, result['micro_batches'] // result['stages'])}P, {result['layers'] // result['stages']} layers "
+        "per 1f1b stage, no all-to-all):"
+    ]
     names = [n for n, r in result["schedules"].items() if r["overlap"]]
-    out.append(_grid(["P"] + names, [[P] + [_fraction(row[n]) for n in names]
-                                     for P, row in result["scaling"].items()]))
+    out.append(_grid(["P"] + names,
+                     [[P] + [_fraction(row[n]) for n in names] for P, row in result["scaling"].items()]))
     return "\n".join(out)
 
 

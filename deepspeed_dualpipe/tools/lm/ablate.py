@@ -75,7 +75,8 @@ def load_plan(path) -> Plan:
         lm = config.setdefault("lm", {})
         name = lm.get("name") or source.stem
         if any(v.name == name for v in variants):
-            raise ValueError(f"{path}: two configs are named {name!r} (lm.name): their runs would overwrite each other")
+            raise ValueError(
+                f"{path}: two configs are named {name!r} (lm.name): their runs would overwrite each other")
         lm["name"], lm["out_dir"] = name, str(out_dir)
         variants.append(Variant(name, source, config))
     return Plan(int(spec.get("ranks", 4)), out_dir, variants, path)
@@ -122,19 +123,24 @@ def run(plan: Plan, only: Optional[List[str]] = None, timeout: Optional[float] =
         (out / "metrics.json").unlink(missing_ok=True)  # a failed run must not report an old result
         config = out / "config.json"
         config.write_text(json.dumps(v.config, indent=1) + "\n")
-        print(f"[ablate] {i + 1}/{len(chosen)} {v.name}: deepspeed --num_gpus {plan.ranks} examples/train_moe_lm.py "
-              f"--deepspeed_config {config}  (log: {out / 'log.txt'})", flush=True)
+        print(
+            f"[ablate] {i + 1}/{len(chosen)} {v.name}: deepspeed --num_gpus {plan.ranks} examples/train_moe_lm.py "
+            f"--deepspeed_config {config}  (log: {out / 'log.txt'})",
+            flush=True)
         start = time.perf_counter()
         done = launch(str(config), plan.ranks, log=out / "log.txt", timeout=timeout)
         seconds = time.perf_counter() - start
         if done.returncode or not (out / "metrics.json").is_file():
             failed += 1
-            print(f"[ablate]   failed (exit status {done.returncode}) after {seconds:.0f} s; the end of its log:\n"
-                  + "\n".join((out / "log.txt").read_text().splitlines()[-15:]), flush=True)
+            print(f"[ablate]   failed (exit status {done.returncode}) after {seconds:.0f} s; the end of its log:\n" +
+                  "\n".join((out / "log.txt").read_text().splitlines()[-15:]),
+                  flush=True)
             continue
         m = json.loads((out / "metrics.json").read_text())
-        print(f"[ablate]   {seconds:.0f} s: final loss {m['final_loss']:.4f}, {m['tokens_per_s']:.0f} tokens/s, "
-              f"measured bubble {_bubble(m)}", flush=True)
+        print(
+            f"[ablate]   {seconds:.0f} s: final loss {m['final_loss']:.4f}, {m['tokens_per_s']:.0f} tokens/s, "
+            f"measured bubble {_bubble(m)}",
+            flush=True)
     return failed
 
 
@@ -158,15 +164,24 @@ def rows(plan: Plan) -> List[Dict]:
     out, reference = [], None
     for v in plan.variants:
         path = plan.out_dir / v.name / "metrics.json"
-        row = {"variant": v.name, "schedule": v.schedule, "overlap_moe_a2a": v.overlap,
-               "config": str(plan.out_dir / v.name / "config.json"), "ran": path.is_file()}
+        row = {
+            "variant": v.name,
+            "schedule": v.schedule,
+            "overlap_moe_a2a": v.overlap,
+            "config": str(plan.out_dir / v.name / "config.json"),
+            "ran": path.is_file()
+        }
         if path.is_file():
             m = json.loads(path.read_text())
             memory = m.get("memory") or {}
             bubble = (m.get("bubble") or {}).get("measured_per_global_rank")
-            row.update(engine=m["engine"], losses=m["losses"], final_loss=m["final_loss"],
-                       final_val_loss=m["final_val_loss"], tokens_per_s=m["tokens_per_s"],
-                       bubble_per_rank=bubble, bubble=_mean(bubble),
+            row.update(engine=m["engine"],
+                       losses=m["losses"],
+                       final_loss=m["final_loss"],
+                       final_val_loss=m["final_val_loss"],
+                       tokens_per_s=m["tokens_per_s"],
+                       bubble_per_rank=bubble,
+                       bubble=_mean(bubble),
                        activation_bytes_per_rank=memory.get("peak_activation_bytes_per_rank"),
                        parameter_bytes_per_rank=memory.get("parameter_bytes_per_rank"),
                        wall_seconds=m.get("wall_seconds"))
@@ -189,17 +204,21 @@ def markdown(plan: Plan, table: List[Dict], command: str) -> str:
     first = next((json.loads((plan.out_dir / r["variant"] / "metrics.json").read_text()) for r in ran), None)
     lines = [f"# Ablation: {plan.source}", "", f"`{command}`", ""]
     if first:
-        lines += [f"{first['world_size']} ranks: pipeline P={first['pipeline_stages']} x data-parallel "
-                  f"DP={first['data_parallel']}, expert-parallel EP={first['expert_parallel']}; "
-                  f"M={first['micro_batches']} micro-batches of {first['micro_batch_size']} x {first['seq_len']} "
-                  f"bytes; {first['steps']} steps; model {first['blocks']}; seed "
-                  f"{first['config']['lm']['seed']}; torch {first['versions']['torch']}, "
-                  f"deepspeed {first['versions']['deepspeed']}.", ""]
+        lines += [
+            f"{first['world_size']} ranks: pipeline P={first['pipeline_stages']} x data-parallel "
+            f"DP={first['data_parallel']}, expert-parallel EP={first['expert_parallel']}; "
+            f"M={first['micro_batches']} micro-batches of {first['micro_batch_size']} x {first['seq_len']} "
+            f"bytes; {first['steps']} steps; model {first['blocks']}; seed "
+            f"{first['config']['lm']['seed']}; torch {first['versions']['torch']}, "
+            f"deepspeed {first['versions']['deepspeed']}.", ""
+        ]
     reference = ran[0]["variant"] if ran else "-"
-    lines += [f"| variant | schedule | engine | MoE a2a overlap | final loss | final val loss | max rel. loss diff "
-              f"vs {reference} (all steps) | tokens/s | measured bubble, mean (min..max rank) | peak activation "
-              f"MiB/rank, max (min..max) | parameter MiB/rank, max (min..max) |",
-              "|---|---|---|:-:|--:|--:|--:|--:|--:|--:|--:|"]
+    lines += [
+        f"| variant | schedule | engine | MoE a2a overlap | final loss | final val loss | max rel. loss diff "
+        f"vs {reference} (all steps) | tokens/s | measured bubble, mean (min..max rank) | peak activation "
+        f"MiB/rank, max (min..max) | parameter MiB/rank, max (min..max) |",
+        "|---|---|---|:-:|--:|--:|--:|--:|--:|--:|--:|"
+    ]
     for r in table:
         overlap = "-" if r["overlap_moe_a2a"] is None else ("on" if r["overlap_moe_a2a"] else "off")
         if not r["ran"]:
@@ -209,21 +228,22 @@ def markdown(plan: Plan, table: List[Dict], command: str) -> str:
         bubble = r["bubble_per_rank"]
         lines.append(
             f"| {r['variant']} | {r['schedule']} | {r['engine']} | {overlap} | {r['final_loss']:.6f} | "
-            f"{r['final_val_loss']:.6f} | {r['max_rel_loss_diff']:.1e} | {r['tokens_per_s']:.0f} | "
-            + ("n/a" if not bubble else f"{100 * r['bubble']:.0f}% ({100 * min(bubble):.0f}..{100 * max(bubble):.0f}%)")
-            + f" | {_mib_range(r['activation_bytes_per_rank'])} | {_mib_range(r['parameter_bytes_per_rank'])} |")
-    lines += ["",
-              "- **final loss**: training loss of the last step (the same batch for every variant); **max rel. loss "
-              "diff**: the largest relative difference of any step's training loss from the first variant's.",
-              "- **tokens/s**: global tokens per second, from the median step time (warm-up, timed and memory "
-              "steps left out); **measured bubble**: the fraction of the timed step in which a rank did not compute "
-              "(`bubble.measured_per_global_rank` in metrics.json).",
-              "- **peak activation**: the most bytes of activations a rank held at once during one step: tensors saved "
-              "by autograd for a backward to come plus those in the engine's pipe buffers, parameters and gradients "
-              "excluded (deepspeed_dualpipe/lm/memory.py); **parameter**: bytes of the rank's parameters (both mirror "
-              "copies under dualpipe; this rank's share of the experts).",
-              "- Each variant's complete config is `<variant>/config.json` beside this file; it alone reproduces the "
-              "run: `deepspeed --num_gpus N examples/train_moe_lm.py --deepspeed_config <variant>/config.json`.", ""]
+            f"{r['final_val_loss']:.6f} | {r['max_rel_loss_diff']:.1e} | {r['tokens_per_s']:.0f} | " +
+            ("n/a" if not bubble else f"{100 * r['bubble']:.0f}% ({100 * min(bubble):.0f}..{100 * max(bubble):.0f}%)"
+             ) + f" | {_mib_range(r['activation_bytes_per_rank'])} | {_mib_range(r['parameter_bytes_per_rank'])} |")
+    lines += [
+        "", "- **final loss**: training loss of the last step (the same batch for every variant); **max rel. loss "
+        "diff**: the largest relative difference of any step's training loss from the first variant's.",
+        "- **tokens/s**: global tokens per second, from the median step time (warm-up, timed and memory "
+        "steps left out); **measured bubble**: the fraction of the timed step in which a rank did not compute "
+        "(`bubble.measured_per_global_rank` in metrics.json).",
+        "- **peak activation**: the most bytes of activations a rank held at once during one step: tensors saved "
+        "by autograd for a backward to come plus those in the engine's pipe buffers, parameters and gradients "
+        "excluded (deepspeed_dualpipe/lm/memory.py); **parameter**: bytes of the rank's parameters (both mirror "
+        "copies under dualpipe; this rank's share of the experts).",
+        "- Each variant's complete config is `<variant>/config.json` beside this file; it alone reproduces the "
+        "run: `deepspeed --num_gpus N examples/train_moe_lm.py --deepspeed_config <variant>/config.json`.", ""
+    ]
     return "\n".join(lines)
 
 
@@ -244,10 +264,14 @@ def plot(table: List[Dict], out: Path, title: str) -> None:
     bubble.barh(names, [100 * (r["bubble"] or 0) for r in ran], color=colors)
     bubble.set(title="measured bubble (% of the timed step, mean over ranks)")
     y = list(range(len(ran)))
-    memory.barh([i - 0.2 for i in y], [max(r["activation_bytes_per_rank"] or [0]) / 2**20 for r in ran], height=0.4,
-                color="#1f78b4", label="peak activations")
-    memory.barh([i + 0.2 for i in y], [max(r["parameter_bytes_per_rank"] or [0]) / 2**20 for r in ran], height=0.4,
-                color="#e07b10", label="parameters")
+    memory.barh([i - 0.2 for i in y], [max(r["activation_bytes_per_rank"] or [0]) / 2**20 for r in ran],
+                height=0.4,
+                color="#1f78b4",
+                label="peak activations")
+    memory.barh([i + 0.2 for i in y], [max(r["parameter_bytes_per_rank"] or [0]) / 2**20 for r in ran],
+                height=0.4,
+                color="#e07b10",
+                label="parameters")
     memory.set_yticks(y, names)
     memory.set(title="memory per rank, largest rank (MiB)")
     memory.legend(fontsize=8, frameon=False)
@@ -275,7 +299,9 @@ def report(plan: Plan, command: str) -> List[Dict]:
     return table
 
 
-def main(path: str, only: Optional[List[str]] = None, report_only: bool = False,
+def main(path: str,
+         only: Optional[List[str]] = None,
+         report_only: bool = False,
          timeout: Optional[float] = None) -> int:
     plan = load_plan(path)
     command = f"python -m deepspeed_dualpipe ablate {path}" + (f" --only {','.join(only)}" if only else "")
@@ -283,6 +309,7 @@ def main(path: str, only: Optional[List[str]] = None, report_only: bool = False,
     failed = 0 if report_only else run(plan, only, timeout)
     report(plan, command)
     if not report_only:
-        print(f"[ablate] {len(only or plan.variants)} variant(s) in {time.perf_counter() - start:.0f} s"
-              + (f", {failed} failed" if failed else ""), flush=True)
+        print(f"[ablate] {len(only or plan.variants)} variant(s) in {time.perf_counter() - start:.0f} s" +
+              (f", {failed} failed" if failed else ""),
+              flush=True)
     return 1 if failed else 0

@@ -71,7 +71,8 @@ class Batches:
     def __post_init__(self):
         for name, tokens in (("train", self.train), ("val", self.val)):
             if len(tokens) <= self.seq_len:
-                raise ValueError(f"the {name} split has {len(tokens)} bytes, fewer than seq_len + 1 = {self.seq_len + 1}")
+                raise ValueError(
+                    f"the {name} split has {len(tokens)} bytes, fewer than seq_len + 1 = {self.seq_len + 1}")
         if not 0 <= self.dp_rank < self.dp_size:
             raise ValueError(f"dp_rank {self.dp_rank} is not in 0..{self.dp_size - 1}")
 

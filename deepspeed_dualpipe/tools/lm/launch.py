@@ -19,12 +19,23 @@ SCRIPT = ROOT / "examples" / "train_moe_lm.py"
 
 def command(config: str, ranks: int, port: int, extra: Optional[List[str]] = None) -> List[str]:
     launcher = Path(sys.executable).with_name("deepspeed")
-    return [str(launcher), "--num_gpus", str(ranks), "--master_port", str(port), str(SCRIPT),
-            "--deepspeed_config", str(config), *(extra or [])]
+    return [
+        str(launcher), "--num_gpus",
+        str(ranks), "--master_port",
+        str(port),
+        str(SCRIPT), "--deepspeed_config",
+        str(config), *(extra or [])
+    ]
 
 
-def launch(config: str, ranks: int = 4, extra: Optional[List[str]] = None, port: Optional[int] = None,
-           timeout: Optional[float] = None, capture: bool = False, cwd=None, log=None) -> subprocess.CompletedProcess:
+def launch(config: str,
+           ranks: int = 4,
+           extra: Optional[List[str]] = None,
+           port: Optional[int] = None,
+           timeout: Optional[float] = None,
+           capture: bool = False,
+           cwd=None,
+           log=None) -> subprocess.CompletedProcess:
     """Run ``deepspeed --num_gpus ranks examples/train_moe_lm.py --deepspeed_config config [extra]`` in ``cwd``
     (default: this process's), where the job writes ``runs/``; returns when it has exited. Its output goes
     to this process's, or is returned (``capture``), or written to the file ``log``."""
@@ -37,9 +48,18 @@ def launch(config: str, ranks: int = 4, extra: Optional[List[str]] = None, port:
     try:
         if log is not None:
             with open(log, "w") as out:
-                return subprocess.run(command(config, ranks, port, extra), env=env, cwd=cwd, timeout=timeout,
-                                      stdout=out, stderr=subprocess.STDOUT, text=True)
-        return subprocess.run(command(config, ranks, port, extra), env=env, cwd=cwd, timeout=timeout,
-                              capture_output=capture, text=True)
+                return subprocess.run(command(config, ranks, port, extra),
+                                      env=env,
+                                      cwd=cwd,
+                                      timeout=timeout,
+                                      stdout=out,
+                                      stderr=subprocess.STDOUT,
+                                      text=True)
+        return subprocess.run(command(config, ranks, port, extra),
+                              env=env,
+                              cwd=cwd,
+                              timeout=timeout,
+                              capture_output=capture,
+                              text=True)
     finally:
         release_shared_memory(port)

@@ -109,10 +109,18 @@ class ModelConfig:
         dense = self.all_dense or index < self.dense_layers
         ffn = (self.ffn_hidden_size or 4 * self.hidden_size) if dense else \
             (self.expert_hidden_size or 2 * self.hidden_size)
-        return dict(hidden_size=self.hidden_size, num_heads=self.num_heads, num_experts=self.num_experts,
-                    ep_size=self.ep_size, k=self.top_k, ffn_hidden_size=ffn, shared_expert=self.shared_expert,
-                    capacity_factor=self.capacity_factor, min_capacity=self.min_capacity,
-                    drop_tokens=self.drop_tokens, aux_loss_coef=self.aux_loss_coef, dense=dense)
+        return dict(hidden_size=self.hidden_size,
+                    num_heads=self.num_heads,
+                    num_experts=self.num_experts,
+                    ep_size=self.ep_size,
+                    k=self.top_k,
+                    ffn_hidden_size=ffn,
+                    shared_expert=self.shared_expert,
+                    capacity_factor=self.capacity_factor,
+                    min_capacity=self.min_capacity,
+                    drop_tokens=self.drop_tokens,
+                    aux_loss_coef=self.aux_loss_coef,
+                    dense=dense)
 
 
 # PipelineModule(partition_method=PARTITION): balance the blocks over the stages; the embedding
@@ -136,9 +144,10 @@ def layer_specs(cfg: ModelConfig) -> List:
     (``num_layers + 3`` without learned positions)."""
     positions = [LayerSpec(LearnedPositions, cfg.max_positions, cfg.hidden_size)] if cfg.max_positions else []
     return ([TiedLayerSpec("embed", TokenEmbedding, VOCAB, cfg.hidden_size)] + positions +
-            [LayerSpec(Block, **cfg.block_kwargs(i)) for i in range(cfg.num_layers)] +
-            [LayerSpec(RMSNorm, cfg.hidden_size),
-             TiedLayerSpec("embed", TokenEmbedding, VOCAB, cfg.hidden_size, forward_fn=tied_head)])
+            [LayerSpec(Block, **cfg.block_kwargs(i)) for i in range(cfg.num_layers)] + [
+                LayerSpec(RMSNorm, cfg.hidden_size),
+                TiedLayerSpec("embed", TokenEmbedding, VOCAB, cfg.hidden_size, forward_fn=tied_head)
+            ])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +182,11 @@ class LocalModel(nn.Module):
         return x
 
     @torch.no_grad()
-    def generate(self, prompt: List[int], new_tokens: int, context: int, temperature: float = 0.8,
+    def generate(self,
+                 prompt: List[int],
+                 new_tokens: int,
+                 context: int,
+                 temperature: float = 0.8,
                  seed: int = 0) -> List[int]:
         """Sample ``new_tokens`` bytes after ``prompt`` (a ``temperature`` of 0 is greedy), seeing at most the
         last ``context`` bytes, with a generator seeded by ``seed``."""

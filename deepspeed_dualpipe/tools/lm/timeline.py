@@ -44,8 +44,10 @@ def records(trace, t0: float, layout: Layout, rank: int) -> List[Record]:
     for item in trace:
         ins = item.instruction
         event = E._event(ins, layout, rank, counters) if hasattr(ins, "kwargs") else None
-        out.append(Record(type(ins).__name__, dict(getattr(ins, "kwargs", {})), item.start - t0, item.end - t0,
-                          item.waited, event if isinstance(event, E.Op) else None))
+        out.append(
+            Record(
+                type(ins).__name__, dict(getattr(ins, "kwargs", {})), item.start - t0, item.end - t0, item.waited,
+                event if isinstance(event, E.Op) else None))
     return out
 
 
@@ -109,8 +111,9 @@ def simulator_costs(costs: Dict[str, float]) -> Optional[Costs]:
 def execution(per_rank: List[List[Record]], layout: Layout, unit: float) -> Execution:
     """The measured compute intervals as an :class:`Execution` (time in units of ``unit`` seconds)."""
     # The engine waits for a received tensor as the computation starts: draw the computing part only.
-    timelines = [[Interval(min(r.start + r.waited, r.end) / unit, r.end / unit, r.op) for r in rank
-                  if r.op is not None] for rank in per_rank]
+    timelines = [[
+        Interval(min(r.start + r.waited, r.end) / unit, r.end / unit, r.op) for r in rank if r.op is not None
+    ] for rank in per_rank]
     return Execution(layout, timelines, [0] * len(per_rank))
 
 
@@ -122,8 +125,10 @@ def plot(per_rank: List[List[Record]], layout: Layout, out: str, title: str) -> 
                           f"{title}\ntime in units of one chunk's mean forward ({unit * 1e3:.2f} ms)")
 
 
-def chrome_trace(per_rank: List[List[Record]], metadata: Optional[dict] = None,
-                 names: Optional[List[str]] = None, phases: Optional[List[List[tuple]]] = None) -> dict:
+def chrome_trace(per_rank: List[List[Record]],
+                 metadata: Optional[dict] = None,
+                 names: Optional[List[str]] = None,
+                 phases: Optional[List[List[tuple]]] = None) -> dict:
     """A Chrome/Perfetto trace: ``{"traceEvents": [...]}``, microseconds, one process per rank
     (named ``names[rank]``, default "rank N"). With ``phases`` (per rank, from :func:`phase_records`),
     three more threads show the overlapped pairs from inside: their compute steps, and the
@@ -135,25 +140,57 @@ def chrome_trace(per_rank: List[List[Record]], metadata: Optional[dict] = None,
             events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": tid, "args": {"name": name}})
         for label, start, end in steps:
             compute = label.endswith(":compute")
-            events.append({"name": label, "cat": "compute" if compute else "all-to-all", "ph": "X",
-                           "ts": round(start * 1e6, 3), "dur": round((end - start) * 1e6, 3), "pid": rank,
-                           "tid": 2 if compute else 3 if label.startswith("B") else 4, "args": {}})
+            events.append({
+                "name": label,
+                "cat": "compute" if compute else "all-to-all",
+                "ph": "X",
+                "ts": round(start * 1e6, 3),
+                "dur": round((end - start) * 1e6, 3),
+                "pid": rank,
+                "tid": 2 if compute else 3 if label.startswith("B") else 4,
+                "args": {}
+            })
     for rank, rows in enumerate(per_rank):
         name = names[rank] if names else f"rank {rank}"
         events.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": name}})
         events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": "compute"}})
-        events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": 1,
-                       "args": {"name": "communication and the rest"}})
+        events.append({
+            "name": "thread_name",
+            "ph": "M",
+            "pid": rank,
+            "tid": 1,
+            "args": {
+                "name": "communication and the rest"
+            }
+        })
         for r in rows:
             args = {k: v for k, v in r.kwargs.items() if isinstance(v, (int, float, str, bool))}
             if r.waited:
                 args["waited_us"] = round(r.waited * 1e6, 1)
-            events.append({"name": str(r.op) if r.op is not None else r.name, "cat": _category(r), "ph": "X",
-                           "ts": round(r.start * 1e6, 3), "dur": round((r.end - r.start) * 1e6, 3), "pid": rank,
-                           "tid": 0 if r.op is not None else 1, "args": {"instruction": r.name, **args}})
+            events.append({
+                "name": str(r.op) if r.op is not None else r.name,
+                "cat": _category(r),
+                "ph": "X",
+                "ts": round(r.start * 1e6, 3),
+                "dur": round((r.end - r.start) * 1e6, 3),
+                "pid": rank,
+                "tid": 0 if r.op is not None else 1,
+                "args": {
+                    "instruction": r.name,
+                    **args
+                }
+            })
             if r.waited and r.op is not None:
-                events.append({"name": "wait", "cat": "wait", "ph": "X", "ts": round(r.start * 1e6, 3),
-                               "dur": round(r.waited * 1e6, 3), "pid": rank, "tid": 1, "args": {}})
+                events.append({
+                    "name": "wait",
+                    "cat": "wait",
+                    "ph": "X",
+                    "ts": round(r.start * 1e6, 3),
+                    "dur": round(r.waited * 1e6, 3),
+                    "pid": rank,
+                    "tid": 1,
+                    "args": {}
+                })
     trace = {"traceEvents": events, "displayTimeUnit": "ms"}
     if metadata:
         trace["otherData"] = metadata
@@ -168,8 +205,11 @@ def _category(r: Record) -> str:
     return "other"
 
 
-def write_chrome_trace(per_rank: List[List[Record]], out: str, metadata: Optional[dict] = None,
-                       names: Optional[List[str]] = None, phases: Optional[List[List[tuple]]] = None) -> str:
+def write_chrome_trace(per_rank: List[List[Record]],
+                       out: str,
+                       metadata: Optional[dict] = None,
+                       names: Optional[List[str]] = None,
+                       phases: Optional[List[List[tuple]]] = None) -> str:
     with open(out, "w") as f:
         json.dump(chrome_trace(per_rank, metadata, names, phases), f)
     return out

@@ -36,8 +36,7 @@ from deepspeed_dualpipe.tools.lm import data as D
 from deepspeed_dualpipe.tools.lm import memory as MEM
 from deepspeed_dualpipe.tools.lm import timeline as TL
 from deepspeed_dualpipe.runtime.trace import phase_records, start_recording, stop_recording
-from deepspeed_dualpipe.tools.lm.model import (PARTITION, LocalModel, ModelConfig, layer_specs, lm_loss,
-                                       seed_layer)
+from deepspeed_dualpipe.tools.lm.model import (PARTITION, LocalModel, ModelConfig, layer_specs, lm_loss, seed_layer)
 
 
 @dataclass
@@ -90,7 +89,9 @@ def use_cores() -> None:
     torch.set_num_threads(max(1, cores // max(local, 1)))
 
 
-def prepare_config(path_or_dict, steps: Optional[int] = None, name: Optional[str] = None,
+def prepare_config(path_or_dict,
+                   steps: Optional[int] = None,
+                   name: Optional[str] = None,
                    out_dir: Optional[str] = None):
     """(DeepSpeed config dict, LMConfig) from a config file, with the command line's overrides applied."""
     from deepspeed_dualpipe.config import load_config
@@ -124,8 +125,12 @@ def build_engine(config: Dict, lm: LMConfig, args=None):
     torch.manual_seed(lm.seed)
     # no_grad: PipelineModule broadcasts tied weights in place when it is built.
     with torch.no_grad():
-        model = PipelineModule(layers=layer_specs(lm.model), num_stages=lm.pipeline_stages, loss_fn=lm_loss,
-                               partition_method=PARTITION, seed_layers=True, base_seed=lm.seed,
+        model = PipelineModule(layers=layer_specs(lm.model),
+                               num_stages=lm.pipeline_stages,
+                               loss_fn=lm_loss,
+                               partition_method=PARTITION,
+                               seed_layers=True,
+                               base_seed=lm.seed,
                                seed_fn=seed_layer)
     if args is not None:
         args.deepspeed_config = None  # the config (with overrides) is passed as a dict
@@ -175,8 +180,10 @@ def _rank_state(engine) -> Dict[str, torch.Tensor]:
             import torch.distributed as dist
             offset = dist.get_rank(group=moe.ep_group) * moe.num_local_experts
             break
-    return {_EXPERT.sub(lambda m: f"{m[1]}{int(m[2]) + offset}{m[3]}", name): t.detach().float().cpu().clone()
-            for name, t in engine.module.state_dict().items()}
+    return {
+        _EXPERT.sub(lambda m: f"{m[1]}{int(m[2]) + offset}{m[3]}", name): t.detach().float().cpu().clone()
+        for name, t in engine.module.state_dict().items()
+    }
 
 
 def gather_local_model(engine, lm: LMConfig) -> Optional[LocalModel]:
@@ -236,16 +243,21 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
     bubble_estimate = _simulated_bubble(schedule, P, M, table_costs)
     ep = lm.model.ep_size
     layout = _layout(schedule, P, M)
-    holders = sorted({r for r in range(P) for c in range(layout.chunks_per_rank)
-                      if layout.model_stage(r, c) in (0, layout.model_stages - 1)})
-    _log(rank, f"[lm] schedule={schedule} engine={type(engine).__name__} pipeline P={P} data-parallel DP={dp_size} "
-         f"expert-parallel EP={ep} micro-batches M={M} x {engine.train_micro_batch_size_per_gpu()} x "
-         f"{lm.seq_len} bytes; {tokens_per_step} tokens/step; blocks={lm.model.num_layers} "
-         f"({_block_kinds(lm.model)}) hidden={lm.model.hidden_size}; embedding and tied head on pipeline "
-         f"rank(s) {holders}; parameters per rank {params if params else ''}")
-    _log(rank, f"[lm] corpus pydoc_data.topics: {len(corpus)} bytes ({D.fingerprint(corpus)}), train "
-         f"{len(train_tokens)}, validation {len(val_tokens)}; simulated bubble "
-         f"{_percent(bubble_estimate)} of a step with Table 2 costs F=1 B=2 W=1")
+    holders = sorted({
+        r
+        for r in range(P)
+        for c in range(layout.chunks_per_rank) if layout.model_stage(r, c) in (0, layout.model_stages - 1)
+    })
+    _log(
+        rank, f"[lm] schedule={schedule} engine={type(engine).__name__} pipeline P={P} data-parallel DP={dp_size} "
+        f"expert-parallel EP={ep} micro-batches M={M} x {engine.train_micro_batch_size_per_gpu()} x "
+        f"{lm.seq_len} bytes; {tokens_per_step} tokens/step; blocks={lm.model.num_layers} "
+        f"({_block_kinds(lm.model)}) hidden={lm.model.hidden_size}; embedding and tied head on pipeline "
+        f"rank(s) {holders}; parameters per rank {params if params else ''}")
+    _log(
+        rank, f"[lm] corpus pydoc_data.topics: {len(corpus)} bytes ({D.fingerprint(corpus)}), train "
+        f"{len(train_tokens)}, validation {len(val_tokens)}; simulated bubble "
+        f"{_percent(bubble_estimate)} of a step with Table 2 costs F=1 B=2 W=1")
 
     losses, step_times, val_losses = [], [], []
     traced: Optional[List[List[TL.Record]]] = None
@@ -265,8 +277,9 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
             loss = float(meter.measure(lambda: engine.train_batch(data_iter=batches.train_iter(step))))
             activations = _gather((meter.peak, meter.peak_at, meter.left))
             if activations:
-                _log(rank, f"[lm] step {step + 1:4d}/{lm.steps} | peak activation memory per rank "
-                     f"{_mib(a[0] for a in activations)}, parameters {_mib(param_bytes)} (MiB)")
+                _log(
+                    rank, f"[lm] step {step + 1:4d}/{lm.steps} | peak activation memory per rank "
+                    f"{_mib(a[0] for a in activations)}, parameters {_mib(param_bytes)} (MiB)")
         else:
             loss = float(engine.train_batch(data_iter=batches.train_iter(step)))
         step_times.append(time.perf_counter() - t0)
@@ -303,8 +316,9 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
         if (lm.eval_interval and (step + 1) % lm.eval_interval == 0) or last:
             val = evaluate(engine, val_batches)
             val_losses.append({"step": step + 1, "loss": val})
-            _log(rank, f"[lm] step {step + 1:4d}/{lm.steps} | validation loss {val:.4f} "
-                 f"({val / math.log(2):.3f} bits/byte)")
+            _log(
+                rank, f"[lm] step {step + 1:4d}/{lm.steps} | validation loss {val:.4f} "
+                f"({val / math.log(2):.3f} bits/byte)")
             interval_start, interval_steps = time.perf_counter(), 0
 
     local = gather_local_model(engine, lm)
@@ -317,8 +331,10 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
     print(f"[lm] sample (temperature {lm.sample_temperature}, seed {lm.seed}):\n{lm.sample_prompt}{sample}\n",
           flush=True)
     # Step time without the first steps (warm-up), the traced one and the one whose memory is counted.
-    steady = [t for i, t in enumerate(step_times)
-              if i >= min(3, len(step_times) - 1) and i not in (lm.trace_step, memory_step)] or step_times
+    steady = [
+        t for i, t in enumerate(step_times) if i >= min(3,
+                                                        len(step_times) - 1) and i not in (lm.trace_step, memory_step)
+    ] or step_times
     step_s = statistics.median(steady)
     metrics = {
         "name": lm.name,
@@ -354,20 +370,35 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
             "measured_costs_s": measured_costs or None,
         },
         "memory": {
-            "parameter_bytes_per_rank": param_bytes,  # by global rank
+            "parameter_bytes_per_rank":
+            param_bytes,  # by global rank
             "peak_activation_bytes_per_rank": [a[0] for a in activations] if activations else None,
             "peak_activation_during": [a[1] for a in activations] if activations else None,
             "activation_bytes_left_after_step": [a[2] for a in activations] if activations else None,
-            "activation_step": memory_step if activations else None,
-            "counted": "see deepspeed_dualpipe/lm/memory.py: distinct storages saved by autograd for a backward "
-                       "to come or held in the engine's pipe buffers, parameters and gradients excluded",
+            "activation_step":
+            memory_step if activations else None,
+            "counted":
+            "see deepspeed_dualpipe/lm/memory.py: distinct storages saved by autograd for a backward "
+            "to come or held in the engine's pipe buffers, parameters and gradients excluded",
         },
-        "sample": {"prompt": lm.sample_prompt, "temperature": lm.sample_temperature, "seed": lm.seed,
-                   "text": sample},
-        "corpus": {"source": "pydoc_data.topics", "bytes": len(corpus), "sha256_16": D.fingerprint(corpus),
-                   "train_bytes": len(train_tokens), "val_bytes": len(val_tokens)},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "deepspeed": deepspeed.__version__},
+        "sample": {
+            "prompt": lm.sample_prompt,
+            "temperature": lm.sample_temperature,
+            "seed": lm.seed,
+            "text": sample
+        },
+        "corpus": {
+            "source": "pydoc_data.topics",
+            "bytes": len(corpus),
+            "sha256_16": D.fingerprint(corpus),
+            "train_bytes": len(train_tokens),
+            "val_bytes": len(val_tokens)
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__
+        },
         "config": config,
     }
     write_outputs(metrics, traced, everyone, lm, schedule, P, M)
@@ -413,11 +444,20 @@ def write_outputs(metrics: dict, traced, everyone, lm: LMConfig, schedule: str, 
         layout = _layout(schedule, P, M)
         bubbles = TL.bubbles(traced)
         dp = metrics["data_parallel"]
-        title = (f"{schedule}  P={P}  M={M}  measured step {lm.trace_step + 1}{' (data-parallel rank 0)' if dp > 1 else ''}"
-                 f": {1e3 * TL.span(traced):.0f} ms, bubble/rank {_range(bubbles)}")
-        names = [f"rank {g} (pipeline rank {stage}, data-parallel rank {d})" for g, (stage, d, *_) in enumerate(everyone)]
-        TL.write_chrome_trace([g[2] for g in everyone], str(out / "trace.json"),
-                              {"schedule": schedule, "stages": P, "micro_batches": M, "step": lm.trace_step}, names,
+        title = (
+            f"{schedule}  P={P}  M={M}  measured step {lm.trace_step + 1}{' (data-parallel rank 0)' if dp > 1 else ''}"
+            f": {1e3 * TL.span(traced):.0f} ms, bubble/rank {_range(bubbles)}")
+        names = [
+            f"rank {g} (pipeline rank {stage}, data-parallel rank {d})" for g, (stage, d, *_) in enumerate(everyone)
+        ]
+        TL.write_chrome_trace([g[2] for g in everyone],
+                              str(out / "trace.json"), {
+                                  "schedule": schedule,
+                                  "stages": P,
+                                  "micro_batches": M,
+                                  "step": lm.trace_step
+                              },
+                              names,
                               phases=[g[3] for g in everyone])
         written.append(out / "trace.json")
         try:
@@ -428,17 +468,20 @@ def write_outputs(metrics: dict, traced, everyone, lm: LMConfig, schedule: str, 
                 from deepspeed_dualpipe.analysis.plot import plot_timeline, summary
                 from deepspeed_dualpipe.analysis.simulate import simulate
                 sim = simulate(schedule, P, M, costs).execution
-                plot_timeline(schedule, P, M, costs, str(out / "timeline_simulated.png"),
-                              f"{schedule}  P={P}  M={M}  simulated, measured costs F=1 B={costs.B:.2f} "
-                              f"W={costs.W:.2f} F&B={costs.pair:.2f}\n{summary(sim)}")
+                plot_timeline(
+                    schedule, P, M, costs, str(out / "timeline_simulated.png"),
+                    f"{schedule}  P={P}  M={M}  simulated, measured costs F=1 B={costs.B:.2f} "
+                    f"W={costs.W:.2f} F&B={costs.pair:.2f}\n{summary(sim)}")
                 written.append(out / "timeline_simulated.png")
         except RuntimeError as error:
             print(f"[lm] no timeline picture: {error}", file=sys.stderr)
     metrics["outputs"] = [str(p) for p in written]
     with open(out / "metrics.json", "w") as f:
         json.dump(metrics, f, indent=1)
-    print(f"[lm] first loss {metrics['first_loss']:.4f} -> final validation loss {metrics['final_val_loss']:.4f}; "
-          f"{metrics['tokens_per_s']:.0f} tokens/s; wrote {', '.join(str(p) for p in written)}", flush=True)
+    print(
+        f"[lm] first loss {metrics['first_loss']:.4f} -> final validation loss {metrics['final_val_loss']:.4f}; "
+        f"{metrics['tokens_per_s']:.0f} tokens/s; wrote {', '.join(str(p) for p in written)}",
+        flush=True)
     return out
 
 
@@ -465,9 +508,12 @@ def plot_losses(metrics: dict, out) -> None:
     ax.plot([v["step"] for v in val], [v["loss"] for v in val], "o-", color="#1f78b4", label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/byte)")
-    ax.set_title(f"{metrics['name']}: {metrics['schedule']}, P={metrics['pipeline_stages']} "
-                 f"DP={metrics['data_parallel']} EP={metrics['expert_parallel']}, {metrics['tokens_per_step']} "
-                 f"tokens/step", fontsize=10, loc="left")
+    ax.set_title(
+        f"{metrics['name']}: {metrics['schedule']}, P={metrics['pipeline_stages']} "
+        f"DP={metrics['data_parallel']} EP={metrics['expert_parallel']}, {metrics['tokens_per_step']} "
+        f"tokens/step",
+        fontsize=10,
+        loc="left")
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
     fig.savefig(out, dpi=120)

@@ -1,0 +1,125 @@
+"""The bench runs end to end at tiny sizes and reports sane numbers (no speed targets: 2 shared cores)."""
+
+import json
+
+import pytest
+import torch
+
+from deepspeed_dualpipe.tools.bench import layers as L
+from deepspeed_dualpipe.tools.bench import predict
+from deepspeed_dualpipe.tools.bench.run import DEFAULT_SCHEDULES, parse_bytes, parse_costs
+from deepspeed_dualpipe.cli import main
+from deepspeed_dualpipe.runtime.autograd.steps import Tape, backward_steps, forward_steps, run
+
+
+def test_costs_are_per_layer_times_with_units():
+    assert parse_costs("F=5ms,B=10ms,W=5ms") == {"F": 0.005, "B": 0.010, "W": 0.005}
+    assert parse_costs("f=1,b=2us,w=0s") == {"F": 1.0, "B": 2e-6, "W": 0.0}
+    for bad in ("F=1ms,B=2ms", "F=1ms,B=2ms,W=3ms", "X=1ms,F=1,B=1,W=1"):
+        with pytest.raises(ValueError):
+            parse_costs(bad)
+
+
+def test_sizes():
+    assert parse_bytes("1048576") == parse_bytes("1MiB") == 1 << 20
+    assert parse_bytes("64KiB") == 65536 and parse_bytes("2k") == 2000
+    with pytest.raises(ValueError):
+        parse_bytes("1 parsec")
+
+
+def _sleeps():
+    """The sleeps asked for (what happened depends on the machine's load)."""
+    return [round(requested, 6) for _, _, requested in L.SLEEPS]
+
+
+def test_moe_layer_sleeps_its_costs_and_round_trips_the_activation():
+    """Without a group the all-to-alls are identities: forward F/2 + F/2, input part (B-W)/2 twice,
+    weight part W/2 twice, and the activation comes out as it went in, through either path."""
+    layer = L.SleepMoELayer(0.02, 0.06, 0.02, 4096)
+    x = torch.randn(1, 16)
+    L.SLEEPS.clear()
+    out = layer(x)  # InlineTape: one autograd graph, as under DeepSpeed's own engines
+    assert torch.equal(out, x) and _sleeps() == [0.01, 0.01]
+    out.sum().backward()
+    assert sorted(_sleeps()[2:]) == [0.01, 0.01, 0.02, 0.02]
+    L.SLEEPS.clear()
+    tape, x = Tape(), x.clone().requires_grad_()
+    out = run(forward_steps([layer, layer], x, tape))
+    assert torch.equal(out, x)
+    grads, weights = run(backward_steps(tape, out, torch.ones_like(out), split=True))
+    assert torch.equal(grads[0], torch.ones_like(x))
+    assert _sleeps() == [0.01] * 4 + [0.02] * 4  # forwards, then the input parts only
+    L.SLEEPS.clear()
+    weights.weight_part()
+    assert _sleeps() == [0.01] * 4
+
+
+def test_layers_keep_their_activations_for_the_backward():
+    layer = L.SleepLayer(0, 0, 0)
+    before = len(L.saved_tensors())
+    x = torch.randn(1, 8)
+    out = layer(x)
+    assert [t.numel() for t in L.saved_tensors()[before:]] == [8]
+    out.sum().backward()
+    assert len(L.saved_tensors()) == before
+
+
+def test_overlapped_pair_prediction():
+    # nothing to hide: compute only
+    assert predict.overlapped_pair(1, 4.0, 8.0, 0.0) == pytest.approx(12.0)
+    # every all-to-all fits under the other micro-batch's step: still compute only
+    assert predict.overlapped_pair(2, 4.0, 8.0, 1.0) == pytest.approx(24.0)
+    # all-to-alls longer than any step: the comm chain shows
+    assert predict.overlapped_pair(1, 2.0, 2.0, 10.0) > 20.0
+    # never better than the compute, never worse than running them one after the other
+    for a in (0.5, 2.0, 5.0):
+        t = predict.overlapped_pair(2, 5.0, 10.0, a)
+        assert 30.0 <= t <= 30.0 + 8 * a
+
+
+def test_moe_costs_charge_two_all_to_alls_per_layer_and_pass():
+    c = predict.chunk_costs("dualpipe", 4, 8, 5.0, 10.0, 5.0, a2a=1.0)
+    assert (c.F, c.B, c.W) == (14.0, 24.0, 10.0) and c.FB == predict.overlapped_pair(2, 5.0, 10.0, 1.0)
+    assert predict.chunk_costs("dualpipe", 4, 8, 5.0, 10.0, 5.0, a2a=1.0, overlap=False).pair == 38.0
+    assert predict.chunk_costs("zb1p", 4, 8, 5.0, 10.0, 5.0, a2a=1.0).FB is None
+
+
+def _check(result, runs, ranks):
+    assert list(result["schedules"]) == runs
+    for name, row in result["schedules"].items():
+        assert row["step_s"] > 0 and row["sim_step_s"] > 0, name
+        assert len(row["bubble"]) == ranks and all(0 <= b < 1 for b in row["bubble"]), (name, row["bubble"])
+        assert row["ratio_to_1f1b"] > 0, name
+        assert row["overhead_ms"] is not None, name
+        assert len(row["peak_activation_bytes"]) == ranks and all(b > 0 for b in row["peak_activation_bytes"]), name
+        assert len(row["sim_peak_activations"]) == ranks and row["activation_unit_bytes"] > 0, name
+    assert result["schedules"]["1f1b"]["ratio_to_1f1b"] == 1
+    assert result["plugin_overhead_ms"] is not None
+    assert set(result["scaling"]) == {"4", "8", "16", "32"}
+
+
+@pytest.mark.slow
+def test_bench_json_at_tiny_sizes(capsys):
+    assert main([
+        "bench", "--schedules", DEFAULT_SCHEDULES, "-P", "2", "-M", "4", "--layers", "4", "--cost",
+        "F=2ms,B=4ms,W=2ms", "--repeats", "1", "--width", "64", "--json", "--timeout", "120"
+    ]) == 0
+    result = json.loads(capsys.readouterr().out)
+    _check(result, DEFAULT_SCHEDULES.split(","), 2)
+
+
+@pytest.mark.slow
+def test_bench_with_all_to_alls_at_tiny_sizes(capsys):
+    """P=2 with expert parallelism 2 inside data parallelism 2: 4 ranks, real gloo all-to-alls."""
+    assert main([
+        "bench", "--schedules", "1f1b,dualpipe", "-P", "2", "-M", "4", "--layers", "4", "--cost", "F=2ms,B=4ms,W=2ms",
+        "--repeats", "1", "--width", "64", "--a2a", "16KiB", "--json", "--timeout", "120"
+    ]) == 0
+    result = json.loads(capsys.readouterr().out)
+    _check(result, ["1f1b", "dualpipe", "dualpipe (no overlap)"], 2)
+    assert result["data_parallel"] == 2 and result["a2a_bytes"] == 16384
+    assert result["a2a_alone_s"] > 0 and result["a2a_concurrent_s"] > 0
+    assert result["schedules"]["dualpipe"]["sim_pair_s"] is not None
+    assert result["schedules"]["dualpipe (no overlap)"]["sim_pair_s"] is None
+    assert all(row["a2a_median_s"] > 0 for row in result["schedules"].values())
+    assert set(result["a2a_targets"]["dualpipe"]) == {"vs_no_overlap", "vs_1f1b"}

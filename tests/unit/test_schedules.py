@@ -1,0 +1,101 @@
+"""The schedules: DeepSpeed PipeSchedules whose per-rank order is DeepSeek's reference order."""
+
+import pytest
+from deepspeed.runtime.pipe import schedule as ds
+
+from deepspeed_dualpipe.analysis.events import Op, rank_events
+from deepspeed_dualpipe.analysis.render import schedule_json
+from deepspeed_dualpipe.schedule import SCHEDULES, build_schedule, get_spec, rank_steps
+from tests.helpers.reference_order import check_oracle_invariants, reference_compute_order
+from tests.helpers.shapes import valid_shapes
+
+
+def test_reference_oracle_is_self_consistent():
+    assert check_oracle_invariants() > 0
+
+
+@pytest.mark.parametrize("schedule", ["dualpipe", "dualpipev"])
+def test_every_rank_runs_the_compute_order_of_deepseeks_reference(schedule):
+    checked = 0
+    for P, M in valid_shapes(schedule):
+        document = schedule_json(schedule, P, M)
+        for rank in document["ranks"]:
+            assert rank["compute"] == reference_compute_order(schedule, P, M, rank["rank"]), (P, M, rank["rank"])
+            checked += 1
+    assert checked > 100
+
+
+def test_1f1b_is_deepspeeds_own_train_schedule_unchanged():
+    ours = build_schedule("1f1b", micro_batches=8, stages=4, stage_id=2)
+    theirs = ds.TrainSchedule(micro_batches=8, stages=4, stage_id=2)
+    assert type(ours) is ds.TrainSchedule
+    assert [repr(s) for s in ours.steps()] == [repr(s) for s in theirs.steps()]
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_schedules_are_deepspeed_pipe_schedules_of_pipe_instructions(schedule):
+    sched = build_schedule(schedule, micro_batches=8, stages=4, stage_id=1)
+    assert isinstance(sched, ds.PipeSchedule)
+    steps = list(sched.steps())
+    assert steps and all(isinstance(i, ds.PipeInstruction) for step in steps for i in step)
+    assert isinstance(steps[-1][-1], ds.OptimizerStep)
+
+
+@pytest.mark.parametrize("schedule", ["zb1p", "dualpipe", "dualpipev"])
+def test_buffer_slots_cover_every_instruction(schedule):
+    for rank in range(4):
+        sched = build_schedule(schedule, micro_batches=10, stages=4, stage_id=rank)
+        slots = [
+            v for step in sched.steps() for i in step for k, v in i.kwargs.items()
+            if k.endswith("buffer") or k == "buffer_id"
+        ]
+        assert slots and max(slots) < sched.num_pipe_buffers()
+
+
+def test_dualpipe_feeds_half_the_micro_batches_from_each_end():
+    steps = rank_steps("dualpipe", 4, 8)
+    layout = get_spec("dualpipe").layout(4, 8)
+    first_forward = {r: next(e for e in rank_events(s, layout, r) if isinstance(e, Op)) for r, s in enumerate(steps)}
+    assert (first_forward[0].chunk, first_forward[0].micro_batch) == (0, 0)  # forward direction enters at rank 0
+    assert (first_forward[3].chunk, first_forward[3].micro_batch) == (1, 4)  # reverse direction enters at rank 3
+    loads = {(r, i.chunk, i.micro_batch)
+             for r, s in enumerate(steps)
+             for step in s
+             for i in step if isinstance(i, ds.LoadMicroBatch)}
+    assert {(0, 0, m) for m in range(4)} <= loads and {(3, 1, m) for m in range(4, 8)} <= loads
+    assert any(type(i).__name__ == "ReduceMirrorGrads" for i in steps[0][-1])
+
+
+def test_weight_passes_follow_their_input_passes_first_in_first_out():
+    layout = get_spec("dualpipev").layout(4, 8)
+    ops = [e for e in rank_events(rank_steps("dualpipev", 4, 8)[1], layout, 1) if isinstance(e, Op)]
+    inputs = [(o.chunk, o.micro_batch) for o in ops if o.op == "I"]
+    weights = [(o.chunk, o.micro_batch) for o in ops if o.op == "W"]
+    assert inputs == weights and len(inputs) > 1
+
+
+@pytest.mark.parametrize("schedule, stages, micro_batches, words", [
+    ("dualpipe", 3, 12, ["even", "stages=3"]),
+    ("dualpipe", 4, 9, ["even", "micro_batches=9"]),
+    ("dualpipe", 4, 6, [">= 2*stages = 8", "micro_batches=6"]),
+    ("dualpipev", 4, 7, [">= 2*stages = 8", "micro_batches=7"]),
+    ("ds-dualpipev", 2, 3, ["micro_batches=3"]),
+    ("zb1p", 0, 4, ["stages", ">= 1"]),
+    ("1f1b", 2, 0, ["micro_batches", ">= 1"]),
+    ("dualpipe", 4, 8.0, ["micro_batches", "integer"]),
+])
+def test_invalid_shapes_raise_value_errors_that_name_the_value(schedule, stages, micro_batches, words):
+    with pytest.raises(ValueError) as error:
+        build_schedule(schedule, micro_batches=micro_batches, stages=stages, stage_id=0)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_unknown_schedule_names_the_valid_ones():
+    with pytest.raises(ValueError, match="valid schedules: 1f1b, zb1p, dualpipe, dualpipev, ds-dualpipev"):
+        get_spec("gpipe")
+
+
+def test_rank_outside_the_pipeline_is_rejected():
+    with pytest.raises(ValueError, match="stage_id must be a pipeline rank in 0..3"):
+        build_schedule("dualpipe", micro_batches=8, stages=4, stage_id=4)

@@ -1,0 +1,236 @@
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from deepspeed_dualpipe.runtime.autograd import split_backward as sb
+from deepspeed_dualpipe.runtime.autograd.split_backward import SplitBackward, full_backward, module_supports_split
+
+D, V, B = 8, 11, 5
+
+
+class Stage(nn.Module):
+    """Linear, Embedding, LayerNorm, activations, a tied weight used twice, an unused param."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.fc1 = nn.Linear(D, D)
+        self.fc2 = nn.Linear(D, D)
+        self.norm = nn.LayerNorm(D)
+        self.fc2.weight = self.fc1.weight  # tied
+        self.unused = nn.Parameter(torch.randn(3))
+
+    def forward(self, x, ids):
+        h = x + self.emb(ids)
+        h = torch.nn.functional.gelu(self.fc1(h))
+        h = torch.tanh(self.fc2(h))  # tied weight used a second time
+        return self.norm(h), torch.relu(self.fc1(x))
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    m = Stage()
+    x = torch.randn(B, D, requires_grad=True)
+    ids = torch.randint(0, V, (B, ))
+    gy = (torch.randn(B, D), torch.randn(B, D))
+    return m, x, ids, gy
+
+
+def params_of(m):
+    return [p for p in m.parameters() if p.requires_grad]
+
+
+def reference(seed, micro_batches=1, pre_grad=False):
+    m, x, ids, gy = make(seed)
+    if pre_grad:
+        for p in m.parameters():
+            p.grad = torch.ones_like(p)
+    xs = []
+    for k in range(micro_batches):
+        xk = (x + k).detach().requires_grad_()
+        full_backward(m(xk, ids), gy)
+        xs.append(xk.grad)
+    return xs, {n: (None if p.grad is None else p.grad.clone()) for n, p in m.named_parameters()}
+
+
+def assert_grads_equal(m, ref):
+    for n, p in m.named_parameters():
+        if ref[n] is None:
+            assert p.grad is None, n
+        else:
+            torch.testing.assert_close(p.grad, ref[n], rtol=1e-6, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_input_then_weight_part_matches_plain_backward(split):
+    ref_x, ref = reference(0)
+    m, x, ids, gy = make(0)
+    h = SplitBackward.input_part(m(x, ids), gy, (x, ids), params_of(m), split=split)
+    assert h.split is split
+    torch.testing.assert_close(x.grad, ref_x[0], rtol=1e-6, atol=1e-6)
+    assert h.input_grads[0] is x.grad and h.input_grads[1] is None
+    if split:
+        assert m.fc1.weight.grad is None  # weights wait for the W part
+    h.weight_part()
+    assert_grads_equal(m, ref)
+    assert m.unused.grad is None
+
+
+def test_fallback_forced_by_split_false_does_everything_in_input_part():
+    _, ref = reference(0)
+    m, x, ids, gy = make(0)
+    h = SplitBackward.input_part(m(x, ids), gy, (x, ids), params_of(m), split=False)
+    assert not h.split and "split=False" in h.reason
+    assert_grads_equal(m, ref)  # already complete before W
+    h.weight_part()  # no-op
+    assert_grads_equal(m, ref)
+
+
+def test_weight_part_accumulates_onto_existing_param_grads():
+    ref_x, ref = reference(1, pre_grad=True)
+    m, x, ids, gy = make(1)
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    x.grad = torch.ones_like(x)
+    h = SplitBackward.input_part(m(x, ids), gy, (x, ids), params_of(m))
+    torch.testing.assert_close(x.grad, ref_x[0] + 1)
+    h.weight_part()
+    assert_grads_equal(m, ref)
+    torch.testing.assert_close(m.unused.grad, torch.ones(3))  # unused param unchanged
+
+
+def test_interleaved_fifo_I1_I2_W1_W2_matches_two_plain_backwards():
+    ref_x, ref = reference(2, micro_batches=2)
+    m, x, ids, gy = make(2)
+    handles, xs = [], []
+    for k in range(2):
+        xk = (x + k).detach().requires_grad_()
+        handles.append(SplitBackward.input_part(m(xk, ids), gy, (xk, ids), params_of(m)))
+        xs.append(xk)
+    for h in handles:
+        h.weight_part()
+    for xk, rx in zip(xs, ref_x):
+        torch.testing.assert_close(xk.grad, rx, rtol=1e-6, atol=1e-6)
+    assert_grads_equal(m, ref)
+
+
+def test_scalar_loss_with_no_output_grads():
+    lin = nn.Linear(D, 1)
+    x = torch.randn(B, D, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    lin(x2).pow(2).mean().backward()
+    ref = [p.grad.clone() for p in lin.parameters()]
+    for p in lin.parameters():
+        p.grad = None
+    SplitBackward.input_part(lin(x).pow(2).mean(), None, x, list(lin.parameters())).weight_part()
+    torch.testing.assert_close(x.grad, x2.grad)
+    for p, r in zip(lin.parameters(), ref):
+        torch.testing.assert_close(p.grad, r)
+
+
+def test_view_outputs_and_non_leaf_inputs_are_supported():
+    lin = nn.Linear(D, 2 * D)
+    base = torch.randn(B, D, requires_grad=True)
+    x = base * 2  # non-leaf stage input
+    a, b = lin(x).chunk(2, dim=1)  # view outputs
+    ga, gb = torch.randn(B, D), torch.randn(B, D)
+    ref = torch.autograd.grad((a, b), [x, *lin.parameters()], (ga, gb), retain_graph=True)
+    h = SplitBackward.input_part((a, b), (ga, gb), x, list(lin.parameters()))
+    assert h.split
+    torch.testing.assert_close(x.grad, ref[0])
+    h.weight_part()
+    for p, r in zip(lin.parameters(), ref[1:]):
+        torch.testing.assert_close(p.grad, r)
+
+
+def test_overlapping_param_groups_are_merged_not_backpropagated_twice():
+    # torch's grouping may put p2 in two groups for this graph (set-order dependent).
+    for seed in range(30):
+        torch.manual_seed(seed)
+        p1, p2 = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+        x = torch.randn(3, requires_grad=True)
+        ref = torch.autograd.grad((((x * p1) * (p1 + p2)) * p2).sum(), [x, p1, p2])
+        SplitBackward.input_part((((x * p1) * (p1 + p2)) * p2).sum(), None, x, [p1, p2]).weight_part()
+        for t, r in zip([x, p1, p2], ref):
+            torch.testing.assert_close(t.grad, r)
+
+
+def test_inputs_without_grad_fall_back_to_full_backward():
+    m, x, ids, gy = make(3)
+    x.requires_grad_(False)  # e.g. first stage: nothing to send upstream
+    m2 = make(3)[0]
+    full_backward(m2(x, ids), gy)
+    h = SplitBackward.input_part(m(x, ids), gy, (x, ids), params_of(m))
+    assert not h.split and "no input requires grad" in h.reason
+    h.weight_part()
+    assert_grads_equal(m, {n: p.grad for n, p in m2.named_parameters()})
+
+
+def test_output_independent_of_inputs_falls_back():
+    lin = nn.Linear(D, D)
+    bias = nn.Parameter(torch.randn(D))
+    x = torch.randn(B, D, requires_grad=True)
+    h = SplitBackward.input_part((lin(x), bias * 2), (torch.ones(B, D), torch.ones(D)), x, [*lin.parameters(), bias])
+    assert not h.split
+    h.weight_part()
+    torch.testing.assert_close(bias.grad, torch.full((D, ), 2.0))
+
+
+def test_missing_torch_helpers_fall_back(monkeypatch):
+    _, ref = reference(4)
+    monkeypatch.setattr(sb, "_torch_helpers", lambda: None)
+    m, x, ids, gy = make(4)
+    h = SplitBackward.input_part(m(x, ids), gy, (x, ids), params_of(m))
+    assert not h.split
+    h.weight_part()
+    assert_grads_equal(m, ref)
+
+
+def test_helper_failure_falls_back_without_double_counting(monkeypatch):
+    _, ref = reference(5)
+    real = sb._torch_helpers()
+
+    def failing_input(outputs, output_grads, input_values, weights):
+        for t in input_values:  # scribbles on the input grads, then "fails"
+            if t.requires_grad:
+                t.grad = torch.full_like(t, 123.0)
+        raise RuntimeError("unsupported graph")
+
+    monkeypatch.setattr(sb, "_torch_helpers", lambda: (failing_input, real[1]))
+    m, x, ids, gy = make(5)
+    h = SplitBackward.input_part(m(x, ids), gy, (x, ids), params_of(m))
+    assert not h.split and "unsupported graph" in h.reason
+    h.weight_part()
+    assert_grads_equal(m, ref)
+    ref_x = reference(5)[0][0]
+    torch.testing.assert_close(x.grad, ref_x)
+
+
+def test_weight_part_releases_graph_state_and_refuses_a_second_call():
+    lin = nn.Linear(D, D)
+    x = torch.randn(B, D, requires_grad=True)
+    mid = torch.tanh(lin(x))  # saved by the next op
+    ref = weakref.ref(mid)
+    out = mid * mid
+    del mid
+    h = SplitBackward.input_part(out, torch.ones(B, D), x, list(lin.parameters()))
+    del out
+    gc.collect()
+    h.weight_part()
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(RuntimeError, match="already called"):
+        h.weight_part()
+
+
+def test_module_supports_split_finds_opt_out_in_submodules():
+
+    class Custom(nn.Linear):
+        supports_split_backward = False
+
+    assert module_supports_split(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    assert not module_supports_split(nn.Sequential(nn.Linear(2, 2), nn.Sequential(Custom(2, 2))))
+    assert not module_supports_split([nn.Linear(2, 2), Custom(2, 2)])
