@@ -105,17 +105,10 @@ def config_schedule(ds_config: Dict[str, Any]) -> str:
 
 
 def dualpipe_config(ds_config: Union[str, Dict[str, Any]]) -> DualPipeConfig:
-    """Validate the plugin's part of a DeepSpeed config.
+    """Validate the plugin's part of a DeepSpeed config; ``ValueError`` names the offending key path.
 
-    Raises ``ValueError`` naming the offending key path for: an unknown ``pipeline.schedule``,
-    an unknown or ill-typed key in the ``dualpipe`` section, and a plugin schedule combined with
-    ZeRO stage >= 2.
-
-    A ``dualpipe`` section next to a schedule that ignores it ("1f1b", "ds-dualpipev") only
-    *warns*: those schedules run DeepSpeed's own engines, which never read the section, so it
-    cannot change their behaviour; and the point of the baselines is a side-by-side comparison
-    in which only ``pipeline.schedule`` is flipped, which an error would break. The section is
-    still validated, so a typo in it is an error whatever the schedule.
+    A ``dualpipe`` section beside a DeepSpeed-engine schedule only warns, so ablations can flip
+    ``pipeline.schedule`` alone (docs/design.md, "Design notes").
     """
     cfg = load_config(ds_config)
     pipeline = cfg.get("pipeline", {})

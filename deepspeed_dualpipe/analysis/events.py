@@ -78,53 +78,51 @@ def _comm_kind(ins):
     return None
 
 
-class _Counters:
-    """Recovers micro-batch ids for DeepSpeed's instructions: each kind walks them in order."""
+class EventReader:
+    """Reads one rank's instructions, in order, as events. DeepSpeed's own instructions name no micro-batch:
+    each kind walks the micro-batches of its chunk in order, so the reader counts them."""
 
     def __init__(self, layout: Layout, rank: int):
-        self.order = [layout.micro_batches_of(rank, c) for c in range(layout.chunks_per_rank)]
-        self.seen = {}
+        self.layout, self.rank = layout, rank
+        self._order = [layout.micro_batches_of(rank, c) for c in range(layout.chunks_per_rank)]
+        self._seen = {}
 
-    def next(self, kind: str, chunk: int) -> int:
-        position = self.seen.get((kind, chunk), 0)
-        self.seen[(kind, chunk)] = position + 1
-        return self.order[chunk][position]
+    def _next(self, kind, chunk: int) -> int:
+        position = self._seen.get((kind, chunk), 0)
+        self._seen[(kind, chunk)] = position + 1
+        return self._order[chunk][position]
+
+    def event(self, ins):
+        """The :class:`Op` or :class:`Comm` that ``ins`` performs, or None (loads, reductions, the step)."""
+        if isinstance(ins, instructions.OverlappedForwardBackward):
+            k = ins.kwargs
+            return Op("FB",
+                      forward=Op("F", k["forward_chunk"], k["forward_micro_batch"], buffer=k["forward_buffer"]),
+                      backward=Op(k["backward_op"],
+                                  k["backward_chunk"],
+                                  k["backward_micro_batch"],
+                                  buffer=k["backward_buffer"]))
+        plugin = "micro_batch" in ins.kwargs
+        chunk = ins.kwargs.get("chunk", ins.kwargs.get("phase", 0))
+        kind = _comm_kind(ins)
+        if kind is not None:
+            if plugin:
+                return Comm(*kind, chunk, ins.micro_batch, ins.peer, ins.buffer_id)
+            micro_batch = self._next(kind, chunk)
+            peer = self.layout.other_end(self.rank, chunk, micro_batch, *kind)[0]
+            return Comm(*kind, chunk, micro_batch, peer, ins.buffer_id)
+        for cls, op in _COMPUTE:
+            if isinstance(ins, cls):
+                micro_batch = ins.micro_batch if plugin else self._next(op, chunk)
+                return Op(op, chunk, micro_batch, buffer=ins.kwargs.get("buffer_id"))
+        return None
 
 
 def rank_events(steps: List[list], layout: Layout, rank: int) -> List[object]:
     """The compute (:class:`Op`) and communication (:class:`Comm`) events of one rank, in order."""
-    counters = _Counters(layout, rank)
-    events = []
-    for step in steps:
-        for ins in step:
-            event = _event(ins, layout, rank, counters)
-            if event is not None:
-                events.append(event)
-    return events
-
-
-def _event(ins, layout, rank, counters):
-    if isinstance(ins, instructions.OverlappedForwardBackward):
-        k = ins.kwargs
-        return Op("FB",
-                  forward=Op("F", k["forward_chunk"], k["forward_micro_batch"], buffer=k["forward_buffer"]),
-                  backward=Op(k["backward_op"],
-                              k["backward_chunk"],
-                              k["backward_micro_batch"],
-                              buffer=k["backward_buffer"]))
-    plugin = "micro_batch" in ins.kwargs
-    chunk = ins.kwargs.get("chunk", ins.kwargs.get("phase", 0))
-    kind = _comm_kind(ins)
-    if kind is not None:
-        if plugin:
-            return Comm(*kind, chunk, ins.micro_batch, ins.peer, ins.buffer_id)
-        micro_batch = counters.next(kind, chunk)
-        return Comm(*kind, chunk, micro_batch, layout.other_end(rank, chunk, micro_batch, *kind)[0], ins.buffer_id)
-    for cls, op in _COMPUTE:
-        if isinstance(ins, cls):
-            micro_batch = ins.micro_batch if plugin else counters.next(op, chunk)
-            return Op(op, chunk, micro_batch, buffer=ins.kwargs.get("buffer_id"))
-    return None
+    reader = EventReader(layout, rank)
+    events = (reader.event(ins) for step in steps for ins in step)
+    return [e for e in events if e is not None]
 
 
 def schedule_events(schedule: str, stages: int, micro_batches: int, forward_only: bool = False):

@@ -76,17 +76,8 @@ class GradientReductions:
 
     # ----- fp16 loss scaling ---------------------------------------------------------------------
     def _scale_loss(self, loss):
-        """fp16: ``loss`` times the optimizer's current loss scale, else ``loss`` unchanged.
-
-        Every gradient this rank computes from it, and sends upstream, is then scaled, as DeepSpeed's
-        fp16 optimizers expect: their ``step()`` unscales, skips the step on inf/nan in any rank's
-        gradients (an all-reduce over the model-parallel group, which is the whole pipeline of this
-        data-parallel replica) and updates the scale. The rule is theirs: ``FP16_Optimizer`` /
-        ``FP16_UnfusedOptimizer.backward()`` (fp32 loss times ``cur_scale``, or the external scale
-        set by ``override_loss_scale``) and ZeRO's ``scale_if_loss``. (DeepSpeed 0.19.8's own
-        ``engine.backward`` skips this at ZeRO stage 0, so its 1F1B fp16 updates come out divided by
-        the scale; here the loss is scaled at ZeRO stage 0 and 1 alike.)
-        """
+        """fp16: ``loss`` times the optimizer's loss scale (DeepSpeed's fp16 optimizers unscale in ``step()``),
+        at ZeRO stage 0 and 1 alike (docs/design.md, "Design notes"); else ``loss`` unchanged."""
         if not self.fp16_enabled():
             return loss
         if isinstance(self.optimizer, ZeROOptimizer):
@@ -101,15 +92,8 @@ class GradientReductions:
         return float(self.optimizer.loss_scale)
 
     def _take_model_step(self, lr_kwargs):
-        """DeepSpeed's optimizer step. fp16 at ZeRO stage 0 with a non-fused optimizer
-        (``FP16_UnfusedOptimizer``) clips and reports by a global norm of the *gradients*, which
-        DeepSpeed checks for ``ds_pipe_replicated`` (a second copy of a parameter, see
-        :meth:`DualPipeModule._mark_replicas`) but finds on the parameters only; the gradients of
-        the copies are tagged for the step, so that norm counts every parameter once, as
-        :meth:`clip_fp32_gradients` does. (``FP16_Optimizer`` and ZeRO read the tag on the parameters.
-        The optimizer's fused-LAMB branch flattens the gradients first, losing the tag: the config
-        refuses clipping there.)
-        """
+        """DeepSpeed's optimizer step, with the gradients of second copies tagged ``ds_pipe_replicated`` so that
+        ``FP16_UnfusedOptimizer``'s gradient norm counts every parameter once (docs/design.md, "Design notes")."""
         tagged = []
         if isinstance(self.optimizer, FP16_UnfusedOptimizer):
             for p in self.module.parameters():

@@ -39,11 +39,11 @@ def records(trace, t0: float, layout: Layout, rank: int) -> List[Record]:
     """The engine's ``trace`` (InstructionTime list) as :class:`Record`\\ s, times relative to ``t0``,
     each compute instruction resolved to its :class:`~deepspeed_dualpipe.analysis.events.Op` (DeepSpeed's own
     instructions name no micro-batch: it follows from their order, as in the simulator)."""
-    counters = E._Counters(layout, rank)
+    reader = E.EventReader(layout, rank)
     out = []
     for item in trace:
         ins = item.instruction
-        event = E._event(ins, layout, rank, counters) if hasattr(ins, "kwargs") else None
+        event = reader.event(ins) if hasattr(ins, "kwargs") else None
         out.append(
             Record(
                 type(ins).__name__, dict(getattr(ins, "kwargs", {})), item.start - t0, item.end - t0, item.waited,

@@ -1,0 +1,83 @@
+"""Imports flow one way: tools -> integration -> runtime -> schedule, analysis -> schedule, and the
+checkpoint package is used by the runtime, never the reverse (docs/design.md, "Import direction")."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import deepspeed_dualpipe
+
+PACKAGE = Path(deepspeed_dualpipe.__file__).parent
+
+# What each part of the package may import from the package (besides itself).
+ALLOWED = {
+    "schedule": set(),
+    "analysis": {"schedule"},
+    "config": {"schedule"},
+    "checkpoint": set(),
+    "testing": set(),
+    "runtime": {"schedule", "config", "checkpoint", "analysis"},  # analysis: the verifier, once at start-up
+    "moe": {"runtime"},
+    "integration": {"runtime", "schedule", "config"},
+    "tools": {"schedule", "analysis", "config", "runtime", "moe", "integration", "checkpoint", "testing"},
+    "cli": {"schedule", "analysis", "tools"},
+    "__main__": {"cli"},
+    "__init__": {"schedule", "integration", "runtime"},
+}
+# Modules that import nothing from the package at all.
+LEAVES = ["integration/recording.py", "runtime/errors.py", "runtime/slots.py", "runtime/trace.py"]
+
+
+def _part(path: Path) -> str:
+    relative = path.relative_to(PACKAGE)
+    return relative.parts[0] if len(relative.parts) > 1 else relative.stem
+
+
+def _imported_parts(path: Path):
+    """(line, part) for every import of the package in ``path``, including imports inside functions."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] if node.level == 0 else []
+            if node.module == "deepspeed_dualpipe":
+                names = [f"deepspeed_dualpipe.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "deepspeed_dualpipe" and len(parts) > 1:
+                yield node.lineno, parts[1]
+
+
+def _violations(path: Path, part: str):
+    return [
+        f"{path.name}:{line} imports {imported}" for line, imported in _imported_parts(path)
+        if imported != part and imported not in ALLOWED[part]
+    ]
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+def test_every_part_of_the_package_is_placed_in_the_layering():
+    assert {_part(p) for p in MODULES} <= set(ALLOWED), {_part(p) for p in MODULES} - set(ALLOWED)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_flow_one_way(path):
+    assert _violations(path, _part(path)) == []
+
+
+@pytest.mark.parametrize("leaf", LEAVES)
+def test_leaf_modules_import_nothing_from_the_package(leaf):
+    assert list(_imported_parts(PACKAGE / leaf)) == []
+
+
+def test_the_check_sees_an_import_that_goes_the_wrong_way(tmp_path):
+    planted = tmp_path / "layout.py"
+    planted.write_text((PACKAGE / "schedule" / "layout.py").read_text() +
+                       "\n\ndef late():\n    from deepspeed_dualpipe.runtime import engine\n")
+    assert _violations(PACKAGE / "schedule" / "layout.py", "schedule") == []
+    assert [v.split(" imports ")[1] for v in _violations(planted, "schedule")] == ["runtime"]
