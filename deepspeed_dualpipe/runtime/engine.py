@@ -31,6 +31,7 @@ One ``_exec_*`` method per instruction, as in DeepSpeed. What differs from 1F1B:
 - mirror reduction, clipping and fp16 loss scaling live in :mod:`.gradients`.
 """
 
+from collections import OrderedDict
 from datetime import timedelta
 
 import torch
@@ -100,6 +101,7 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         self.layout = pipe_schedule.layout  # paths depend on M: DualPipe feeds half from each end
         self._batch_count = pipe_schedule.micro_batches
         self._loss_sum = torch.zeros((), device=self.device)
+        self._additional_sums = {}  # name -> sum of the model's additional losses (get_additional_losses)
         try:
             # MoE aux losses weigh 1/M, as the losses do, and carry the fp16 loss scale, as they do
             with aux_loss_scale(self._loss_scale() / self._batch_count):
@@ -121,16 +123,21 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         return self.agg_train_loss
 
     def _aggregate_total_loss(self):
-        """The mean loss of the batch over all micro-batches and data-parallel ranks, on every rank."""
-        total = self._loss_sum.detach().clone().float()
-        if self.is_pipe_parallel:
-            dist.all_reduce(total, group=self.grid.get_pipe_parallel_group())
-        self.dp_group_loss = total / self._batch_count
-        agg = self.dp_group_loss.clone()
+        """The mean loss of the batch over all micro-batches and data-parallel ranks, on every rank; the model's
+        additional losses likewise, in ``agg_additional_losses`` (as DeepSpeed's engine reports them)."""
+        names = list(self.module.get_additional_losses() or {})  # every rank knows the names, as in DeepSpeed
+        zero = torch.zeros((), device=self.device)
+        totals = torch.stack([self._loss_sum.detach().float()] +
+                             [self._additional_sums.get(name, zero).to(self.device) for name in names])
+        if self.is_pipe_parallel:  # losses come from whichever ranks hold loss stages
+            dist.all_reduce(totals, group=self.grid.get_pipe_parallel_group())
+        totals /= self._batch_count
+        self.dp_group_loss = totals[0].clone()
         if self.is_data_parallel:
-            dist.all_reduce(agg, group=self.mpu.get_data_parallel_group())
-            agg /= self.dp_world_size
-        return agg
+            dist.all_reduce(totals, group=self.mpu.get_data_parallel_group())
+            totals /= self.dp_world_size
+        self.agg_additional_losses = OrderedDict(zip(names, totals[1:].unbind())) if names else None
+        return totals[0]
 
     def eval_batch(self,
                    data_iter,
@@ -264,6 +271,11 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         if self.eval_return_logits:
             self._eval_outputs.append(outputs)
         self._loss_sum += loss.detach().float()
+        for name, value in (self.module.get_additional_losses() or {}).items():
+            if value is not None:  # e.g. Megatron's "lm loss" and "moe loss" of this micro-batch
+                total = self._additional_sums.get(name)
+                value = value.detach().float().reshape(())
+                self._additional_sums[name] = value if total is None else total + value
         slot.loss = loss if torch.is_grad_enabled() else None
 
     def _inputs(self, buffer_id, chunk, micro_batch):
@@ -317,7 +329,9 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         if tape is not None:
             input_grads, handle = yield from steps.backward_steps(tape, outputs, grads, split=split)
         else:
-            handle = SplitBackward.input_part(outputs, grads, inputs, self.module.chunk_parameters(chunk), split=split)
+            params = self.module.chunk_parameters(chunk)
+            _check_differentiable(outputs, params, self.stage_id, chunk)
+            handle = SplitBackward.input_part(outputs, grads, inputs, params, split=split)
             input_grads = handle.input_grads
         input_grads = tuple(
             torch.zeros_like(t) if g is None else g for t, g in zip(inputs, input_grads) if t.is_floating_point())
@@ -366,6 +380,17 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         instructions.ReduceMirrorGrads: GradientReductions._exec_reduce_mirror_grads,
         instructions.ReduceTiedGrads: GradientReductions._exec_reduce_tied_grads,
     }
+
+
+def _check_differentiable(outputs, params, stage: int, chunk: int) -> None:
+    """A chunk with trainable parameters whose outputs carry no gradient would silently never train them (and
+    its rank would then skip gradient collectives its peers run): refuse, as DeepSpeed's 1F1B fails there."""
+    if params and not any(t.requires_grad for t in _as_tuple(outputs) if torch.is_tensor(t)):
+        raise RuntimeError(f"pipeline rank {stage}, chunk {chunk}: no output of this chunk requires grad, so its "
+                           f"{len(params)} trainable parameters would get no gradient. With activation "
+                           f"checkpointing, a layer whose inputs need no gradient (token ids) must not be "
+                           f"checkpointed: DeepSpeed's reentrant checkpoint cuts its parameters off (set "
+                           f"checkpointable_layers, or pipeline.use_reentrant=false)")
 
 
 def _detached(outputs):

@@ -17,6 +17,7 @@ from deepspeed.utils import groups
 class GradientReductions:
     """Mirror reduction, clipping and fp16 loss scaling (a mixin of the engine)."""
 
+    @torch.no_grad()  # gradients a custom Function accumulated by hand may be views made without grad mode
     def _exec_reduce_mirror_grads(self):
         """Sum every gradient across the mirror pair (r, P-1-r): both copies of a stage see half the batch."""
         self._drain_sends()

@@ -16,6 +16,7 @@ from typing import List, Tuple
 
 import torch
 from deepspeed import comm as dist
+from deepspeed.runtime import utils as ds_utils
 from deepspeed.runtime.pipe.module import PipelineModule, TiedLayerSpec
 
 from deepspeed_dualpipe.schedule import PLUGIN_SCHEDULES, Layout, LayoutKind, get_spec
@@ -34,7 +35,9 @@ class DualPipeModule(PipelineModule):
         self.schedule = schedule
         self.partition_method = _argument(PipelineModule.__init__, "partition_method", args, kwargs, layers,
                                           num_stages, topology, loss_fn)
-        super().__init__(layers, num_stages, topology, loss_fn, *args, **kwargs)
+        # Explicitly PipelineModule's: as the base of a user's class rebuilt in chunks (integration.chunked),
+        # super() would reach the user's own __init__.
+        PipelineModule.__init__(self, layers, num_stages, topology, loss_fn, *args, **kwargs)
         self.mirror_group = self._mirror_groups()
         self._synchronize_mirrors()
 
@@ -107,6 +110,37 @@ class DualPipeModule(PipelineModule):
         self.forward_funcs = self.chunk_funcs[chunk]
         self.is_checkpointable_results = self.chunk_checkpointable[chunk]
         self._local_start, self._local_stop = self.chunk_bounds[chunk]
+
+    def forward(self, forward_input):
+        """DeepSpeed's ``PipelineModule.forward`` on the active chunk (layer seeds, activation checkpointing), with
+        the chunk's layers bound now: a recompute in the backward runs this chunk whichever is active then."""
+        self.micro_offset += 1
+        funcs, first, offset = list(self.forward_funcs), self._local_start, self.micro_offset + 1
+
+        def exec_range_func(start, end):
+
+            def exec_func(*inputs):
+                x = inputs[0] if len(inputs) == 1 else inputs  # one tensor travels unwrapped
+                for idx, layer in enumerate(funcs[start:end]):
+                    self.curr_layer = idx + first  # as DeepSpeed counts it (per range), for the same seeds
+                    if self.seed_layers:
+                        seed = self.base_seed * offset + self.curr_layer
+                        self.seed_fn(seed) if self.seed_fn else ds_utils.set_random_seed(seed)
+                    x = layer(x)
+                return x
+
+            return exec_func
+
+        interval = self.activation_checkpoint_interval
+        if interval == 0:
+            return exec_range_func(0, len(funcs))(forward_input)
+        x = forward_input
+        for start, checkpointable in zip(range(0, len(funcs), interval), self.is_checkpointable_results):
+            end = min(start + interval, len(funcs))
+            x = x if isinstance(x, tuple) else (x, )
+            run = exec_range_func(start, end)
+            x = self.activation_checkpoint_func(run, *x) if checkpointable else run(*x)
+        return x
 
     @contextmanager
     def chunk(self, chunk: int):

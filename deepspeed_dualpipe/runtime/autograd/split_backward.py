@@ -36,6 +36,13 @@ caller passes ``split=False``, :meth:`SplitBackward.input_part` runs the full
 backward (input *and* weight grads) and :meth:`SplitBackward.weight_part` is a
 no-op, so the numbers stay right.
 
+Custom autograd Functions (a Megatron linear, DeepSpeed's reentrant activation
+checkpoint): torch's helpers would run such a Function's whole backward in both
+parts. A graph holding one is not split: its backward runs once, in the input
+part, and a Function can defer its own weight gradient to the weight part
+through :mod:`.weight_store`. A Function class that sets
+``dualpipe_split_safe = True`` (pure and cheap) is split like built-in ops.
+
 Opting out: a custom layer whose backward must not be split (e.g. it relies on
 backward hooks or a custom ``autograd.Function`` with side effects) sets the
 class attribute ``supports_split_backward = False``. The engine computes
@@ -51,6 +58,8 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
+
+from deepspeed_dualpipe.runtime.autograd import weight_store
 
 __all__ = ["SplitBackward", "full_backward", "module_supports_split", "split_available"]
 
@@ -141,6 +150,25 @@ def _depends_on(root, targets: set) -> bool:
     return False
 
 
+def _unsplittable_function(outputs, stop: set) -> Optional[str]:
+    """The name of a custom autograd Function in the graph of ``outputs`` (up to the ``stop`` nodes) whose
+    backward torch's split would run twice, or None. A Function class that sets ``dualpipe_split_safe =
+    True`` (pure, cheap, no side effects) may be run twice."""
+    seen = set(stop)
+    todo = deque(_node(o) for o in outputs)
+    while todo:
+        node = todo.popleft()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            forward_cls = getattr(node, "_forward_cls", None)
+            if not getattr(forward_cls, "dualpipe_split_safe", False):
+                return getattr(forward_cls, "__name__", type(node).__name__)
+        todo.extend(nxt for nxt, _ in node.next_functions)
+    return None
+
+
 def _merge_groups(groups: list) -> list:
     """Merge parameter groups that share a parameter or an intermediate node.
 
@@ -185,11 +213,12 @@ class SplitBackward:
             the I part, or ``None`` for inputs that need no grad.
     """
 
-    def __init__(self, params, groups, split: bool, reason: Optional[str], input_grads):
+    def __init__(self, params, groups, split: bool, reason: Optional[str], input_grads, deferred=()):
         self._params = params
         self._groups = groups
+        self._deferred = list(deferred)  # weight work custom Functions deferred (weight_store)
         self._done = False
-        self.split = split
+        self.split = split or bool(self._deferred)  # True: weight gradients remain for weight_part()
         self.reason = reason
         self.input_grads = input_grads
 
@@ -237,6 +266,11 @@ class SplitBackward:
             in_nodes = {_node(t) for t in grad_ins}
             if not all(_depends_on(_node(o), in_nodes) for o in outs):
                 reason = "an output does not depend on any input that requires grad"
+            else:
+                custom = _unsplittable_function(outs, in_nodes)
+                if custom is not None:
+                    reason = (f"custom autograd Function {custom} (torch's split would run its backward twice); "
+                              f"its backward runs once, here")
 
         if reason is None:
             handle = SplitBackward._try_split(helpers[0], outs, grads, ins, grad_ins, ps)
@@ -247,10 +281,15 @@ class SplitBackward:
         for t in grad_ins:  # make .grad of non-leaf inputs visible, like the split path
             if t.grad_fn is not None:
                 t.retain_grad()
+        deferred = []
         if outs:
-            torch.autograd.backward(outs, grad_tensors=grads)
+            if split:  # custom Functions may still defer their own weight gradients to the weight pass
+                with weight_store.collecting() as deferred:
+                    torch.autograd.backward(outs, grad_tensors=grads)
+            else:
+                torch.autograd.backward(outs, grad_tensors=grads)
         input_grads = tuple(t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None for t in ins)
-        return SplitBackward(None, None, False, reason, input_grads)
+        return SplitBackward(None, None, False, reason, input_grads, deferred)
 
     @staticmethod
     def _try_split(stage_backward_input, outs, grads, ins, grad_ins, ps):
@@ -290,8 +329,8 @@ class SplitBackward:
         if self._done:
             raise RuntimeError("SplitBackward.weight_part() was already called for this micro-batch")
         self._done = True
-        params, groups = self._params, self._groups
-        self._params = self._groups = None  # drop graph references even if the helper raises
-        if not self.split or not groups:
-            return
-        _torch_helpers()[1](iter(params), groups, retain_graph=False)
+        params, groups, deferred = self._params, self._groups, self._deferred
+        self._params = self._groups = self._deferred = None  # drop graph references even if the work raises
+        weight_store.run(deferred)
+        if groups:
+            _torch_helpers()[1](iter(params), groups, retain_graph=False)
