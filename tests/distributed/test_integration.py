@@ -198,3 +198,24 @@ def test_activation_checkpointing_trains_like_1f1b_without_it(P):
             "losses": base[0]["losses"],
             "params": _union(base, "params")
         })
+
+
+def _optimizer_of_another_model(schedule):
+    """Runs in every rank: the script hands initialize an optimizer built from a different module."""
+    import torch
+    import deepspeed_dualpipe
+    from tests.helpers import client
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = client.ClientPipe(2)
+    stray = torch.optim.SGD(torch.nn.Linear(4, 4).parameters(), lr=0.1)
+    return harness.outcome(
+        lambda: deepspeed_dualpipe.initialize(model=model, optimizer=stray, config=_client_config(schedule, 4)))[:2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipe"])
+def test_an_optimizer_that_would_train_nothing_is_refused_naming_the_counts(schedule):
+    for kind, message in harness.run_distributed(_optimizer_of_another_model, 2, schedule):
+        assert kind == "ValueError", (kind, message)
+        assert "holds none of the" in message and "trainable parameters" in message, message
