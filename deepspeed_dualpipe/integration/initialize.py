@@ -64,7 +64,8 @@ def initialize(args=None, model=None, *positional, **kwargs):
       unchanged.
     - "ds-dualpipev": the model is rebuilt as DeepSpeed's ``DualPipeVModule``, for which
       ``deepspeed.initialize`` builds its ``DualPipeVEngine``.
-    - "zb1p", "dualpipe", "dualpipev": the model is rebuilt in chunks (:func:`.convert.as_chunked`) and ``deepspeed.initialize`` runs with
+    - the plugin's schedules ("zb1p", "interleaved-1f1b", "zbv", "dualpipe", "dualpipev"): the model is rebuilt
+      in chunks (:func:`.convert.as_chunked`) and ``deepspeed.initialize`` runs with
       ``deepspeed.PipelineEngine`` (looked up by it at call time) set to ``DualPipeEngine``.
     """
     global _ACTIVE
