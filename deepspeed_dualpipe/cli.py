@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the runs' metrics")
     p.set_defaults(func=cmd_ablate)
 
+    from deepspeed_dualpipe.tools.advise import add_parser as add_advise  # advise: every schedule from a profile
+    add_advise(sub)
     from deepspeed_dualpipe.tools.bench.run import add_parser as add_bench  # bench: real engine, timed
     add_bench(sub)
     from deepspeed_dualpipe.tools.bench.overlap import add_parser as add_overlap  # one MoE pair, overlapped or not

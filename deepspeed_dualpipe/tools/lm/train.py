@@ -112,6 +112,13 @@ def prepare_config(path_or_dict,
     if "total_num_steps" in params:  # a decaying schedule ends with the run
         params["total_num_steps"] = max(lm.steps, params.get("warmup_num_steps", 1) + 1)
     config.setdefault("steps_per_print", 10**9)  # this job prints its own progress
+    for monitor in ("tensorboard", "csv_monitor", "wandb", "comet"):  # one run, one job name: lm.name
+        section = config.get(monitor)
+        if isinstance(section, dict) and section.get("enabled") and "job_name" not in section:
+            section["job_name"] = lm.name
+    section = config.get("dualpipe")
+    if isinstance(section, dict) and section.get("profile_step") is not None and "profile_path" not in section:
+        section["profile_path"] = str(Path(lm.out_dir) / lm.name / "profile.json")  # beside metrics.json
     return config, lm
 
 
