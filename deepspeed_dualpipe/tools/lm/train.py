@@ -59,6 +59,7 @@ class LMConfig:
     sample_prompt: str = "The "
     sample_tokens: int = 240
     sample_temperature: float = 0.7
+    fused_adam: bool = False  # NVIDIA apex's FusedAdam where apex is installed and the job runs on CUDA (lm/fused.py)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     @classmethod
@@ -141,8 +142,13 @@ def build_engine(config: Dict, lm: LMConfig, args=None):
                                seed_fn=seed_layer)
     if args is not None:
         args.deepspeed_config = None  # the config (with overrides) is passed as a dict
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed_dualpipe.tools.lm import fused
+    factory, config, optimizer = fused.optimizer(config, lm.fused_adam, get_accelerator().device_name())
+    if torch.distributed.get_rank() == 0:
+        print(fused.describe(fused.rms_norm(), optimizer), flush=True)
     # model_parameters is left to DeepSpeed: the plugin may rebuild the module for its schedule.
-    engine, *_ = deepspeed.initialize(args=args, model=model, config=config)
+    engine, *_ = deepspeed.initialize(args=args, model=model, config=config, optimizer=factory)
     return engine
 
 
