@@ -83,7 +83,11 @@ def cmd_demo(args) -> None:
     """The main job: the MoE language model of configs/dualpipe_moe.json, trained on ``--ranks`` local
     ranks through DeepSpeed's launcher (on CPU without a GPU)."""
     import time
+    from pathlib import Path
     from deepspeed_dualpipe.tools.lm.launch import launch
+    if not Path(args.config).is_file():
+        raise ValueError(f"--config {args.config}: no such file (the demo's configs are in a source checkout's "
+                         f"configs/ directory; pass the path of one, or of your own)")
     extra = ["--steps", str(args.steps)] if args.steps else []
     print(f"launching: deepspeed --num_gpus {args.ranks} examples/train_moe_lm.py --deepspeed_config {args.config} "
           f"{' '.join(extra)}".rstrip(),
