@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from deepspeed_dualpipe.tools.advise import add_parser as add_advise  # advise: every schedule from a profile
     add_advise(sub)
+    from deepspeed_dualpipe.tools.lm.measure import add_parser as add_measure  # the demo under every schedule
+    add_measure(sub)
     from deepspeed_dualpipe.tools.bench.run import add_parser as add_bench  # bench: real engine, timed
     add_bench(sub)
     from deepspeed_dualpipe.tools.bench.overlap import add_parser as add_overlap  # one MoE pair, overlapped or not

@@ -141,45 +141,48 @@ class StepFigures:
         return result
 
 
+def _rank_entry(s: RankStep, memory: Optional[RankStep]) -> dict:
+    return {
+        "global_rank": s.global_rank,
+        "pipeline_rank": s.pipeline_rank,
+        "data_parallel_rank": s.data_parallel_rank,
+        "wall_s": s.wall_s,
+        "step_s": s.step_s,
+        "cpu_s": s.cpu_s,
+        "process_cpu_s": s.process_cpu_s,
+        "busy_s": s.busy_s,
+        "waited_s": s.waited_s,
+        "hidden_s": s.hidden_s,
+        "compute_s": s.compute,
+        "compute_cpu_s": s.compute_cpu,
+        "a2a_s": s.a2a,
+        "a2a_count": s.a2a_count,
+        "p2p_s": s.p2p_s,
+        "other_s": s.other_s,
+        "other_cpu_s": s.other_cpu_s,
+        "instructions": s.instructions,
+        "parameter_bytes": s.parameter_bytes,
+        "activation_peak_bytes": None if memory is None else memory.activation_peak_bytes,
+        "memory_after_bytes": [] if memory is None else memory.memory_after_bytes,
+    }
+
+
 def write_profile(path: str, timed: List[RankStep], memory: List[RankStep], step: int) -> str:
     """The profile file (docs/advise.md): every rank's recorded step, and the next step's memory."""
-    peaks = {s.global_rank: s.activation_peak_bytes for s in memory}
+    peaks = {s.global_rank: s for s in memory}
     first = timed[0]
-    profile = {
-        "format":
-        PROFILE_FORMAT,
-        "schedule":
-        first.schedule,
-        "stages":
-        first.stages,
-        "micro_batches":
-        first.micro_batches,
-        "data_parallel":
-        len({s.data_parallel_rank
-             for s in timed}),
-        "step":
-        step,
-        "memory_step":
-        step + 1,
-        "ranks": [{
-            "global_rank": s.global_rank,
-            "pipeline_rank": s.pipeline_rank,
-            "data_parallel_rank": s.data_parallel_rank,
-            "wall_s": s.wall_s,
-            "step_s": s.step_s,
-            "busy_s": s.busy_s,
-            "waited_s": s.waited_s,
-            "hidden_s": s.hidden_s,
-            "compute_s": s.compute,
-            "a2a_s": s.a2a,
-            "a2a_count": s.a2a_count,
-            "p2p_s": s.p2p_s,
-            "other_s": s.other_s,
-            "instructions": s.instructions,
-            "parameter_bytes": s.parameter_bytes,
-            "activation_peak_bytes": peaks.get(s.global_rank),
-        } for s in sorted(timed, key=lambda s: s.global_rank)]
-    }
+    profile = dict(format=PROFILE_FORMAT,
+                   schedule=first.schedule,
+                   stages=first.stages,
+                   micro_batches=first.micro_batches,
+                   data_parallel=len({s.data_parallel_rank
+                                      for s in timed}),
+                   step=step,
+                   memory_step=step + 1,
+                   device=first.device,
+                   cores=first.cores,
+                   local_ranks=first.local_ranks)
+    profile["ranks"] = [_rank_entry(s, peaks.get(s.global_rank)) for s in sorted(timed, key=lambda s: s.global_rank)]
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)

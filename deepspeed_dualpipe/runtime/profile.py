@@ -13,6 +13,7 @@ torch's profiler, which slows the step down. A job may plug in its own meter as
 in ``peak`` or ``result.peak`` (bytes).
 """
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -40,37 +41,75 @@ def _gradient_bytes(module: torch.nn.Module) -> int:
 
 
 class AllocatorPeak:
-    """The allocator's high-water mark during a step, above its start, less new gradient bytes."""
+    """The allocator's high-water mark during a step, above its start, less new gradient bytes (``peak``).
 
-    def __init__(self, module: torch.nn.Module, device):
-        self.module, self.device = module, torch.device(device)
+    Given the ``engine``, it also reads the bytes in use at the end of every instruction (``after``, same
+    reference, gradients left out): what ``advise`` fits against the live activations of the schedule."""
+
+    _MARK = "deepspeed_dualpipe.instruction"
+
+    def __init__(self, module: torch.nn.Module, device, engine=None):
+        self.module, self.device, self.engine = module, torch.device(device), engine
         self.peak: Optional[int] = None
+        self.after: List[int] = []
 
     def measure(self, step: Callable[[], object]):
         grads = _gradient_bytes(self.module)
+        new_grads = []  # gradient bytes allocated since the start, at the end of each instruction
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            result = step()
+            used = []
+
+            def after(kind, kwargs):
+                used.append(torch.cuda.memory_allocated(self.device) - base)
+                new_grads.append(_gradient_bytes(self.module) - grads)
+
+            result = self._instructions(step, None, after)
             torch.cuda.synchronize(self.device)
             high = torch.cuda.max_memory_allocated(self.device) - base
         elif self.device.type == "cpu":
-            from torch.profiler import ProfilerActivity, profile
+            from torch.profiler import ProfilerActivity, profile, record_function
+            marks = []
+
+            def before(kind, kwargs):
+                marks.append(record_function(self._MARK))
+                marks[-1].__enter__()
+
+            def after(kind, kwargs):
+                marks.pop().__exit__(None, None, None)
+                new_grads.append(_gradient_bytes(self.module) - grads)
+
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                result = step()
+                result = self._instructions(step, before, after)
+            events = list(prof.profiler.kineto_results.events())
             cpu = torch._C._autograd.DeviceType.CPU
-            events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                            if e.name() == "[memory]" and e.device_type() == cpu)
+            memory = sorted(
+                (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == cpu)
+            ends = sorted(e.start_ns() + e.duration_ns() for e in events if e.name() == self._MARK)
             high = running = 0
-            for _, nbytes in events:
+            used, i = [], 0
+            for time_ns, nbytes in memory:
+                while i < len(ends) and ends[i] < time_ns:
+                    used.append(running)
+                    i += 1
                 running += nbytes
                 high = max(high, running)
+            used += [running] * (len(ends) - i)
         else:
             self.peak = None
             return step()
+        if len(used) == len(new_grads):
+            self.after = [max(0, u - g) for u, g in zip(used, new_grads)]
         self.peak = max(0, high - max(0, _gradient_bytes(self.module) - grads))
         return result
+
+    def _instructions(self, step, before, after):
+        if self.engine is None:
+            return step()
+        with around_each_instruction(self.engine, before, after):
+            return step()
 
 
 @dataclass
@@ -95,11 +134,19 @@ class RankStep:
     compute: Dict[str, List[float]] = field(default_factory=dict)
     a2a: Dict[str, List[float]] = field(default_factory=dict)
     a2a_count: Dict[str, List[int]] = field(default_factory=dict)  # all-to-alls of each of those computations
+    compute_cpu: Dict[str, List[float]] = field(default_factory=dict)  # the same, in this thread's CPU seconds
+    cpu_s: float = 0.0  # this thread's CPU seconds over the whole train_batch
+    process_cpu_s: float = 0.0  # the whole process's (communication threads included)
     p2p_s: List[float] = field(default_factory=list)  # each send/receive instruction (posting)
     other_s: Dict[str, float] = field(default_factory=dict)  # the rest, total per instruction name
+    other_cpu_s: Dict[str, float] = field(default_factory=dict)  # the same in this thread's CPU seconds
     instructions: int = 0
     parameter_bytes: int = 0
     activation_peak_bytes: Optional[int] = None
+    memory_after_bytes: List[int] = field(default_factory=list)  # bytes in use after each instruction (see above)
+    device: str = "cpu"
+    cores: int = 1  # CPU cores this process may run on
+    local_ranks: int = 1  # ranks on this machine, sharing those cores
 
     @property
     def bubble(self) -> float:
@@ -142,9 +189,10 @@ def _a2a_per_computation(phases):
     return seconds, counts
 
 
-def summarize(engine, trace, pair_phases, alone_phases, wall_s: float) -> RankStep:
+def summarize(engine, trace, pair_phases, alone_phases, wall_s: float, cpu=None, cpu_s: float = 0.0) -> RankStep:
     """The :class:`RankStep` of a recorded ``train_batch`` (``trace``: InstructionTime list; the phases of the
-    overlapped pairs and of the computations that ran alone, as ``(label, start, end)``)."""
+    overlapped pairs and of the computations that ran alone, as ``(label, start, end)``; ``cpu``: the calling
+    thread's CPU seconds of each instruction, and ``cpu_s`` of the whole step)."""
     from deepspeed_dualpipe.schedule import get_spec
     P, M = engine.num_stages, engine.micro_batches
     reader = EventReader(get_spec(engine.schedule_name).layout(P, M), engine.stage_id)
@@ -152,20 +200,27 @@ def summarize(engine, trace, pair_phases, alone_phases, wall_s: float) -> RankSt
                     M, wall_s, 0.0, 0.0, 0.0, _hidden(pair_phases))
     if trace:
         step.step_s = trace[-1].end - trace[0].start
-    for item in trace:
+    step.cpu_s = cpu_s
+    for item, cpu_seconds in zip(trace, cpu if cpu is not None else [0.0] * len(trace)):
         name, seconds = type(item.instruction).__name__, item.end - item.start
         step.waited_s += item.waited
         event = reader.event(item.instruction)
         if isinstance(event, Op):
             step.busy_s += seconds - item.waited
             step.compute.setdefault(_key(event), []).append(seconds - item.waited)
+            step.compute_cpu.setdefault(_key(event), []).append(cpu_seconds)
         elif name in _P2P:
             step.p2p_s.append(seconds - item.waited)
         else:
             step.other_s[name] = step.other_s.get(name, 0.0) + seconds
+            step.other_cpu_s[name] = step.other_cpu_s.get(name, 0.0) + cpu_seconds
     step.instructions = len(trace)
     step.a2a, step.a2a_count = _a2a_per_computation(alone_phases)  # a pair's all-to-alls wait for the other half
     step.parameter_bytes = parameter_bytes(engine.module)
+    step.device = torch.device(engine.device).type
+    step.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # ranks on this machine: what launchers export (DeepSpeed's LOCAL_SIZE, torchrun's LOCAL_WORLD_SIZE)
+    step.local_ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
     return step
 
 
@@ -175,31 +230,35 @@ def record_step(engine, run: Callable[[], object], memory: bool = False):
     recording already running (the demo's timeline), and leaves that one's phase events in place."""
     meter = getattr(engine, "memory_meter", None) if memory else None
     if memory and meter is None:
-        meter = AllocatorPeak(engine.module, engine.device)
-    trace, started = [], []
+        meter = AllocatorPeak(engine.module, engine.device, engine)
+    trace, started, cpu = [], [], []
 
     def before(kind, kwargs):
         engine._waited = 0.0  # the engine adds its waits on peers here (as trace.start_recording does)
-        started.append(time.perf_counter())
+        started.append((time.perf_counter(), time.thread_time()))
 
     def after(kind, kwargs):
-        trace.append(
-            InstructionTime(instruction_from(kind, kwargs), started.pop(), time.perf_counter(), engine._waited))
+        start, cpu_start = started.pop()
+        trace.append(InstructionTime(instruction_from(kind, kwargs), start, time.perf_counter(), engine._waited))
+        cpu.append(time.thread_time() - cpu_start)
 
     outer = engine.phase_events  # a list while another recording runs
     engine.phase_events = [] if outer is None else outer
     first_phase = len(engine.phase_events)
     engine.run_events = []
-    start = time.perf_counter()
+    start, cpu_start, process_start = time.perf_counter(), time.thread_time(), time.process_time()
     try:
         with around_each_instruction(engine, before, after):
             result = meter.measure(run) if meter is not None else run()
-        wall = time.perf_counter() - start
+        wall, cpu_total = time.perf_counter() - start, time.thread_time() - cpu_start
+        process_cpu = time.process_time() - process_start
         pairs, alone = engine.phase_events[first_phase:], engine.run_events
     finally:
         engine.phase_events, engine.run_events = outer, None
-    step = summarize(engine, trace, pairs, alone, wall)
+    step = summarize(engine, trace, pairs, alone, wall, cpu, cpu_total)
+    step.process_cpu_s = process_cpu
     if meter is not None:
+        step.memory_after_bytes = list(getattr(meter, "after", None) or [])
         peak = getattr(meter, "peak", None)
         step.activation_peak_bytes = peak if peak is not None else getattr(getattr(meter, "result", None), "peak",
                                                                            None)

@@ -1,17 +1,16 @@
 """``python -m deepspeed_dualpipe advise PROFILE``: every schedule predicted from one profiled step.
 
-The profile (``dualpipe.profile_step``, format in docs/advise.md) holds what each computation of one
-step took on every rank. From it this module derives what one micro-batch costs through the whole
-model (:class:`ModelCosts`: forward, backward and its weight part, all-to-all time, activation and
-parameter bytes), cuts that into the chunks of each schedule in the registry, runs the simulator
-with those costs, and adds what the simulator does not model (posting sends and receives, loading
-micro-batches, gradient reductions and the optimizer step, and the engine's work around the
-schedule), each as measured in the profile. Overlapped pairs of MoE chunks (dualpipe, dualpipev) are
-costed by replaying the engine's interleaving of the two micro-batches' steps
-(:func:`~deepspeed_dualpipe.tools.bench.predict.overlapped_pair`).
+The profile (``dualpipe.profile_step``, format in docs/advise.md) holds what each computation of one step
+took on every rank, and the allocator's bytes after each instruction of the next. From it this module
+derives what one micro-batch costs through the whole model (:class:`ModelCosts`), cuts that into the chunks
+of each schedule in the registry, runs the simulator with those costs, and adds each rank's serial work
+(posting, loading, the engine's work per instruction, reductions, the optimizer step), as measured. On CPU,
+where ranks share cores, a step also takes at least all ranks' CPU work over the cores they got. Memory:
+each stage's bytes per live micro-batch, fitted from the allocator's samples, walked through each rank's
+instruction stream. docs/advise.md says how, and how close it comes.
 
-It assumes the model's stages cost alike (the simulator takes one cost per kind of computation), and
-that per-chunk costs scale with the share of the model a chunk holds.
+It assumes the profiled costs carry over: per-chunk costs scale with the share of the model a chunk holds,
+and the engine's per-activation memory is the plugin's (DeepSpeed's own engines hold less).
 """
 
 import json
@@ -22,14 +21,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from deepspeed_dualpipe.analysis.events import Comm, schedule_events
 from deepspeed_dualpipe.analysis.simulate import simulate
 from deepspeed_dualpipe.analysis.symbolic import Costs
 from deepspeed_dualpipe.schedule import SCHEDULES, get_spec
 
 FORMAT = "deepspeed-dualpipe-profile/1"
-OVERLAPPING = ("dualpipe", "dualpipev")  # their pairs interleave MoE all-to-alls (overlap_moe_a2a: true)
-_REDUCTIONS = ("ReduceGrads", "ReduceTiedGrads")
+OVERLAPPING = ("dualpipe", "dualpipev")
+TIE = 0.01  # predictions this close (relative) are equally fast  # their pairs interleave MoE all-to-alls (overlap_moe_a2a: true)
+# Once per step whatever M: gradient reductions and the optimizer step (both grow with the parameters a rank holds)
+_FIXED = ("ReduceMirrorGrads", "ReduceTiedGrads", "ReduceGrads", "OptimizerStep")
 
 
 def _mean(values: Sequence[float]) -> Optional[float]:
@@ -39,27 +39,34 @@ def _mean(values: Sequence[float]) -> Optional[float]:
 
 @dataclass
 class ModelCosts:
-    """One micro-batch through the whole model, and the fixed costs of a step, from a profile (seconds,
-    bytes). ``forward_s`` and ``backward_s`` include the all-to-all time of computations run alone."""
+    """One micro-batch through the whole model, and what a step costs besides, from a profile (seconds, bytes).
+
+    ``clock`` says how computations were timed: ``"cpu"`` (a CPU job: the computing thread's CPU seconds, the
+    work itself, whatever else the cores were doing) or ``"wall"`` (a job on accelerators: wall seconds,
+    all-to-all waits of computations run alone included)."""
 
     schedule: str
     stages: int
     micro_batches: int
     data_parallel: int
+    clock: str
     forward_s: float
     backward_s: float
     weight_s: float
     weight_measured: bool  # False: the profiled schedule never split a backward; W = B/2 is assumed
-    a2a_forward_s: float
+    a2a_forward_s: float  # wall seconds of all-to-all in the forwards (and backwards) of one micro-batch
     a2a_backward_s: float
     a2a_per_call_s: float
     moe_layers: float  # MoE layers of the whole model (two all-to-alls per forward each)
-    p2p_post_s: float  # one send or receive posted
-    load_s: float  # one LoadMicroBatch
-    reduce_s: float  # gradient reductions over data parallelism (and tied layers), per step
-    optimizer_s_per_byte: float
-    outside_s: float  # train_batch around the instructions: the loss all-reduce, the iterator, ...
+    serial_s: float  # per rank and step, besides computing and waiting: posting, loading, reductions, optimizer
+    serial_fixed_s: float  # the part of it that does not grow with M: the reductions and the optimizer step
+    work_s: Optional[float]  # CPU jobs: CPU seconds of all ranks in the step (communication threads included)
+    work_fixed_s: Optional[float]
+    effective_cores: Optional[float]  # CPU jobs: the cores the ranks got together (their CPU seconds / step time)
     activation_bytes: Optional[float]  # one micro-batch's activations through the whole model
+    stage_activation_bytes: List[float]  # the same per stage of the profiled cut (empty without memory samples)
+    memory_base_bytes: Optional[float]  # held besides them at instruction ends (received buffers, ...)
+    memory_transient_bytes: Optional[float]  # above that inside instructions (an operation's temporaries)
     parameter_bytes: float  # the model's parameters once (this data-parallel rank's share of the experts)
     measured_step_s: float  # the profiled step as train_batch took it (slowest rank)
 
@@ -80,12 +87,14 @@ def model_costs(profile: dict) -> ModelCosts:
     layout = get_spec(schedule).layout(P, M)
     K = layout.model_stages
     ranks = profile["ranks"]
+    clock = "cpu" if profile.get("device", "cpu") == "cpu" and all("other_cpu_s" in r for r in ranks) else "wall"
+    table = "compute_cpu_s" if clock == "cpu" else "compute_s"
 
     def samples(table: str, kind: str) -> List[float]:
         return [v for r in ranks for key, values in r[table].items() if key.split(":")[0] == kind for v in values]
 
-    F = _mean(samples("compute_s", "F"))
-    full, inputs, weights = samples("compute_s", "B"), samples("compute_s", "I"), samples("compute_s", "W")
+    F = _mean(samples(table, "F"))
+    full, inputs, weights = samples(table, "B"), samples(table, "I"), samples(table, "W")
     if F is None or not (full or inputs):
         raise ValueError("the profile has no forward or no backward run alone: profile a schedule such as zbv, "
                          "zb1p or interleaved-1f1b")
@@ -99,22 +108,34 @@ def model_costs(profile: dict) -> ModelCosts:
     calls_f = _mean(samples("a2a_count", "F")) or 0.0
     calls = sum(samples("a2a_count", "F")) + sum(samples("a2a_count", "B"))
     per_call = (sum(samples("a2a_s", "F")) + sum(samples("a2a_s", "B"))) / calls if calls else 0.0
-    p2p = [v for r in ranks for v in r["p2p_s"]]
-    loads = sum(r["other_s"].get("LoadMicroBatch", 0.0) for r in ranks)
-    load_count = sum(_count_loads(schedule, P, M, r["pipeline_rank"]) for r in ranks)
-    reduce_s = max(sum(r["other_s"].get(n, 0.0) for n in _REDUCTIONS) for r in ranks)
-    optimizer = max(r["other_s"].get("OptimizerStep", 0.0) / max(r["parameter_bytes"], 1) for r in ranks)
+    fixed = [sum(r["other_cpu_s" if clock == "cpu" else "other_s"].get(n, 0.0) for n in _FIXED) for r in ranks]
+    if clock == "cpu":
+        serial = [r["cpu_s"] - sum(sum(v) for v in r["compute_cpu_s"].values()) for r in ranks]
+    else:
+        serial = [r["wall_s"] - r["busy_s"] - r["waited_s"] for r in ranks]
+    work = work_fixed = cores = None
+    wall = max(r["wall_s"] for r in ranks)
+    if clock == "cpu":
+        work, work_fixed = sum(r["process_cpu_s"] for r in ranks), sum(fixed)
+        cores = work / wall
     dp0 = [r for r in ranks if r["data_parallel_rank"] == 0]
     parameters = sum(r["parameter_bytes"] for r in dp0) / layout.param_copies
-    activation = None
-    peaks = [(r["activation_peak_bytes"], r["pipeline_rank"]) for r in ranks if r.get("activation_peak_bytes")]
-    if peaks:
-        live = simulate(schedule, P, M).peak_activations
-        activation = _mean(bytes_ / live[rank] for bytes_, rank in peaks) * K
+    activation = memory_base = memory_transient = None
+    stages: List[float] = []
+    fits = [f for f in (_memory_fit(schedule, P, M, r) for r in ranks) if f is not None]
+    if fits:  # bytes = base + per stage, bytes x live micro-batches, at instruction ends; the rest is transient
+        per_stage: Dict[int, List[float]] = {}
+        for units, _, _ in fits:
+            for stage, unit in units.items():
+                per_stage.setdefault(stage, []).append(unit)
+        stages = [_mean(per_stage.get(s, [0.0])) for s in range(K)]
+        activation = sum(stages)
+        memory_base, memory_transient = _mean(b for _, b, _ in fits), _mean(t for _, _, t in fits)
     return ModelCosts(schedule=schedule,
                       stages=P,
                       micro_batches=M,
                       data_parallel=profile.get("data_parallel", 1),
+                      clock=clock,
                       forward_s=F * K,
                       backward_s=B * K,
                       weight_s=W * K,
@@ -123,20 +144,17 @@ def model_costs(profile: dict) -> ModelCosts:
                       a2a_backward_s=a2a_b * K,
                       a2a_per_call_s=per_call,
                       moe_layers=calls_f * K / 2,
-                      p2p_post_s=_mean(p2p) or 0.0,
-                      load_s=loads / load_count if load_count else 0.0,
-                      reduce_s=reduce_s,
-                      optimizer_s_per_byte=optimizer,
-                      outside_s=_mean(r["wall_s"] - r["step_s"] for r in ranks) or 0.0,
+                      serial_s=_mean(serial),
+                      serial_fixed_s=min(_mean(fixed), _mean(serial)),
+                      work_s=work,
+                      work_fixed_s=work_fixed,
+                      effective_cores=cores,
                       activation_bytes=activation,
+                      stage_activation_bytes=stages,
+                      memory_base_bytes=memory_base,
+                      memory_transient_bytes=memory_transient,
                       parameter_bytes=parameters,
-                      measured_step_s=max(r["wall_s"] for r in ranks))
-
-
-def _count_loads(schedule: str, P: int, M: int, rank: int) -> int:
-    from deepspeed.runtime.pipe import schedule as ds
-    from deepspeed_dualpipe.schedule import rank_steps
-    return sum(isinstance(i, ds.LoadMicroBatch) for step in rank_steps(schedule, P, M)[rank] for i in step)
+                      measured_step_s=wall)
 
 
 @dataclass
@@ -157,14 +175,85 @@ class Prediction:
         return None if self.activation_bytes is None else self.activation_bytes + self.parameter_bytes
 
 
+def instructions(schedule: str, P: int, M: int) -> float:
+    """Instructions per rank of a step (the mean over ranks)."""
+    from deepspeed_dualpipe.schedule import rank_steps
+    return statistics.fmean(sum(len(step) for step in steps) for steps in rank_steps(schedule, P, M))
+
+
+def _compute_work(m: ModelCosts) -> float:
+    """CPU seconds of computing in the profiled step, over one data-parallel replica's pipeline."""
+    return m.micro_batches * (m.forward_s + m.backward_s)
+
+
+def live_after_each_instruction(schedule: str, P: int, M: int, rank: int) -> List[List[int]]:
+    """Live micro-batch activations of each chunk of ``rank`` after each of its instructions: from a forward to
+    the end of its backward (its W, when split), as the verifier counts them."""
+    from deepspeed_dualpipe.analysis.events import EventReader, Op
+    from deepspeed_dualpipe.schedule import rank_steps
+    layout = get_spec(schedule).layout(P, M)
+    reader, live, out = EventReader(layout, rank), [0] * layout.chunks_per_rank, []
+    for step in rank_steps(schedule, P, M)[rank]:
+        for ins in step:
+            event = reader.event(ins)
+            for part in (event.parts() if isinstance(event, Op) else []):
+                live[part.chunk] += 1 if part.op == "F" else -1 if part.op in "BW" else 0
+            out.append(list(live))
+    return out
+
+
+def _memory_fit(schedule: str, P: int, M: int, rank: dict):
+    """``({model stage: bytes per live micro-batch}, base bytes, transient bytes)`` of one rank: a least-squares
+    fit of the allocator's bytes at instruction ends to the live activations of each of its chunks; the
+    transient is what the rank's high-water mark adds above those ends. None without the samples."""
+    import numpy as np
+    used, peak = rank.get("memory_after_bytes") or [], rank.get("activation_peak_bytes")
+    r = rank["pipeline_rank"]
+    live = live_after_each_instruction(schedule, P, M, r)
+    if not used or peak is None or len(used) != len(live):
+        return None
+    X = np.column_stack([np.array(live, dtype=float), np.ones(len(live))])
+    solution, *_ = np.linalg.lstsq(X, np.array(used, dtype=float), rcond=None)
+    layout = get_spec(schedule).layout(P, M)
+    units = {layout.model_stage(r, c): max(float(u), 0.0) for c, u in enumerate(solution[:-1])}
+    return units, float(solution[-1]), max(peak - max(used), 0)
+
+
+def stage_units(m: ModelCosts, K: int) -> List[float]:
+    """Bytes per live micro-batch of each of ``K`` model stages, from the profiled cut's (by overlap of layer
+    ranges: a stage of a coarser cut holds the finer cut's stages it covers)."""
+    fine = m.stage_activation_bytes
+    K0 = len(fine)
+    out = []
+    for t in range(K):
+        lo, hi = t / K, (t + 1) / K
+        out.append(sum(u * max(0.0, min(hi, (s + 1) / K0) - max(lo, s / K0)) * K0 for s, u in enumerate(fine)))
+    return out
+
+
+def peak_activation_bytes(m: ModelCosts, schedule: str, P: int, M: int) -> Optional[int]:
+    """The largest rank's bytes at any instruction end of ``schedule``, with each stage's bytes per live
+    micro-batch, plus the profiled base and transient."""
+    if not m.stage_activation_bytes:
+        return None
+    layout = get_spec(schedule).layout(P, M)
+    units = stage_units(m, layout.model_stages)
+    peaks = []
+    for r in range(P):
+        per_chunk = [units[layout.model_stage(r, c)] for c in range(layout.chunks_per_rank)]
+        live = live_after_each_instruction(schedule, P, M, r)
+        peaks.append(max(sum(u * n for u, n in zip(per_chunk, counts)) for counts in live))
+    return int(m.memory_base_bytes + m.memory_transient_bytes + max(peaks))
+
+
 def chunk_costs(m: ModelCosts, schedule: str, P: int) -> Costs:
     """The simulator's per-chunk costs of ``schedule`` on ``P`` ranks (seconds)."""
     K = get_spec(schedule).layout(P, 2 * P).model_stages
     F, B, W = m.forward_s / K, m.backward_s / K, m.weight_s / K
-    if schedule in ("1f1b", "ds-dualpipev"):
-        W = 0.0 if schedule == "1f1b" else W  # DeepSpeed's engines never split; the stream says B
     pair = None
-    if schedule in OVERLAPPING and m.moe_layers and m.a2a_per_call_s:
+    if m.clock == "wall" and schedule in OVERLAPPING and m.moe_layers and m.a2a_per_call_s:
+        # The engine interleaves a pair's two micro-batches at their all-to-alls: replay that with these costs.
+        # (Timed in CPU seconds, an all-to-all is no work of the computing thread: nothing to hide.)
         from deepspeed_dualpipe.tools.bench.predict import overlapped_pair
         layers = max(1, round(m.moe_layers / K))
         compute_f = max(F - m.a2a_forward_s / K, 0.0) / layers
@@ -174,24 +263,33 @@ def chunk_costs(m: ModelCosts, schedule: str, P: int) -> Costs:
 
 
 def predict(m: ModelCosts, schedule: str, P: int, M: int) -> Prediction:
+    """Step time, bubble and memory of ``schedule`` on ``P`` ranks with ``M`` micro-batches.
+
+    The step is the simulated schedule plus each rank's serial work (its part that grows with M scaled, the
+    reductions and optimizer scaled with the parameters a rank holds). On CPU it is at least all ranks' work
+    over the cores they got in the profiled step: ranks that share cores cannot all compute at once."""
     spec = get_spec(schedule)
     spec.validate(P, M)
     layout = spec.layout(P, M)
+    profiled = get_spec(m.schedule).layout(m.stages, m.micro_batches)
     costs = chunk_costs(m, schedule, P)
     sim = simulate(schedule, P, M, costs)
-    _, streams = schedule_events(schedule, P, M)
-    # Work the simulator does not see, on each rank's own thread: posting sends and receives, loading.
-    extra = max(
-        sum(isinstance(e, Comm) for e in events) * m.p2p_post_s + _count_loads(schedule, P, M, r) * m.load_s
-        for r, events in enumerate(streams))
-    per_rank_params = m.parameter_bytes * layout.param_copies / P
-    mirror = m.reduce_s if layout.param_copies > 1 else 0.0  # the mirror's all-reduce, as large as DP's
-    tail = m.reduce_s + mirror + m.optimizer_s_per_byte * per_rank_params + m.outside_s
-    activation = None
-    if m.activation_bytes is not None:
-        activation = int(max(sim.peak_activations) * m.activation_bytes / layout.model_stages)
+    # Serial work besides computing grows with the instructions a rank runs (posting, loading, the engine's
+    # own work per instruction); reductions and the optimizer step with the parameters it holds.
+    grows = instructions(schedule, P, M) / instructions(m.schedule, m.stages, m.micro_batches)
+    params = layout.param_copies / profiled.param_copies
+    serial = m.serial_fixed_s * params + (m.serial_s - m.serial_fixed_s) * grows
+    step = sim.makespan + serial
+    if m.clock == "cpu" and m.effective_cores:
+        compute = m.data_parallel * P * sum(i.end - i.start for t in sim.execution.timelines for i in t) / P
+        profiled_compute = m.data_parallel * _compute_work(m)
+        other = m.work_s - m.work_fixed_s - profiled_compute
+        work = m.work_fixed_s * params + other * grows + compute
+        step = max(step, work / m.effective_cores)
+    activation = peak_activation_bytes(m, schedule, P, M)
     bubble = statistics.fmean(sim.bubble) / sim.makespan if sim.makespan else 0.0
-    return Prediction(schedule, M, sim.makespan + extra + tail, bubble, activation, int(per_rank_params), costs)
+    per_rank_params = m.parameter_bytes * layout.param_copies / P
+    return Prediction(schedule, M, step, bubble, activation, int(per_rank_params), costs)
 
 
 def micro_batch_range(P: int, profiled: int) -> List[int]:
@@ -212,16 +310,27 @@ def predict_all(m: ModelCosts, schedules: Sequence[str], micro_batches: Sequence
 def recommend(predictions: List[Prediction], budget: Optional[int]) -> Optional[Prediction]:
     """The most micro-batches per second among the predictions whose memory fits ``budget`` (bytes)."""
     fits = [p for p in predictions if budget is None or (p.memory_bytes() or p.parameter_bytes) <= budget]
-    return min(fits, key=lambda p: (p.per_micro_batch_s, p.step_s), default=None)
+    if not fits:
+        return None
+    best = min(p.per_micro_batch_s for p in fits)
+    # Predictions within 1% are a tie (the model is not that precise): the least memory wins it.
+    tied = [p for p in fits if p.per_micro_batch_s <= best * (1 + TIE)]
+    return min(tied, key=lambda p: (p.memory_bytes() or p.parameter_bytes, p.per_micro_batch_s))
 
 
 # ----- measured runs beside the predictions (docs/advise.md) ------------------------------------------------------
 
 
-def measured_runs(directory) -> Dict[str, dict]:
-    """Each run of an ablation directory: its schedule, M, median step time and memory per rank."""
-    runs = {}
-    for metrics_path in sorted(Path(directory).glob("*/metrics.json")):
+def measured_runs(path) -> Dict[str, dict]:
+    """The measured runs beside which to print predictions: ``measured.json`` of ``python -m deepspeed_dualpipe
+    measure`` (a file, or the directory holding it), else each run of an ablation directory (its median step
+    time, and the allocator's peak from the run's profile when it has one)."""
+    path = Path(path)
+    measured = path if path.is_file() else path / "measured.json"
+    if measured.is_file():
+        return json.loads(measured.read_text())["schedules"]
+    directory, runs = path, {}
+    for metrics_path in sorted(directory.glob("*/metrics.json")):
         metrics = json.loads(metrics_path.read_text())
         profile_path = metrics_path.with_name("profile.json")
         activation = None
@@ -276,19 +385,22 @@ def comparison_table(m: ModelCosts, runs: Dict[str, dict]) -> str:
         except ValueError:
             continue
         err = p.step_s / run["step_s"] - 1
+        quartiles = run.get("step_s_quartiles")
+        measured = f"{1e3 * run['step_s']:.0f}" + ("" if not quartiles else
+                                                   f" ({1e3 * quartiles[0]:.0f}..{1e3 * quartiles[1]:.0f})")
         act = run["activation_bytes"]
         act_err = "" if act is None or p.activation_bytes is None else f"{100 * (p.activation_bytes / act - 1):+.0f}%"
         rows.append([
             name, run["schedule"],
-            str(run["micro_batches"]), f"{1e3 * p.step_s:.0f}", f"{1e3 * run['step_s']:.0f}", f"{100 * err:+.0f}%",
+            str(run["micro_batches"]), f"{1e3 * p.step_s:.0f}", measured, f"{100 * err:+.0f}%",
             _mib(p.activation_bytes),
             _mib(act), act_err,
             _mib(p.parameter_bytes),
             _mib(run["parameter_bytes"])
         ])
     return _table([
-        "run", "schedule", "M", "predicted ms", "measured ms", "error", "pred act MiB", "meas act MiB", "error",
-        "pred params MiB", "meas params MiB"
+        "run", "schedule", "M", "predicted ms", "measured ms (quartiles)", "error", "pred act MiB", "meas act MiB",
+        "error", "pred params MiB", "meas params MiB"
     ], rows)
 
 
@@ -301,8 +413,8 @@ def add_parser(sub) -> None:
                    "profiled M)")
     p.add_argument("--schedules", default=",".join(SCHEDULES))
     p.add_argument("--measured",
-                   help="an ablation directory (runs/advise): its runs' measured step time and memory "
-                   "beside the predictions")
+                   help="measured runs beside the predictions: the measured.json of 'measure' (or its directory), "
+                   "or an ablation directory")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=main)
 
@@ -348,11 +460,14 @@ def main(args) -> None:
                 },
                 indent=1))
         return
-    print(f"profile: {m.schedule}, P={m.stages}, M={m.micro_batches}, data parallel {m.data_parallel}; one "
-          f"micro-batch through the model: forward {1e3 * m.forward_s:.1f} ms, backward {1e3 * m.backward_s:.1f} ms "
-          f"(weight part {1e3 * m.weight_s:.1f} ms{'' if m.weight_measured else ', assumed B/2'}), all-to-all "
-          f"{1e3 * (m.a2a_forward_s + m.a2a_backward_s):.1f} ms, activations {_mib(m.activation_bytes)} MiB; "
-          f"parameters {_mib(m.parameter_bytes)} MiB; profiled step {1e3 * m.measured_step_s:.0f} ms")
+    cores = f", the ranks got {m.effective_cores:.2f} cores" if m.effective_cores else ""
+    print(
+        f"profile: {m.schedule}, P={m.stages}, M={m.micro_batches}, data parallel {m.data_parallel}; one "
+        f"micro-batch through the model ({m.clock} time): forward {1e3 * m.forward_s:.1f} ms, backward "
+        f"{1e3 * m.backward_s:.1f} ms (weight part {1e3 * m.weight_s:.1f} ms"
+        f"{'' if m.weight_measured else ', assumed B/2'}), all-to-all {1e3 * (m.a2a_forward_s + m.a2a_backward_s):.1f}"
+        f" ms, activations {_mib(m.activation_bytes)} MiB; parameters {_mib(m.parameter_bytes)} MiB; profiled step "
+        f"{1e3 * m.measured_step_s:.0f} ms{cores}")
     print(prediction_table(predictions, budget, best))
     if best is None:
         print(f"no schedule and M fit --memory-budget {args.memory_budget}", file=sys.stderr)
@@ -364,6 +479,27 @@ def main(args) -> None:
         print("\npredicted beside measured (step time: median train_batch; memory: the allocator's peak in each run's "
               "profiled step)")
         print(comparison_table(m, runs))
+        print(pick_against_measured(m, runs, budget))
+
+
+def pick_against_measured(m: ModelCosts, runs: Dict[str, dict], budget: Optional[int]) -> str:
+    """Whether advise's pick among the measured schedules, at their M, is the measured fastest or within its
+    noise (the fastest run's quartiles of step time)."""
+    M = {run["micro_batches"] for run in runs.values()}
+    if len(M) != 1:
+        return "(the measured runs differ in M: no single pick to compare)"
+    M = M.pop()
+    pick = recommend(predict_all(m, sorted({r["schedule"] for r in runs.values()}), [M]), budget)
+    if pick is None:
+        return "(no measured schedule fits the budget)"
+    measured = {r["schedule"]: r for r in runs.values()}
+    fastest = min(measured.values(), key=lambda r: r["step_s"])
+    chosen = measured[pick.schedule]
+    high = (fastest.get("step_s_quartiles") or [fastest["step_s"]] * 2)[1]
+    verdict = ("the measured fastest" if chosen is fastest else "within the noise of the measured fastest"
+               if chosen["step_s"] <= high else "NOT within noise of the fastest")
+    return (f"advise's pick at M={M}: {pick.schedule} (measured {1e3 * chosen['step_s']:.0f} ms); measured fastest: "
+            f"{fastest['schedule']} ({1e3 * fastest['step_s']:.0f} ms, upper quartile {1e3 * high:.0f} ms): {verdict}")
 
 
 __all__ = ["ModelCosts", "Prediction", "load_profile", "model_costs", "predict", "predict_all", "recommend", "main"]

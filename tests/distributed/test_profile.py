@@ -67,6 +67,9 @@ def test_the_profile_holds_every_ranks_computations_in_the_documented_format(pro
         assert all(t > 0 for values in r["compute_s"].values() for t in values)
         assert 0 < r["busy_s"] <= r["step_s"] <= r["wall_s"]
         assert r["parameter_bytes"] > 0 and r["activation_peak_bytes"] > 0
+        # the allocator after every instruction of the memory step, which runs the same instructions
+        assert len(r["memory_after_bytes"]) == r["instructions"] and max(r["memory_after_bytes"]) > 0
+        assert 0 < sum(sum(v) for v in r["compute_cpu_s"].values()) <= r["cpu_s"] <= r["process_cpu_s"] + 1e-3
         assert {"ReduceGrads", "OptimizerStep"} <= set(r["other_s"])
         assert len(r["p2p_s"]) > 0
     # the MoE blocks' dispatch and combine: two all-to-alls per MoE layer in every forward of a chunk holding one
@@ -92,6 +95,11 @@ def test_advise_predicts_every_registered_schedule_from_the_profile(profiles, ca
     assert "recommended: pipeline.schedule=" in out and out.count("<- recommended") == 1
     m = advise.model_costs(advise.load_profile(profiles["zbv"]))
     assert m.weight_measured and 0 < m.weight_s < m.backward_s and m.activation_bytes > 0 and m.moe_layers >= 1
+    assert m.clock == "cpu" and 0 < m.effective_cores <= 4 and len(m.stage_activation_bytes) == 2 * P
+    # the profiled schedule, predicted from its own profile, comes back to what was measured
+    profile = advise.load_profile(profiles["zbv"])
+    measured = max(r["activation_peak_bytes"] for r in profile["ranks"])
+    assert advise.predict(m, "zbv", P, M).activation_bytes == pytest.approx(measured, rel=0.35)
 
 
 @pytest.mark.slow
