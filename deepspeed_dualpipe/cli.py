@@ -83,7 +83,11 @@ def cmd_demo(args) -> None:
     """The main job: the MoE language model of configs/dualpipe_moe.json, trained on ``--ranks`` local
     ranks through DeepSpeed's launcher (on CPU without a GPU)."""
     import time
+    from pathlib import Path
     from deepspeed_dualpipe.tools.lm.launch import launch
+    if not Path(args.config).is_file():
+        raise ValueError(f"--config {args.config}: no such file (the demo's configs are in a source checkout's "
+                         f"configs/ directory; pass the path of one, or of your own)")
     extra = ["--steps", str(args.steps)] if args.steps else []
     print(f"launching: deepspeed --num_gpus {args.ranks} examples/train_moe_lm.py --deepspeed_config {args.config} "
           f"{' '.join(extra)}".rstrip(),
@@ -143,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the runs' metrics")
     p.set_defaults(func=cmd_ablate)
 
+    from deepspeed_dualpipe.tools.advise import add_parser as add_advise  # advise: every schedule from a profile
+    add_advise(sub)
+    from deepspeed_dualpipe.tools.lm.measure import add_parser as add_measure  # the demo under every schedule
+    add_measure(sub)
     from deepspeed_dualpipe.tools.bench.run import add_parser as add_bench  # bench: real engine, timed
     add_bench(sub)
     from deepspeed_dualpipe.tools.bench.overlap import add_parser as add_overlap  # one MoE pair, overlapped or not

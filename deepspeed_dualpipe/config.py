@@ -8,7 +8,11 @@ Two places in the DeepSpeed config dict matter::
         "split_backward": true,
         "overlap_moe_a2a": true,
         "p2p_timeout_s": 300,
-        "verify_schedule": true
+        "verify_schedule": true,
+        "monitor_interval": 1,                   # the plugin's figures in DeepSpeed's monitor
+        "monitor_memory": false,
+        "profile_step": null,                    # record a step for `advise`
+        "profile_path": "dualpipe_profile.json"
       }
     }
 
@@ -19,7 +23,7 @@ name the key path instead of a pydantic traceback.
 
 import difflib
 import math
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Union
 
 from pydantic import Field, ValidationError, field_validator
 
@@ -46,6 +50,21 @@ class DualPipeSection(DeepSpeedConfigModel):
 
     verify_schedule: bool = True
     """Run the symbolic verifier on every rank's instruction stream once at start-up."""
+
+    monitor_interval: int = Field(1, ge=1)
+    """With a DeepSpeed ``monitor`` enabled: write the plugin's figures (bubble, waits, hidden all-to-all
+    time) every this many steps (docs/usage.md, "The plugin's figures in DeepSpeed's monitor")."""
+
+    monitor_memory: bool = False
+    """Also write each pipeline rank's peak activation memory, read at the allocator. On CPU this takes
+    a step of its own after each monitored one (torch's profiler slows it down)."""
+
+    profile_step: Optional[int] = Field(None, ge=0)
+    """Record this step (0-based; memory in the step after it) for ``python -m deepspeed_dualpipe advise``
+    into ``profile_path`` (docs/advise.md)."""
+
+    profile_path: str = "dualpipe_profile.json"
+    """Where global rank 0 writes the profile of ``profile_step``."""
 
     @field_validator("p2p_timeout_s")
     @classmethod

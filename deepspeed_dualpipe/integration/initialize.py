@@ -65,8 +65,9 @@ def initialize(args=None, model=None, *positional, **kwargs):
       unchanged.
     - "ds-dualpipev": the model is rebuilt as DeepSpeed's ``DualPipeVModule``, for which
       ``deepspeed.initialize`` builds its ``DualPipeVEngine``.
-    - "zb1p", "dualpipe", "dualpipev": the model is rebuilt in chunks (:mod:`.chunked`: the user's class,
-      attributes, weights and random stream kept) and ``deepspeed.initialize`` runs with
+    - the plugin's schedules ("zb1p", "interleaved-1f1b", "zbv", "dualpipe", "dualpipev"): the model is rebuilt
+      in chunks (:mod:`.chunked`: the user's class, attributes, weights and random stream kept) and
+      ``deepspeed.initialize`` runs with
       ``deepspeed.PipelineEngine`` (looked up by it at call time) set to ``DualPipeEngine``.
 
     A rebuilt model's ``model_parameters`` and optimizer are pointed at it (:mod:`.optimizer`); whatever the

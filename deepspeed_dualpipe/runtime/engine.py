@@ -45,6 +45,7 @@ from deepspeed_dualpipe.runtime.autograd import steps
 from deepspeed_dualpipe.runtime.gradients import GradientReductions
 from deepspeed_dualpipe.runtime.autograd.aux_loss import aux_loss_scale
 from deepspeed_dualpipe.runtime.module import DualPipeModule
+from deepspeed_dualpipe.runtime.monitor import StepFigures
 from deepspeed_dualpipe.runtime.p2p import PointToPoint, as_tuple as _as_tuple
 from deepspeed_dualpipe.runtime.slots import Handoffs, Slot
 from deepspeed_dualpipe.schedule import build_schedule, get_spec
@@ -71,13 +72,16 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         self._send_reqs = []
         self.trace = None  # a list of InstructionTime while runtime.trace.start_recording records
         self.phase_events = None  # set to [] to record (label, start, end) of each phase of the overlapped pairs
+        self.run_events = None  # likewise for the computations that run alone (runtime/profile.py)
         self._waited = 0.0
+        self.memory_meter = None  # an activation meter for recorded steps (runtime/profile.py); None: the allocator's
         get_spec(self.schedule_name).validate(self.num_stages, self.micro_batches)  # before any step
         phased = [c for c in range(len(self.module.chunk_funcs)) if self.module.chunk_is_phased(c)]
         if phased and self.module.activation_checkpoint_interval > 0:
             logger.warning(f"deepspeed_dualpipe: chunks {phased} hold phased (MoE) layers and run phase by phase, "
                            f"without activation checkpointing (activation_checkpoint_interval="
                            f"{self.module.activation_checkpoint_interval} applies to the other chunks only)")
+        self.figures = StepFigures(self, self.dualpipe.dualpipe)
         if self.dualpipe.verify_schedule:
             from deepspeed_dualpipe.analysis.verify import verify
             verify(self.schedule_name, self.num_stages, self.micro_batches)
@@ -111,6 +115,10 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
             self._batch, self.handoffs = {}, Handoffs.empty()
 
     def train_batch(self, data_iter=None):
+        # every dualpipe.monitor_interval-th step, and dualpipe.profile_step, are recorded (runtime/monitor.py)
+        return self.figures.train_batch(self.global_steps, lambda: self._train_batch(data_iter))
+
+    def _train_batch(self, data_iter):
         try:
             super().train_batch(data_iter)
         except BaseException:
@@ -226,7 +234,9 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
                 if isinstance(labels, (tuple, list)) else labels.to(self.device)
 
     def _exec_forward_pass(self, buffer_id, chunk, micro_batch):
-        steps.run(self._forward_steps(buffer_id, chunk, micro_batch))
+        steps.run(self._forward_steps(buffer_id, chunk, micro_batch),
+                  events=self.run_events,
+                  label=f"F{micro_batch}.{chunk}")
 
     def _forward_steps(self, buffer_id, chunk, micro_batch):
         """One micro-batch's forward through ``chunk``, as steps (a generator, see :mod:`.autograd.steps`).
@@ -287,11 +297,17 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         return slot.inputs
 
     def _exec_backward_pass(self, buffer_id, chunk, micro_batch):
-        steps.run(self._backward_steps(buffer_id, chunk, micro_batch, split=False))
+        steps.run(self._backward_steps(buffer_id, chunk, micro_batch, split=False),
+                  events=self.run_events,
+                  label=f"B{micro_batch}.{chunk}")
         self._weight_gradients_done()
 
     def _exec_backward_input(self, buffer_id, chunk, micro_batch):
-        self._keep_weight_part(buffer_id, steps.run(self._backward_steps(buffer_id, chunk, micro_batch, self._split)))
+        self._keep_weight_part(
+            buffer_id,
+            steps.run(self._backward_steps(buffer_id, chunk, micro_batch, self._split),
+                      events=self.run_events,
+                      label=f"B{micro_batch}.{chunk}"))
 
     def _keep_weight_part(self, buffer_id, handle):
         self.slots[buffer_id].weight_part = handle

@@ -4,7 +4,9 @@
 - ``dualpipe``: P stages; rank r builds stage r (chunk 0) and stage P-1-r (chunk 1), so
   every stage lives on a mirror pair of ranks. Both copies start identical (a broadcast
   within the pair) and stay identical: gradients are summed across the pair.
-- ``dualpipev``: 2P stages; rank r builds stage r (chunk 0) and stage 2P-1-r (chunk 1).
+- ``dualpipev``, ``zbv``: 2P stages; rank r builds stage r (chunk 0) and stage 2P-1-r (chunk 1).
+- ``interleaved-1f1b``: 2P stages; rank r builds stage r (chunk 0) and stage P+r (chunk 1). Its two
+  chunks are not neighbours: rank P-1's chunk 0 feeds rank 0's chunk 1 over the network.
 
 Layers keep DeepSpeed's names (``str(layer_index)``), so a stage's parameters have the
 same names on both ranks of a mirror pair and in DeepSpeed's checkpoint layout.
@@ -23,7 +25,8 @@ from deepspeed_dualpipe.schedule import PLUGIN_SCHEDULES, Layout, LayoutKind, ge
 
 
 class DualPipeModule(PipelineModule):
-    """A :class:`deepspeed.pipe.PipelineModule` for ``schedule`` (one of ``zb1p``, ``dualpipe``, ``dualpipev``).
+    """A :class:`deepspeed.pipe.PipelineModule` for ``schedule``, one of the plugin's schedules
+    (:data:`~deepspeed_dualpipe.schedule.PLUGIN_SCHEDULES`).
 
     Takes the same arguments as ``PipelineModule`` plus ``schedule``.
     """
@@ -73,6 +76,8 @@ class DualPipeModule(PipelineModule):
         stage = next(s for s in range(len(self.parts) - 1) if self.parts[s] <= layer_idx < self.parts[s + 1])
         if self.layout_kind is LayoutKind.V:
             return min(stage, 2 * self.num_stages - 1 - stage)
+        if self.layout_kind is LayoutKind.INTERLEAVED:
+            return stage % self.num_stages
         return stage
 
     # ----- building ------------------------------------------------------------------------------

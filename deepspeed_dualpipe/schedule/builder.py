@@ -9,7 +9,7 @@ then gives every live (chunk, micro-batch) a buffer slot.
 
 import heapq
 from collections import deque
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from deepspeed_dualpipe.schedule import instructions
 from deepspeed_dualpipe.schedule.layout import Layout
@@ -140,15 +140,20 @@ class ProgramBuilder:
         self.send_forward(forward_chunk)
         self.send_backward(backward_chunk)
 
-    def weight(self) -> None:
-        """W: the oldest pending weight pass (first in, first out)."""
+    def weight(self, chunk: Optional[int] = None) -> None:
+        """W: the oldest pending weight pass (first in, first out), or the oldest of ``chunk``'s
+        (ZB-V drains each chunk's weight passes in its own order)."""
         if self.forward_only:
             return
-        chunk, m = self._weights.popleft()
+        if chunk is None:
+            chunk, m = self._weights.popleft()
+        else:
+            chunk, m = next(key for key in self._weights if key[0] == chunk)
+            self._weights.remove((chunk, m))
         self._emit(instructions.BackwardWeight((chunk, m), chunk, m))
 
-    def pending_weights(self) -> int:
-        return len(self._weights)
+    def pending_weights(self, chunk: Optional[int] = None) -> int:
+        return sum(1 for key in self._weights if chunk is None or key[0] == chunk)
 
     def finish(self, reduce_mirror: bool = False) -> List[List]:
         """Close the batch with the gradient reductions and the optimizer step."""

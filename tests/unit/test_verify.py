@@ -15,7 +15,7 @@ from tests.helpers.shapes import valid_shapes
 
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
 def test_every_registered_schedule_verifies_for_every_valid_shape(schedule):
-    max_stages = 16 if schedule in ("dualpipe", "dualpipev") else 8
+    max_stages = 16 if schedule in ("dualpipe", "dualpipev", "interleaved-1f1b", "zbv") else 8
     shapes = list(valid_shapes(schedule, max_stages))
     for P, M in shapes:
         verify(schedule, P, M)
@@ -43,6 +43,8 @@ def test_peak_live_activations_are_those_of_table_2():
     assert verify("zb1p", 4, 12).peak_activations == [4, 4, 4, 4]
     assert verify("dualpipe", 8, 20).peak_activations == [9] * 8  # PP + 1
     assert verify("dualpipev", 4, 12).peak_activations == [9] * 4  # PP + 1 with PP = 2P stages
+    assert verify("zbv", 4, 12).peak_activations == [8] * 4  # PP with PP = 2P stages: 1F1B's memory
+    assert verify("interleaved-1f1b", 4, 12).peak_activations == [11, 9, 7, 5]  # 3PP/2-1 on rank 0
 
 
 # ----- mutations: each one breaks a promise, and the verifier names it --------------------------
@@ -133,6 +135,24 @@ def test_a_buffer_reused_while_still_needed_is_caught():
     f0 = index_of(events, lambda e: isinstance(e, Op) and e.op == "F" and e.micro_batch == 0)
     events[f1] = dataclasses.replace(events[f1], buffer=events[f0].buffer)
     with pytest.raises(ScheduleError, match="buffer 0 is overwritten by chunk 0 micro-batch 1"):
+        verify_streams(streams, layout)
+
+
+def test_zbv_posts_receives_in_the_order_its_neighbours_send():
+    """ZB-V's warm-up runs a rank's forwards ahead of its first backward, so its neighbour needs them in
+    another order than it sends them; receiving each just before use would mismatch messages."""
+    streams, layout = streams_of("zbv", 2, 4)
+    rank1 = streams[1]
+    receives = [i for i, e in enumerate(rank1) if isinstance(e, Comm) and e.direction == "recv"]
+    naive = [e for e in rank1 if not (isinstance(e, Comm) and e.direction == "recv")]
+    for i in receives:  # move every receive to just before the computation that needs it
+        event = rank1[i]
+        user = next(k for k, e in enumerate(naive) if isinstance(e, Op) and any(
+            p.chunk == event.chunk and p.micro_batch == event.micro_batch and (p.op == "F") == (event.payload == "act")
+            for p in e.parts()))
+        naive.insert(user, event)
+    streams[1] = naive
+    with pytest.raises(ScheduleError, match="point-to-point messages match in posting order"):
         verify_streams(streams, layout)
 
 

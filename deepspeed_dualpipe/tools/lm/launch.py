@@ -14,7 +14,10 @@ from deepspeed_dualpipe.testing.launch import free_port
 from deepspeed_dualpipe.testing.shm import release_shared_memory
 
 ROOT = Path(__file__).resolve().parents[3]
+# examples/train_moe_lm.py in a source checkout; the same job inside the package when installed from a wheel
 SCRIPT = ROOT / "examples" / "train_moe_lm.py"
+if not SCRIPT.is_file():
+    SCRIPT = Path(__file__).resolve().with_name("job.py")
 
 
 def command(config: str, ranks: int, port: int, extra: Optional[List[str]] = None) -> List[str]:

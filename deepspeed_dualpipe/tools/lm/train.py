@@ -59,6 +59,7 @@ class LMConfig:
     sample_prompt: str = "The "
     sample_tokens: int = 240
     sample_temperature: float = 0.7
+    fused_adam: bool = False  # NVIDIA apex's FusedAdam where apex is installed and the job runs on CUDA (lm/fused.py)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     @classmethod
@@ -112,6 +113,13 @@ def prepare_config(path_or_dict,
     if "total_num_steps" in params:  # a decaying schedule ends with the run
         params["total_num_steps"] = max(lm.steps, params.get("warmup_num_steps", 1) + 1)
     config.setdefault("steps_per_print", 10**9)  # this job prints its own progress
+    for monitor in ("tensorboard", "csv_monitor", "wandb", "comet"):  # one run, one job name: lm.name
+        section = config.get(monitor)
+        if isinstance(section, dict) and section.get("enabled") and "job_name" not in section:
+            section["job_name"] = lm.name
+    section = config.get("dualpipe")
+    if isinstance(section, dict) and section.get("profile_step") is not None and "profile_path" not in section:
+        section["profile_path"] = str(Path(lm.out_dir) / lm.name / "profile.json")  # beside metrics.json
     return config, lm
 
 
@@ -134,8 +142,13 @@ def build_engine(config: Dict, lm: LMConfig, args=None):
                                seed_fn=seed_layer)
     if args is not None:
         args.deepspeed_config = None  # the config (with overrides) is passed as a dict
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed_dualpipe.tools.lm import fused
+    factory, config, optimizer = fused.optimizer(config, lm.fused_adam, get_accelerator().device_name())
+    if torch.distributed.get_rank() == 0:
+        print(fused.describe(fused.rms_norm(), optimizer), flush=True)
     # model_parameters is left to DeepSpeed: the plugin may rebuild the module for its schedule.
-    engine, *_ = deepspeed.initialize(args=args, model=model, config=config)
+    engine, *_ = deepspeed.initialize(args=args, model=model, config=config, optimizer=factory)
     return engine
 
 
