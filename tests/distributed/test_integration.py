@@ -46,7 +46,7 @@ def test_model_parameters_of_the_original_module_become_the_rebuilt_modules(sche
 
 # --- a client's PipelineModule subclass (tests/helpers/client.py), through every schedule ----------------------
 
-SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev", "ds-dualpipev")
+SCHEDULES = ("1f1b", "zb1p", "interleaved-1f1b", "zbv", "dualpipe", "dualpipev", "ds-dualpipev")
 STEPS, MBS = 3, 2
 
 
@@ -190,7 +190,7 @@ def test_a_custom_autograd_function_runs_its_backward_once_per_forward(schedule)
 @pytest.mark.slow
 @pytest.mark.parametrize("P", [2, 4])
 def test_activation_checkpointing_trains_like_1f1b_without_it(P):
-    plugin = ("zb1p", "dualpipe", "dualpipev")
+    plugin = ("zb1p", "interleaved-1f1b", "zbv", "dualpipe", "dualpipev")
     per_rank = _client_runs(P, 1, plugin)
     base = [ranks["1f1b"] for ranks in _client_runs(P, 0, ("1f1b", ))]
     for schedule in plugin:
