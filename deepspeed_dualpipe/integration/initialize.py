@@ -102,6 +102,9 @@ def initialize(args=None, model=None, *positional, **kwargs):
             return _weigh_aux_losses_by_gas(ds_initialize(args=args, model=rebuilt, **kwargs))
         DualPipeModule, DualPipeEngine = _plugin_classes()
         rebuilt = convert.as_chunked(model, schedule, DualPipeModule)
+        if type(rebuilt).__module__.startswith("megatron"):  # Megatron-DeepSpeed's MoE layers, as phases
+            from deepspeed_dualpipe.integration import megatron_moe
+            megatron_moe.adapt(rebuilt)
         kwargs = convert.carry_over(kwargs, model, rebuilt)
         check_optimizer(kwargs.get("optimizer"), rebuilt)
         with _pipeline_engine(DualPipeEngine):

@@ -19,7 +19,7 @@ ALLOWED = {
     "testing": set(),
     "runtime": {"schedule", "config", "checkpoint", "analysis"},  # analysis: the verifier, once at start-up
     "moe": {"runtime"},
-    "integration": {"runtime", "schedule", "config"},
+    "integration": {"runtime", "schedule", "config", "moe"},  # moe: the Megatron MoE adapter
     "tools": {"schedule", "analysis", "config", "runtime", "moe", "integration", "checkpoint", "testing"},
     "cli": {"schedule", "analysis", "tools"},
     "__main__": {"cli"},
