@@ -236,7 +236,8 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
     def _exec_forward_pass(self, buffer_id, chunk, micro_batch):
         steps.run(self._forward_steps(buffer_id, chunk, micro_batch),
                   events=self.run_events,
-                  label=f"F{micro_batch}.{chunk}")
+                  label=f"F{micro_batch}.{chunk}",
+                  device=self.device)
 
     def _forward_steps(self, buffer_id, chunk, micro_batch):
         """One micro-batch's forward through ``chunk``, as steps (a generator, see :mod:`.autograd.steps`).
@@ -299,7 +300,8 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
     def _exec_backward_pass(self, buffer_id, chunk, micro_batch):
         steps.run(self._backward_steps(buffer_id, chunk, micro_batch, split=False),
                   events=self.run_events,
-                  label=f"B{micro_batch}.{chunk}")
+                  label=f"B{micro_batch}.{chunk}",
+                  device=self.device)
         self._weight_gradients_done()
 
     def _exec_backward_input(self, buffer_id, chunk, micro_batch):
@@ -307,7 +309,8 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
             buffer_id,
             steps.run(self._backward_steps(buffer_id, chunk, micro_batch, self._split),
                       events=self.run_events,
-                      label=f"B{micro_batch}.{chunk}"))
+                      label=f"B{micro_batch}.{chunk}",
+                      device=self.device))
 
     def _keep_weight_part(self, buffer_id, handle):
         self.slots[buffer_id].weight_part = handle
@@ -370,12 +373,13 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         split = backward_op == "I" and self._split
         backward = self._backward_steps(backward_buffer, backward_chunk, backward_micro_batch, split)
         forward = self._forward_steps(forward_buffer, forward_chunk, forward_micro_batch)
+        labels = (f"B{backward_micro_batch}.{backward_chunk}", f"F{forward_micro_batch}.{forward_chunk}")
+        recorded = dict(events=self.phase_events, device=self.device)  # both orders record, to compare them
         if self.dualpipe.overlap_moe_a2a:
-            labels = (f"B{backward_micro_batch}.{backward_chunk}", f"F{forward_micro_batch}.{forward_chunk}")
-            handle, _ = steps.interleave(backward, forward, events=self.phase_events, labels=labels)
+            handle, _ = steps.interleave(backward, forward, labels=labels, **recorded)
         else:  # the plain order: the whole forward, then the whole backward
-            steps.run(forward)
-            handle = steps.run(backward)
+            steps.run(forward, label=labels[1], **recorded)
+            handle = steps.run(backward, label=labels[0], **recorded)
         if backward_op == "I":
             self._keep_weight_part(backward_buffer, handle)
         else:

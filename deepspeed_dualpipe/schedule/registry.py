@@ -11,6 +11,7 @@ from deepspeed_dualpipe.schedule.base import ProgramSchedule, require_int
 from deepspeed_dualpipe.schedule.dualpipe import DualPipeSchedule
 from deepspeed_dualpipe.schedule.dualpipev import DualPipeVSchedule
 from deepspeed_dualpipe.schedule.interleaved import Interleaved1F1BSchedule
+from deepspeed_dualpipe.schedule.interleaved_overlap import OverlappedInterleaved1F1BSchedule
 from deepspeed_dualpipe.schedule.zb1p import ZeroBubbleH1Schedule
 from deepspeed_dualpipe.schedule.zbv import ZeroBubbleVSchedule
 
@@ -63,6 +64,9 @@ SCHEDULES: Dict[str, ScheduleSpec] = {
         _plugin(
             Interleaved1F1BSchedule, "Interleaved 1F1B: two virtual stages per rank (r and P+r), as Megatron "
             "and torch.distributed.pipelining"),
+        _plugin(
+            OverlappedInterleaved1F1BSchedule, "Interleaved 1F1B whose steady state runs overlapped F&B pairs "
+            "(Megatron-core's combined 1F1B for MoE all-to-all overlap; for ablations)"),
         _plugin(ZeroBubbleVSchedule, "ZB-V: zero-bubble V (stages r and 2P-1-r), backward split into I and W"),
         _plugin(DualPipeSchedule, "DualPipe: bidirectional, mirrored chunks, overlapped F&B pairs"),
         _plugin(DualPipeVSchedule, "DualPipeV: DualPipe cut in half, V-shaped, no duplicated parameters"),

@@ -15,7 +15,8 @@ from tests.helpers.shapes import valid_shapes
 
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
 def test_every_registered_schedule_verifies_for_every_valid_shape(schedule):
-    max_stages = 16 if schedule in ("dualpipe", "dualpipev", "interleaved-1f1b", "zbv") else 8
+    max_stages = 16 if schedule in ("dualpipe", "dualpipev", "interleaved-1f1b", "interleaved-1f1b-overlap",
+                                    "zbv") else 8
     shapes = list(valid_shapes(schedule, max_stages))
     for P, M in shapes:
         verify(schedule, P, M)

@@ -21,11 +21,11 @@ in which they are issued, and the drivers are deterministic, so this holds when 
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any, Generator, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from deepspeed_dualpipe.runtime.autograd.clocks import clock_for
 from deepspeed_dualpipe.runtime.autograd.split_backward import SplitBackward, module_supports_split
 from deepspeed_dualpipe.runtime.autograd.tape import InlineTape, Pending, Tape, CommIsland, launch_all_to_all, flatten_tensors
 
@@ -159,60 +159,93 @@ def _check(step: Any) -> Pending:
 
 
 class _Driver:
-    """Advances one generator step by step and, if asked, records (label, start, end) events."""
+    """Advances one generator step by step and, if asked, records phases on ``clock``
+    (:mod:`.clocks`): compute steps without the time they blocked in ``wait()``, and each all-to-all
+    from its launch to when it completed."""
 
-    def __init__(self, gen: Steps, label: str, events: Optional[list]):
-        self.gen, self.label, self.events = gen, label, events
+    def __init__(self, gen: Steps, label: str, records: Optional[list], clock=None):
+        self.gen, self.label, self.records, self.clock = gen, label, records, clock
         self.pending: Optional[Pending] = None
         self.finished, self.result = False, None
 
     def step(self) -> None:
-        start = time.perf_counter()
+        waited = self.pending if self.pending is not None and not self.pending.done else None
+        start = self.clock.now() if self.records is not None else None
         try:
             nxt = _check(self.gen.send(None))
         except StopIteration as stop:
             nxt, self.finished, self.result = None, True, stop.value
-        if self.events is not None:
-            self.events.append((f"{self.label}:compute", start, time.perf_counter()))
+        if self.records is not None:
+            self._computed(start, self.clock.now(), waited)
+            if nxt is not None:
+                self.clock.watch(nxt)
         self._settle(self.pending)
         self.pending = nxt
         if self.finished:
             self._settle(nxt)
 
+    def _computed(self, start, stop, waited: Optional[Pending]) -> None:
+        label = f"{self.label}:compute"
+        if waited is not None and waited.done and waited.wait_began is not None:  # it blocked in this step
+            self.records += [(label, start, waited.wait_began), (label, waited.end, stop)]
+        else:
+            self.records.append((label, start, stop))
+
     def _settle(self, pending: Optional[Pending]) -> None:
         if pending is None:
             return
         pending.wait()  # a no-op when the layer has waited already (it always should have)
-        if self.events is not None:
-            self.events.append((f"{self.label}:{pending.name}", pending.start, pending.end))
+        if self.records is not None:
+            self.records.append(
+                (f"{self.label}:{pending.name}", self.clock.launch(pending), self.clock.completion(pending)))
 
 
-def run(gen: Steps, events: Optional[list] = None, label: str = "run") -> Any:
-    """Drive ``gen`` alone: every all-to-all is waited as soon as it is launched. Returns its result."""
-    driver = _Driver(gen, label, events)
+def _recorded(events: Optional[list], device):
+    """``(records, clock)``: where the drivers record and with what clock (nothing without ``events``)."""
+    return ([], clock_for(device)) if events is not None else (None, None)
+
+
+def _flush(events: Optional[list], records: Optional[list], clock) -> None:
+    if events is not None:
+        events.extend(clock.resolve(records))
+
+
+def run(gen: Steps, events: Optional[list] = None, label: str = "run", device=None) -> Any:
+    """Drive ``gen`` alone: every all-to-all is waited as soon as it is launched. Returns its result.
+
+    ``events``/``device``: as for :func:`interleave`."""
+    records, clock = _recorded(events, device)
+    driver = _Driver(gen, label, records, clock)
     while not driver.finished:
         driver.step()
         if driver.pending is not None:
             driver.pending.wait()
+    _flush(events, records, clock)
     return driver.result
 
 
 def interleave(first: Steps,
                second: Steps,
                events: Optional[list] = None,
-               labels: Sequence[str] = ("first", "second")) -> Tuple[Any, Any]:
+               labels: Sequence[str] = ("first", "second"),
+               device=None) -> Tuple[Any, Any]:
     """Drive two generators alternately; each runs until it launches an all-to-all, then the other.
 
     ``first`` starts. For a DualPipe pair pass the backward first, as Megatron-core orders it: its
     first step (the last island's backward) launches the combine's gradient all-to-all, which then
     hides under the forward's first compute.
 
-    Returns both results. With ``events=[]`` every compute step and all-to-all is appended as
-    ``(label, start, end)`` (``time.perf_counter`` seconds) for a trace.
+    Returns both results. With ``events=[]``, every compute step (``"<label>:compute"``, without the
+    time it blocked waiting for its own all-to-all) and every all-to-all (``"<label>:<name>"``, from
+    its launch to when it actually completed) is appended as ``(label, start, end)`` in
+    ``time.perf_counter`` seconds; on a CUDA ``device`` they are timed with CUDA events
+    (:mod:`.clocks`). :mod:`deepspeed_dualpipe.runtime.overlap` reads what overlapped.
     """
-    drivers = [_Driver(first, labels[0], events), _Driver(second, labels[1], events)]
+    records, clock = _recorded(events, device)
+    drivers = [_Driver(first, labels[0], records, clock), _Driver(second, labels[1], records, clock)]
     while not all(d.finished for d in drivers):
         for d in drivers:
             if not d.finished:
                 d.step()
+    _flush(events, records, clock)
     return drivers[0].result, drivers[1].result

@@ -57,29 +57,50 @@ def moves_data(group) -> bool:
 
 
 class Pending:
-    """An all-to-all in flight. ``wait()`` returns its result (and may be called again)."""
+    """An all-to-all in flight. ``wait()`` returns its result (and may be called again).
+
+    Times (``time.perf_counter`` seconds): ``start`` when it was launched, ``end`` when ``wait()``
+    returned, and :attr:`completed`, when it actually finished, whoever waited for it and when: the
+    backend's completion callback on the work's future stamps it (gloo runs the collective on its own
+    thread). A :mod:`~deepspeed_dualpipe.runtime.autograd.clocks` clock set as ``clock`` (the drivers
+    do, when they record on CUDA) times it on the device instead.
+    """
 
     def __init__(self, result: torch.Tensor, work=None, name: str = "all_to_all", group=None):
         self.name = name
         self.group = group
         self.start = time.perf_counter()
         self.end: Optional[float] = None if work is not None else self.start
+        self.wait_began: Optional[float] = None  # when wait() began blocking on the work
+        self.clock = None
         self._result = result
         self._work = work
+        self._signalled = [None]  # the completion callback's stamp; it holds no reference to the tensors
+        if work is not None and not result.is_cuda:  # a CUDA future completes when the work is queued
+            _stamp_completion(work, self._signalled)
 
     @property
     def done(self) -> bool:
         return self.end is not None
 
+    @property
+    def completed(self) -> Optional[float]:
+        """When the all-to-all finished: the earlier of the completion callback and ``wait()``'s return
+        (the callback runs once the process lets its thread in, which may be after the wait returned)."""
+        times = [t for t in (self._signalled[0], self.end) if t is not None]
+        return min(times) if times else None
+
     def wait(self) -> torch.Tensor:
         if self._work is not None:
             work, self._work = self._work, None
+            now = time.perf_counter if self.clock is None else self.clock.now
+            self.wait_began = now()
             try:
                 work.wait()
             except Exception as exc:  # name the collective: a bare gloo error does not
                 raise RuntimeError(f"all-to-all {self.name!r} over ranks {self._ranks()} failed on rank "
                                    f"{self._rank()}: {exc}") from exc
-            self.end = time.perf_counter()
+            self.end = now()
         return self._result
 
     # Best effort only: these run while reporting a failure, which may be the group itself.
@@ -98,6 +119,20 @@ class Pending:
 
     def __repr__(self) -> str:
         return f"Pending({self.name!r}, {'done' if self.done else 'in flight'})"
+
+
+def _stamp_completion(work, stamp: list) -> None:
+    """Stamp ``stamp[0]`` when ``work`` completes, from the backend's callback on its future."""
+    try:
+        future = work.get_future()
+    except (AttributeError, RuntimeError):  # a backend without futures: only wait() tells
+        return
+
+    def completed(_):
+        if stamp[0] is None:
+            stamp[0] = time.perf_counter()
+
+    future.add_done_callback(completed)
 
 
 def launch_all_to_all(x: torch.Tensor, group, name: str) -> Pending:
