@@ -52,7 +52,7 @@ def hidden_all_to_alls(phases: Iterable[Phase]) -> List[Phase]:
             if _is_compute(label) or end is None:
                 continue
             owner = _owner(label)
-            if any(other != owner and s <= end <= e for other, s, e in computes):
+            if any(other != owner and s < end <= e for other, s, e in computes):
                 hidden.append((label, start, end))
     return hidden
 

@@ -27,8 +27,10 @@ class HostClock:
 
     now = staticmethod(time.perf_counter)
 
-    def watch(self, pending) -> None:
-        """Nothing to do: the pending stamps its completion from the backend's callback."""
+    @staticmethod
+    def watch(pending) -> None:
+        """Stamp its completion from the backend's callback (a CUDA future would complete when queued)."""
+        pending.watch_completion()
 
     @staticmethod
     def launch(pending) -> float:

@@ -60,10 +60,11 @@ class Pending:
     """An all-to-all in flight. ``wait()`` returns its result (and may be called again).
 
     Times (``time.perf_counter`` seconds): ``start`` when it was launched, ``end`` when ``wait()``
-    returned, and :attr:`completed`, when it actually finished, whoever waited for it and when: the
-    backend's completion callback on the work's future stamps it (gloo runs the collective on its own
-    thread). A :mod:`~deepspeed_dualpipe.runtime.autograd.clocks` clock set as ``clock`` (the drivers
-    do, when they record on CUDA) times it on the device instead.
+    returned, and, once :meth:`watch_completion` was called (the step drivers do when they record),
+    :attr:`completed`: when it actually finished, whoever waited for it and when, stamped by the
+    backend's completion callback on the work's future (gloo runs the collective on its own thread).
+    A :mod:`~deepspeed_dualpipe.runtime.autograd.clocks` clock set as ``clock`` (the drivers do, when
+    they record on CUDA) times it on the device instead.
     """
 
     def __init__(self, result: torch.Tensor, work=None, name: str = "all_to_all", group=None):
@@ -76,12 +77,16 @@ class Pending:
         self._result = result
         self._work = work
         self._signalled = [None]  # the completion callback's stamp; it holds no reference to the tensors
-        if work is not None and not result.is_cuda:  # a CUDA future completes when the work is queued
-            _stamp_completion(work, self._signalled)
 
     @property
     def done(self) -> bool:
         return self.end is not None
+
+    def watch_completion(self) -> None:
+        """Have the backend stamp :attr:`completed` (a no-op once waited, and on CUDA, whose future
+        completes when the work is queued: a ``CudaClock`` times it there)."""
+        if self._work is not None and not self._result.is_cuda:
+            _stamp_completion(self._work, self._signalled)
 
     @property
     def completed(self) -> Optional[float]:

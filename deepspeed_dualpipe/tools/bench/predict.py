@@ -33,7 +33,8 @@ from deepspeed_dualpipe.analysis.symbolic import Costs
 from deepspeed_dualpipe.schedule import get_spec
 from deepspeed_dualpipe.analysis.simulate import simulate
 
-OVERLAPPING = {"dualpipe", "dualpipev"}  # the schedules whose pairs interleave a2a with the other micro-batch
+OVERLAPPING = {"dualpipe", "dualpipev",
+               "interleaved-1f1b-overlap"}  # the schedules whose pairs interleave a2a with the other micro-batch
 
 
 def layers_per_chunk(schedule: str, stages: int, layers: int) -> int:

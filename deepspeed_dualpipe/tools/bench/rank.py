@@ -37,6 +37,7 @@ class BenchSpec:
     repeats: int
     warmup: int = 1
     a2a_bytes: int = 0  # > 0: SleepMoELayers, expert parallelism 2 inside data parallelism 2
+    a2a_wire_s: float = 0.0  # > 0: every all-to-all on the emulated wire of tools/bench/wire.py
     calibration_repeats: int = 20
 
     @property
@@ -272,6 +273,9 @@ def bench_rank(spec: BenchSpec) -> dict:
     engines = {run.label: _engine(spec, run) for run in spec.runs}
     first = next(iter(engines.values()))
     stage, replica = first.grid.get_stage_id(), first.grid.get_data_parallel_id()
+    if spec.a2a_wire_s:
+        from deepspeed_dualpipe.tools.bench import wire
+        wire.install(spec.a2a_wire_s)
     calibration = _calibrate(spec, stage) if spec.a2a_bytes else None
     if spec.a2a_bytes:
         _time_all_to_alls()
