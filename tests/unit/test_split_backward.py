@@ -210,20 +210,24 @@ def test_helper_failure_falls_back_without_double_counting(monkeypatch):
 
 
 def test_weight_part_releases_graph_state_and_refuses_a_second_call():
+    """``h`` is kept only by the linear layer, for its weight gradient: alive after the input part, which needs
+    it no more but must leave it for the weight part, and freed by the weight part."""
     lin = nn.Linear(D, D)
     x = torch.randn(B, D, requires_grad=True)
-    mid = torch.tanh(lin(x))  # saved by the next op
-    ref = weakref.ref(mid)
-    out = mid * mid
-    del mid
-    h = SplitBackward.input_part(out, torch.ones(B, D), x, list(lin.parameters()))
+    h = x * 2.0  # a scalar multiply saves nothing: only the linear keeps h
+    ref = weakref.ref(h)
+    out = torch.sigmoid(lin(h))
+    del h
+    handle = SplitBackward.input_part(out, torch.ones(B, D), x, list(lin.parameters()))
     del out
     gc.collect()
-    h.weight_part()
+    assert handle.split and ref() is not None, "the input part freed what the weight part needs"
+    handle.weight_part()
     gc.collect()
-    assert ref() is None
+    assert ref() is None, "the weight part left the layer's saved input alive"
+    assert lin.weight.grad is not None
     with pytest.raises(RuntimeError, match="already called"):
-        h.weight_part()
+        handle.weight_part()
 
 
 def test_module_supports_split_finds_opt_out_in_submodules():
