@@ -14,7 +14,9 @@ import pytest
 from tests.helpers import harness
 from tests.helpers import models
 
-SCHEDULES = ["1f1b", "zb1p", "interleaved-1f1b", "zbv", "dualpipe", "dualpipev", "ds-dualpipev"]
+SCHEDULES = [
+    "1f1b", "zb1p", "interleaved-1f1b", "interleaved-1f1b-overlap", "zbv", "dualpipe", "dualpipev", "ds-dualpipev"
+]
 MBS, STEPS, SEED = 2, 3, 0
 
 MODELS = {"tied": models.tied_specs, "untied": models.untied_specs, "tuple": models.tuple_specs}

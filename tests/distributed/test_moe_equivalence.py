@@ -105,7 +105,8 @@ def _reference(P, results, clip=0.0):
 
 
 RUNS_P2 = (("dualpipe", True), ("dualpipe", False), ("dualpipe", "serialised"), ("dualpipev", True),
-           ("dualpipev", False), ("1f1b", True), ("dualpipe", "clipped"), ("1f1b", "clipped"))
+           ("dualpipev", False), ("interleaved-1f1b-overlap", True), ("interleaved-1f1b-overlap", False),
+           ("1f1b", True), ("dualpipe", "clipped"), ("1f1b", "clipped"))
 DEEPSPEED_CLIPS_DIFFERENTLY = pytest.mark.xfail(
     strict=True,
     reason=(
@@ -132,9 +133,9 @@ def test_in_overlapped_pairs_an_all_to_all_of_one_micro_batch_completes_while_th
     the engine waited for it. Overlap off, and an engine that interleaves the two micro-batches' steps but waits
     for each all-to-all before handing over (planted), record the same all-to-alls and hide none.
 
-    dualpipev is counted over all ranks: at P=2 its pipeline rank 0 pairs the dense first chunk (one compute
-    step, no all-to-all) with an MoE chunk, so little of that rank's traffic can complete under the other
-    micro-batch; the middle stages (pipeline rank 1) pair two MoE chunks."""
+    dualpipev and interleaved-1f1b-overlap are counted over all ranks: at P=2 some of their pairs join the dense
+    first chunk (one compute step, no all-to-all) with an MoE chunk, so little of that rank's traffic can complete
+    under the other micro-batch."""
     ranks = _launch(2, RUNS_P2)
     for rank in ranks:
         hidden = {run: rank[run]["hidden_all_to_alls"] for run in RUNS_P2 if run[0] != "1f1b"}
@@ -143,11 +144,13 @@ def test_in_overlapped_pairs_an_all_to_all_of_one_micro_batch_completes_while_th
                                                                                           "serialised")] > 0
         assert hidden[("dualpipe", True)] > 0, hidden
         assert hidden[("dualpipe", False)] == hidden[("dualpipev", False)] == 0, hidden
+        assert hidden[("interleaved-1f1b-overlap", False)] == 0, hidden
         assert hidden[("dualpipe", "serialised")] == 0, hidden
-    assert sum(rank[("dualpipev", True)]["hidden_all_to_alls"] for rank in ranks) > 0
+    for schedule in ("dualpipev", "interleaved-1f1b-overlap"):
+        assert sum(rank[schedule, True]["hidden_all_to_alls"] for rank in ranks) > 0, schedule
 
 
-RUNS_P4 = (("dualpipe", True), ("dualpipev", False))
+RUNS_P4 = (("dualpipe", True), ("dualpipev", False), ("interleaved-1f1b-overlap", True))
 
 
 @pytest.mark.slow

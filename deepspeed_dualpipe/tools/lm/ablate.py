@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from deepspeed_dualpipe.schedule import PAIRED_SCHEDULES
 from deepspeed_dualpipe.tools.lm import config_files
 
 KEYS = {"ranks", "out_dir", "configs", "shared"}
 # Config keys that name the variant rather than its training: they may differ between variants.
 VARIANT_KEYS = {("pipeline", ), ("dualpipe", ), ("lm", "name"), ("lm", "out_dir")}
-OVERLAP_SCHEDULES = ("dualpipe", "dualpipev")  # schedules with overlapped pairs, where the MoE overlap applies
+OVERLAP_SCHEDULES = PAIRED_SCHEDULES  # schedules with overlapped pairs, where the MoE overlap applies
 
 
 @dataclass
