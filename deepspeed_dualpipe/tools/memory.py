@@ -1,0 +1,206 @@
+"""Memory per rank, read from the allocator: parameter bytes, and the activation bytes of one step.
+
+One meter for ``bench``, ``ablate`` and the demo. It keeps no tensor of its own and tracks no list
+of tensors: it reads what the allocator holds.
+
+- **CUDA**: ``torch.cuda.memory_allocated()`` before the step and after every instruction, and
+  ``torch.cuda.max_memory_allocated()`` within each instruction (its peak is reset before each).
+- **CPU**: torch's profiler with ``profile_memory=True`` records the CPU allocator's own events
+  (``[memory]``, each a signed ``nbytes`` at a time); their running sum is the bytes in use. Each
+  instruction is marked with a ``record_function`` range, so the sum can be read at its end and
+  its maximum within it.
+
+Instructions are sampled through the one hook on an engine's instructions,
+:func:`~deepspeed_dualpipe.runtime.trace.around_each_instruction`, so DeepSpeed's engines and the
+plugin's are measured alike.
+
+What the figures mean (all relative to the moment the step starts, when the rank holds its
+parameters and optimizer state, and gradients only if the engine keeps them between steps):
+
+- ``peak``: the most bytes in use after any instruction, less the gradient bytes allocated since
+  the start (gradients are not activations). This is the activation figure the targets use;
+- ``high_water``: the allocator's most bytes within any instruction (temporaries inside an
+  operation included), less the gradient bytes held when that instruction began: an upper bound;
+- ``left``: bytes still in use after the step, less the gradients still held: what a step leaves
+  behind beyond parameters, gradients and optimizer state.
+
+Measuring slows a step down (the profiler records every operation on CPU), so it runs on a step
+of its own, not a timed one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from deepspeed_dualpipe.runtime.trace import around_each_instruction
+
+_MARK = "deepspeed_dualpipe.instruction"
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct parameters of ``module``."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def gradient_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct gradient storages of ``module``'s parameters."""
+    storages = {}
+    for p in module.parameters():
+        if p.grad is not None:
+            storage = p.grad.untyped_storage()
+            storages[(p.grad.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+@dataclass
+class Sample:
+    """One instruction: its name, its ``chunk`` and ``micro_batch`` when it names them (else ``None``),
+    the activation bytes after it and the high-water mark within it (see the module docstring)."""
+
+    instruction: str
+    chunk: Optional[int]
+    micro_batch: Optional[int]
+    after: int
+    high_water: int
+
+
+@dataclass
+class StepMemory:
+    """What :meth:`MemoryMeter.measure` found for one step (bytes)."""
+
+    device: str
+    peak: int = 0
+    peak_at: Optional[str] = None  # the instruction after which ``peak`` was reached, e.g. "BackwardInput(1, 3)"
+    high_water: int = 0
+    left: int = 0
+    samples: List[Sample] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "device": self.device,
+            "peak": self.peak,
+            "peak_at": self.peak_at,
+            "high_water": self.high_water,
+            "left": self.left
+        }
+
+
+def _label(kind, kwargs) -> Tuple[str, Optional[int], Optional[int]]:
+    chunk = kwargs.get("chunk", kwargs.get("forward_chunk"))
+    micro_batch = kwargs.get("micro_batch", kwargs.get("forward_micro_batch"))
+    return kind.__name__, chunk, micro_batch
+
+
+class MemoryMeter:
+    """Measures one engine's step at the allocator (see the module docstring).
+
+    ``meter.measure(lambda: engine.train_batch(data))`` runs the step and returns its result;
+    ``meter.result`` is then a :class:`StepMemory`. ``module``: whose gradients are subtracted
+    (default ``engine.module``).
+    """
+
+    def __init__(self, engine, module: Optional[torch.nn.Module] = None, device: Optional[torch.device] = None):
+        self.engine = engine
+        self.module = module if module is not None else engine.module
+        if device is None:
+            device = getattr(engine, "device", None)
+        self.device = torch.device(device if device is not None else "cpu")
+        self.result: Optional[StepMemory] = None
+        self.seconds = 0.0
+
+    def measure(self, step: Callable[[], object]):
+        start = time.perf_counter()
+        if self.device.type == "cuda":
+            result, memory = self._measure_cuda(step)
+        elif self.device.type == "cpu":
+            result, memory = self._measure_cpu(step)
+        else:
+            raise NotImplementedError(f"MemoryMeter reads the CUDA or the CPU allocator, not {self.device.type!r}")
+        self.seconds = time.perf_counter() - start
+        self.result = memory
+        return result
+
+    # ----- CUDA: the caching allocator's own counters ------------------------------------------
+    def _measure_cuda(self, step):
+        cuda = torch.cuda
+        cuda.synchronize(self.device)
+        base, grads0 = cuda.memory_allocated(self.device), gradient_bytes(self.module)
+        samples, began = [], {}
+
+        def before(kind, kwargs):
+            began["grads"] = gradient_bytes(self.module) - grads0
+            cuda.reset_peak_memory_stats(self.device)
+
+        def after(kind, kwargs):
+            grads = gradient_bytes(self.module) - grads0
+            high = cuda.max_memory_allocated(self.device) - base - began.pop("grads", 0)
+            samples.append(Sample(*_label(kind, kwargs), cuda.memory_allocated(self.device) - base - grads, high))
+
+        with around_each_instruction(self.engine, before=before, after=after):
+            result = step()
+        cuda.synchronize(self.device)
+        left = cuda.memory_allocated(self.device) - base - (gradient_bytes(self.module) - grads0)
+        return result, _summary("cuda", samples, left)
+
+    # ----- CPU: the profiler's allocator events --------------------------------------------------
+    def _measure_cpu(self, step):
+        from torch.profiler import ProfilerActivity, profile, record_function
+        grads0 = gradient_bytes(self.module)
+        labels, grads_before, grads_after, marks = [], [], [], []
+
+        def before(kind, kwargs):
+            labels.append(_label(kind, kwargs))
+            grads_before.append(gradient_bytes(self.module) - grads0)
+            mark = record_function(_MARK)
+            mark.__enter__()
+            marks.append(mark)
+
+        def after(kind, kwargs):
+            marks.pop().__exit__(None, None, None)
+            grads_after.append(gradient_bytes(self.module) - grads0)
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with around_each_instruction(self.engine, before=before, after=after):
+                result = step()
+            grads_end = gradient_bytes(self.module) - grads0
+        events = list(prof.profiler.kineto_results.events())
+        cpu = torch._C._autograd.DeviceType.CPU
+        memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == cpu)
+        times = [t for t, _ in memory]
+        live, total = [], 0
+        for _, nbytes in memory:
+            total += nbytes
+            live.append(total)
+        ranges = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in events if e.name() == _MARK)
+        if len(ranges) != len(labels):
+            raise RuntimeError(f"MemoryMeter: {len(labels)} instructions ran but the profiler recorded {len(ranges)}")
+
+        def live_at(t):  # bytes in use once every event up to time t has happened
+            i = bisect.bisect_right(times, t)
+            return live[i - 1] if i else 0
+
+        samples = []
+        for (begin, end), label, g_before, g_after in zip(ranges, labels, grads_before, grads_after):
+            i, j = bisect.bisect_right(times, begin), bisect.bisect_right(times, end)
+            within = max(live[i:j], default=live_at(begin))
+            within = max(within, live_at(begin))
+            samples.append(Sample(*label, live_at(end) - g_after, within - g_before))
+        return result, _summary("cpu", samples, total - grads_end)
+
+
+def _summary(device: str, samples: List[Sample], left: int) -> StepMemory:
+    memory = StepMemory(device, left=left, samples=samples)
+    for s in samples:
+        if memory.peak_at is None or s.after > memory.peak:
+            where = "" if s.chunk is None else f"({s.chunk}, {s.micro_batch})"
+            memory.peak, memory.peak_at = s.after, f"{s.instruction}{where}"
+        memory.high_water = max(memory.high_water, s.high_water)
+    return memory
+
+
+__all__ = ["MemoryMeter", "StepMemory", "Sample", "parameter_bytes", "gradient_bytes"]
