@@ -170,7 +170,8 @@ class MemoryMeter:
             grads_end = gradient_bytes(self.module) - grads0
         events = list(prof.profiler.kineto_results.events())
         cpu = torch._C._autograd.DeviceType.CPU
-        memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == cpu)
+        memory = sorted(
+            (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == cpu)
         times = [t for t, _ in memory]
         live, total = [], 0
         for _, nbytes in memory:

@@ -61,7 +61,7 @@ def _check_a_step(device):
     assert engine.module.weight.grad is not None
     assert memory.peak == 2 * TILE and memory.peak_at == "Forward(0, 3)"
     assert [(s.instruction, s.chunk, s.micro_batch, s.after) for s in memory.samples] == [("Forward", 0, 3, 2 * TILE),
-                                                                                         ("Backward", 0, 3, 0)]
+                                                                                          ("Backward", 0, 3, 0)]
     assert memory.left == 0
     assert "_INSTRUCTION_MAP" not in vars(engine)  # the class's table again
     assert parameter_bytes(engine.module) == gradient_bytes(engine.module) == TILE
@@ -72,7 +72,8 @@ def test_the_meter_reads_the_bytes_alive_after_each_instruction_beyond_parameter
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the meter reads torch.cuda's allocator")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device: the meter reads torch.cuda's allocator")
 def test_the_meter_reads_the_cuda_allocator():
     _check_a_step("cuda")
 

@@ -14,7 +14,6 @@ from typing import Dict, List
 # so their time shows up as bubble.
 COMPUTE = {"ForwardPass", "BackwardPass", "BackwardInput", "BackwardWeight", "OverlappedForwardBackward"}
 
-
 # The allocator-level memory of each rank (tools/memory.py), as ``<key>_bytes`` per pipeline rank.
 MEMORY_FIELDS = {
     "peak_activation": "peak",
@@ -91,8 +90,10 @@ def summarize(per_rank: List[dict], label: str, plugin: bool) -> dict:
         "overhead_ms": 1e3 * statistics.median(over) if over else None,
         "overhead_mean_ms": 1e3 * statistics.mean(over) if over else None,
         "instructions": sum(len(r["records"]) for r in steps[0]),
-        **{f"{key}_bytes": _by_stage([r["memory"][label][field] for r in per_rank], stages, reduce=max)
-           for key, field in MEMORY_FIELDS.items()}
+        **{
+            f"{key}_bytes": _by_stage([r["memory"][label][field] for r in per_rank], stages, reduce=max)
+            for key, field in MEMORY_FIELDS.items()
+        }
     }
 
 

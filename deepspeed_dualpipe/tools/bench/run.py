@@ -326,8 +326,10 @@ def render_memory(result: dict) -> List[str]:
     rows = [[
         name, " ".join(_size(b) for b in r["peak_activation_bytes"]),
         _ratio(r["activation_ratio"]), "-" if r["table2_ratio"] is None else f"{r['table2_ratio']:.3f}",
-        " ".join(str(n) for n in r["sim_peak_activations"]), _size(r["activation_unit_bytes"]),
-        " ".join(f"{m / s:.2f}" if s else "-" for m, s in zip(r["peak_activation_bytes"], r["sim_peak_activation_bytes"])),
+        " ".join(str(n) for n in r["sim_peak_activations"]),
+        _size(r["activation_unit_bytes"]),
+        " ".join(f"{m / s:.2f}" if s else "-"
+                 for m, s in zip(r["peak_activation_bytes"], r["sim_peak_activation_bytes"])),
         " ".join(_size(b) for b in r["high_water_bytes"]), " ".join(_size(b) for b in r["left_after_step_bytes"]),
         _ratio(r["parameter_ratio"])
     ] for name, r in result["schedules"].items()]

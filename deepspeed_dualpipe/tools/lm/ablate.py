@@ -231,12 +231,12 @@ def markdown(plan: Plan, table: List[Dict], command: str) -> str:
                          f"| | | | | | | |")
             continue
         bubble = r["bubble_per_rank"]
-        lines.append(
-            f"| {r['variant']} | {r['schedule']} | {r['engine']} | {overlap} | {r['final_loss']:.6f} | "
-            f"{r['final_val_loss']:.6f} | {r['max_rel_loss_diff']:.1e} | {r['tokens_per_s']:.0f} | " +
-            ("n/a" if not bubble else f"{100 * r['bubble']:.0f}% ({100 * min(bubble):.0f}..{100 * max(bubble):.0f}%)"
-             ) + f" | {_mib_range(r['activation_bytes_per_rank'])} | {_mib_max(r.get('left_bytes_per_rank'))} | "
-            f"{_mib_range(r['parameter_bytes_per_rank'])} |")
+        lines.append(f"| {r['variant']} | {r['schedule']} | {r['engine']} | {overlap} | {r['final_loss']:.6f} | "
+                     f"{r['final_val_loss']:.6f} | {r['max_rel_loss_diff']:.1e} | {r['tokens_per_s']:.0f} | " +
+                     ("n/a" if not bubble else
+                      f"{100 * r['bubble']:.0f}% ({100 * min(bubble):.0f}..{100 * max(bubble):.0f}%)") +
+                     f" | {_mib_range(r['activation_bytes_per_rank'])} | {_mib_max(r.get('left_bytes_per_rank'))} | "
+                     f"{_mib_range(r['parameter_bytes_per_rank'])} |")
     lines += [
         "", "- **final loss**: training loss of the last step (the same batch for every variant); **max rel. loss "
         "diff**: the largest relative difference of any step's training loss from the first variant's.",
