@@ -10,7 +10,9 @@ One ``_exec_*`` method per instruction, as in DeepSpeed. What differs from 1F1B:
   inputs          LoadMicroBatch, RecvActivation  SendGrad, or the backward at a first stage
                   (posted), a hand-off
   labels          LoadMicroBatch                 the forward (loss computed)
-  outputs         the forward                    the backward
+  outputs         the forward                    the backward (after a send or a hand-off only
+                                                 their shapes stay, see ``_handed_on``)
+  output_edges    a send or a hand-off           the backward
   loss            the forward at a loss stage    the backward
   output_grads    RecvGrad (posted)              the backward
   input_grads     the backward                   SendGrad
@@ -34,6 +36,7 @@ One ``_exec_*`` method per instruction, as in DeepSpeed. What differs from 1F1B:
 from datetime import timedelta
 
 import torch
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from deepspeed import comm as dist
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.utils import logger
@@ -47,6 +50,7 @@ from deepspeed_dualpipe.runtime.module import DualPipeModule
 from deepspeed_dualpipe.runtime.p2p import PointToPoint, as_tuple as _as_tuple
 from deepspeed_dualpipe.runtime.slots import Handoffs, Slot
 from deepspeed_dualpipe.schedule import build_schedule, get_spec
+from deepspeed_dualpipe.runtime.autograd.saved import releasable
 from deepspeed_dualpipe.runtime.autograd.split_backward import SplitBackward, module_supports_split
 
 
@@ -235,7 +239,7 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
             outputs = yield from steps.forward_steps(self.module.chunk_funcs[chunk], inputs, tape)
             slot.tape = tape if torch.is_grad_enabled() else None
         else:
-            with self.module.chunk(chunk):
+            with self.module.chunk(chunk), releasable():  # the input part may release what only it reads
                 outputs = self.module(inputs)
         downstream = self._downstream(chunk, micro_batch)
         if downstream is None:
@@ -244,6 +248,7 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
             slot.outputs = outputs
             if self._local(downstream):  # the V turns here: hand the tensors to the next chunk
                 self.handoffs.activations[downstream[1], micro_batch] = _detached(outputs)
+                self._handed_on(buffer_id)
         if not torch.is_grad_enabled():
             slot.inputs = None
             if downstream is None or self._local(downstream):
@@ -311,14 +316,21 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
             else:
                 slot.grad_recv = self._wait(slot.grad_recv, "the gradient", chunk, micro_batch, downstream)
                 grads = slot.output_grads
-            outputs, grads = _with_grads(slot.outputs, grads)
+            outputs, grads = _with_grads(slot.outputs if slot.output_edges is None else slot.output_edges, grads)
+            slot.output_edges = None
         inputs = _as_tuple(slot.inputs)
         tape, slot.tape = slot.tape, None
         if tape is not None:
             input_grads, handle = yield from steps.backward_steps(tape, outputs, grads, split=split)
         else:
-            handle = SplitBackward.input_part(outputs, grads, inputs, self.module.chunk_parameters(chunk), split=split)
-            input_grads = handle.input_grads
+            handle = SplitBackward.input_part(outputs,
+                                              grads,
+                                              inputs,
+                                              self.module.chunk_parameters(chunk),
+                                              split=split,
+                                              set_input_grads=False)
+            input_grads = handle.take_input_grads()
+        del outputs, grads
         input_grads = tuple(
             torch.zeros_like(t) if g is None else g for t, g in zip(inputs, input_grads) if t.is_floating_point())
         upstream = self._upstream(chunk, micro_batch)
@@ -351,6 +363,24 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         else:
             self._weight_gradients_done()
 
+    def _exec_send_activations(self, buffer_id, chunk, micro_batch, peer):
+        PointToPoint._exec_send_activations(self, buffer_id, chunk, micro_batch, peer)
+        self._handed_on(buffer_id)
+
+    def _handed_on(self, buffer_id):
+        """The stage outputs are on their way (sent, or handed to this rank's other chunk): keep only what the
+        backward needs, not the tensors (autograd keeps an output only if an op saved it). ``output_edges``
+        holds where each floating-point output's gradient enters the graph; ``outputs`` keeps their shapes,
+        dtypes and devices as one-element expanded tensors, which is all the gradient's receive reads."""
+        slot = self.slots[buffer_id]
+        if not torch.is_grad_enabled() or slot.outputs is None:
+            return
+        outputs = _as_tuple(slot.outputs)
+        slot.output_edges = tuple(
+            get_gradient_edge(t) if t.requires_grad else None for t in outputs if t.is_floating_point())
+        shells = tuple(t.new_empty(()).expand(t.shape) for t in outputs)
+        slot.outputs = shells if isinstance(slot.outputs, (tuple, list)) else shells[0]
+
     _INSTRUCTION_MAP = {
         **PipelineEngine._INSTRUCTION_MAP,
         instructions.LoadMicroBatch: _exec_load_micro_batch,
@@ -359,7 +389,7 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         instructions.BackwardInput: _exec_backward_input,
         instructions.BackwardWeight: _exec_backward_weight,
         instructions.OverlappedForwardBackward: _exec_overlapped_forward_backward,
-        instructions.SendActivation: PointToPoint._exec_send_activations,
+        instructions.SendActivation: _exec_send_activations,
         instructions.RecvActivation: PointToPoint._exec_recv_activations,
         instructions.SendGrad: PointToPoint._exec_send_grads,
         instructions.RecvGrad: PointToPoint._exec_recv_grads,
@@ -376,9 +406,11 @@ def _detached(outputs):
 
 
 def _with_grads(outputs, grads):
-    """The floating-point outputs and their gradients, pairwise (integer outputs carry no gradient)."""
-    outs = [t for t in _as_tuple(outputs) if t.is_floating_point()]
+    """The floating-point outputs (or their ``GradientEdge``\\ s, ``None`` where one needs no gradient) and their
+    gradients, pairwise (integer outputs carry no gradient)."""
+    outs = [t for t in _as_tuple(outputs) if isinstance(t, GradientEdge) or t is None or t.is_floating_point()]
     grads = _as_tuple(grads)
     if len(outs) != len(grads):
         raise RuntimeError(f"{len(outs)} floating-point outputs but {len(grads)} gradients received")
-    return tuple(outs), tuple(grads)
+    pairs = [(o, g) for o, g in zip(outs, grads) if o is not None]
+    return tuple(o for o, _ in pairs), tuple(g for _, g in pairs)

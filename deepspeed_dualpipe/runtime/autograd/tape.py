@@ -14,6 +14,9 @@ Rules a phased layer follows:
   from the backward, so it raises);
 * an all-to-all's result is read only through ``pending.wait()``.
 
+The tape keeps no tensor alive (see :class:`Tape`): an all-to-all's buffers and an island's outputs
+live as long as their consumers (or the islands' saved tensors) need them, as in one autograd graph.
+
 :class:`InlineTape` has the same two methods but records nothing: a plain ``forward`` runs the
 phases through it and gets one ordinary autograd graph.
 """
@@ -21,9 +24,13 @@ phases through it and gets one ordinary autograd graph.
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any, Callable, Iterable, List, Optional
 
 import torch
+from torch.autograd.graph import get_gradient_edge
+
+from deepspeed_dualpipe.runtime.autograd import saved
 
 __all__ = ["Tape", "InlineTape", "Pending", "CommIsland", "ComputeIsland", "launch_all_to_all", "flatten_tensors"]
 
@@ -124,18 +131,27 @@ class _AllToAll(torch.autograd.Function):
 
 
 class ComputeIsland:
-    __slots__ = ("name", "originals", "detached", "raw", "returned", "params")
+    """A compute island as the backward needs it: gradients leave through ``outputs`` (``(key, edge)``: the
+    ``GradientEdge`` of each returned alias, not the tensor) and arrive at its detached input ``leaves``
+    (weak references: the island's graph keeps those it uses), each routed to the value ``input_keys``
+    names (``None``: the gradient is dropped)."""
 
-    def __init__(self, name, originals, detached, raw, returned, params):
-        self.name, self.originals, self.detached = name, originals, detached
-        self.raw, self.returned, self.params = raw, returned, params
+    __slots__ = ("name", "input_keys", "leaves", "outputs", "params")
+
+    def __init__(self, name, input_keys, leaves, outputs, params):
+        self.name, self.input_keys, self.leaves = name, input_keys, leaves
+        self.outputs, self.params = outputs, params
 
 
 class CommIsland:
-    __slots__ = ("name", "group", "input", "output")
+    """An all-to-all as its backward needs it: the keys of its input and output values and the output's
+    shape, dtype and device (for a zero gradient), never the tensors."""
 
-    def __init__(self, name, group, input, output):
-        self.name, self.group, self.input, self.output = name, group, input, output
+    __slots__ = ("name", "group", "input_key", "output_key", "shape", "dtype", "device")
+
+    def __init__(self, name, group, input_key, output_key, like: torch.Tensor):
+        self.name, self.group, self.input_key, self.output_key = name, group, input_key, output_key
+        self.shape, self.dtype, self.device = like.shape, like.dtype, like.device
 
 
 class Tape:
@@ -143,43 +159,74 @@ class Tape:
 
     ``inputs`` are the chunk's inputs (set by ``forward_steps``, else the first island's); the
     backward returns their gradients. A tape is consumed by one ``backward_steps``.
+
+    The tape holds no tensor of the forward: every value that can carry a gradient across a cut (a
+    chunk input, an island's returned alias, an all-to-all's result) gets a key, and the tape keeps
+    only a weak reference to it (to recognise it when an island takes it) and, for the backward,
+    the ``GradientEdge`` where its gradient enters the graph. What stays alive is what the islands'
+    graphs saved, as in one autograd graph.
     """
 
     def __init__(self):
         self.islands: List[Any] = []
-        self.inputs: Optional[tuple] = None
-        self._known = {}  # id -> tensor: everything an island may take that carries a gradient
+        self.inputs: Optional[tuple] = None  # (key or None, float and requires grad) per chunk input
+        self._known = {}  # id -> (weak reference, key): values an island may take that carry a gradient
+        self._targets = []  # (key, edge or weak reference to a leaf): where those values' gradients enter
+        self._next_key = 0
+
+    def _remember(self, t: torch.Tensor) -> int:
+        key, self._next_key = self._next_key, self._next_key + 1
+        ref = weakref.ref(t)
+        self._known[id(t)] = (ref, key)
+        # A leaf's edge is its AccumulateGrad node, which would hold the tensor: keep a weak reference
+        # and make the edge only if the leaf is still alive when the backward starts.
+        self._targets.append((key, ref if t.grad_fn is None else get_gradient_edge(t)))
+        return key
+
+    def _key(self, t: torch.Tensor) -> Optional[int]:
+        entry = self._known.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
 
     def begin(self, inputs: Any) -> None:
         """Declare the chunk's inputs (tensor, or tuple of them)."""
         if self.inputs is None:
-            self.inputs = tuple(flatten_tensors(inputs))
-            for t in self.inputs:
-                self._known[id(t)] = t
+            self.inputs = tuple(
+                (self._remember(t) if t.requires_grad else None, t.is_floating_point() and t.requires_grad)
+                for t in flatten_tensors(inputs))
 
-    def known(self) -> List[torch.Tensor]:
-        """Tensors that can receive gradients: chunk inputs and islands' results."""
-        return [t for t in self._known.values() if t.requires_grad]
+    def targets(self) -> List[tuple]:
+        """``(key, edge)`` of every value that can still receive a gradient: chunk inputs and islands' results
+        (a leaf that nothing holds any more cannot)."""
+        out = []
+        for key, where in self._targets:
+            if isinstance(where, weakref.ref):
+                where = where()
+                if where is None:
+                    continue
+                where = get_gradient_edge(where)
+            out.append((key, where))
+        return out
 
     def consume(self):
         """Hand the islands and chunk inputs to the backward; the tape is empty afterwards."""
         if self.islands is None:
             raise RuntimeError("this tape was already consumed by a backward")
-        islands, self.islands, self._known = self.islands, None, {}
+        islands, self.islands, self._known, self._targets = self.islands, None, {}, []
         return islands, self.inputs or ()
 
-    def _cut(self, t: torch.Tensor, island: str, originals: list, detached: list) -> torch.Tensor:
-        if t.requires_grad and id(t) not in self._known:
+    def _cut(self, t: torch.Tensor, island: str, keys: list, leaves: list) -> torch.Tensor:
+        key = self._key(t) if t.requires_grad else None
+        if t.requires_grad and key is None:
             raise ValueError(f"tape island {island!r}: an input requires grad but was neither a chunk input nor "
                              f"returned by an earlier island of this tape; do that computation inside a "
                              f"tape.compute island (or pass it .detach()ed if no gradient may flow)")
         if not t.is_floating_point():  # token ids, routing slots, counts: no gradient, passed as they are
             return t
-        # Marked even if ``t`` needs no grad, so that every island can split its backward (torch's
-        # split helpers need an input that requires grad); such gradients are dropped.
+        # Marked even if ``t`` needs no grad, so that every island can split its backward (the split needs
+        # an input that requires grad); such gradients are dropped (key None).
         d = t.detach().requires_grad_(True)
-        originals.append(t)
-        detached.append(d)
+        keys.append(key)
+        leaves.append(weakref.ref(d))
         return d
 
     def compute(self,
@@ -193,28 +240,31 @@ class Tape:
         the weight part. ``None`` means "not declared": that island's backward then runs whole
         (input and weight gradients at once), which reaches whatever parameters ``fn`` used.
         Returned tensors that require grad are fresh aliases of the island's outputs, so a loss
-        built on them can be differentiated without entering the island.
+        built on them can be differentiated without entering the island. The forward runs under
+        :func:`~deepspeed_dualpipe.runtime.autograd.saved.releasable`, so the input part can release what
+        only the input gradients read.
         """
         if not torch.is_grad_enabled():  # inference: nothing to record
             return fn(*inputs)
         name = name or getattr(fn, "__name__", type(fn).__name__)
         self.begin(inputs)
-        originals, detached = [], []
-        outputs = fn(*_map_tensors(inputs, lambda t: self._cut(t, name, originals, detached)))
-        raw, returned = [], []
+        keys, leaves = [], []
+        cut = _map_tensors(inputs, lambda t: self._cut(t, name, keys, leaves))
+        with saved.releasable():
+            outputs = fn(*cut)
+        del cut
+        returned = []
 
         def alias(o: torch.Tensor) -> torch.Tensor:
             if not o.requires_grad:
                 return o
             a = o.view_as(o)
-            raw.append(o)
-            returned.append(a)
-            self._known[id(a)] = a
+            returned.append((self._remember(a), get_gradient_edge(a)))
             return a
 
         outputs = _map_tensors(outputs, alias)
         params = None if params is None else list(params)
-        self.islands.append(ComputeIsland(name, originals, detached, raw, returned, params))
+        self.islands.append(ComputeIsland(name, keys, leaves, returned, params))
         return outputs
 
     def all_to_all(self, x: torch.Tensor, group, name: str = "all_to_all") -> Pending:
@@ -226,15 +276,17 @@ class Tape:
         if not torch.is_grad_enabled():
             return launch_all_to_all(x.detach(), group, name)
         self.begin(x)
-        if x.requires_grad and id(x) not in self._known:
+        in_key = self._key(x) if x.requires_grad else None
+        if x.requires_grad and in_key is None:
             raise ValueError(f"tape all-to-all {name!r}: its input requires grad but was not returned by an "
                              f"island of this tape")
         pending = launch_all_to_all(x.detach(), group, name)  # identity: the result is a fresh detached alias
         out = pending._result
+        out_key = None
         if x.requires_grad:
             out.requires_grad_(True)
-            self._known[id(out)] = out
-        self.islands.append(CommIsland(name, group, x, out))
+            out_key = self._remember(out)
+        self.islands.append(CommIsland(name, group, in_key, out_key, out))
         return pending
 
 
