@@ -48,6 +48,7 @@ from deepspeed_dualpipe.runtime.gradients import GradientReductions
 from deepspeed_dualpipe.runtime.autograd.aux_loss import aux_loss_scale
 from deepspeed_dualpipe.runtime.module import DualPipeModule
 from deepspeed_dualpipe.runtime.p2p import PointToPoint, as_tuple as _as_tuple
+from deepspeed_dualpipe.runtime.sends import PendingSends
 from deepspeed_dualpipe.runtime.slots import Handoffs, Slot
 from deepspeed_dualpipe.schedule import build_schedule, get_spec
 from deepspeed_dualpipe.runtime.autograd.saved import releasable
@@ -71,7 +72,7 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         self.handoffs = Handoffs.empty()
         self._shapes = {}  # chunk -> [(shape, dtype)] of its received activations
         self._sent_specs = {}  # chunk -> [(shape, dtype)] announced to the next stage in its metadata
-        self._send_reqs = []
+        self._send_reqs = PendingSends(self, background=self.device.type == "cpu")  # runtime/sends.py
         self.trace = None  # a list of InstructionTime while runtime.trace.start_recording records
         self.phase_events = None  # set to [] to record (label, start, end) of each phase of the overlapped pairs
         self._waited = 0.0

@@ -1,8 +1,9 @@
 """Point-to-point traffic of :class:`~deepspeed_dualpipe.runtime.engine.DualPipeEngine`, and its failures.
 
 Sends and receives are non-blocking (``deepspeed.comm`` ``batch_isend_irecv``): a receive is
-posted when the schedule says and waited only when the computation that needs it starts; sends
-are waited at the end of the batch. A channel's tensor shapes travel once, as metadata before its
+posted when the schedule says and waited only when the computation that needs it starts; a send
+holds detached tensors and lets them go as soon as it completes (:mod:`.sends`), and all are
+waited at the end of the batch. A channel's tensor shapes travel once, as metadata before its
 first message. Every wait is bounded by ``dualpipe.p2p_timeout_s`` and every failure is a
 :class:`~.errors.PipelineCommError` (:class:`~.errors.PeerTimeout` or
 :class:`~.errors.PeerLost`) naming this rank, the peer, what was awaited and the micro-batch.
@@ -67,8 +68,10 @@ class PointToPoint:
         slot.output_grads = tuple(grads)
 
     def _isend(self, tensors, peer):
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self._peer(peer)) for t in tensors]
-        self._send_reqs.append((self._post(ops, peer, "while sending to it"), ops, peer))
+        # Detached: a send must not keep the graph of what it sends (a phased chunk's output is a view whose
+        # grad_fn reaches back into its last island).
+        ops = [dist.P2POp(dist.isend, t.detach().contiguous(), self._peer(peer)) for t in tensors]
+        self._send_reqs.add(self._post(ops, peer, "while sending to it"), peer)
 
     def _irecv(self, tensors, peer):
         return self._post([dist.P2POp(dist.irecv, t, self._peer(peer)) for t in tensors], peer,
@@ -83,6 +86,7 @@ class PointToPoint:
 
     def _wait(self, pending, what, chunk, micro_batch, location):
         """Wait for a slot's posted receive (if any); returns ``None``, for the slot to forget it."""
+        self._send_reqs.poll()
         if pending is not None:
             start = time.perf_counter()
             self._wait_requests(pending, what, chunk, micro_batch, location[0])
@@ -114,16 +118,7 @@ class PointToPoint:
     def _drain_sends(self):
         """Wait for every send of the batch, all within one ``dualpipe.p2p_timeout_s``: a receiver that
         died or never receives fails this like any other wait instead of hanging the end of the batch."""
-        sends, self._send_reqs = self._send_reqs, []
-        deadline = time.monotonic() + self._timeout.total_seconds()
-        for requests, _, peer in sends:
-            self._wait_requests(requests,
-                                f"{len(requests)} tensor(s) this rank sent to be received",
-                                None,
-                                None,
-                                peer,
-                                deadline=deadline,
-                                source="by")
+        self._send_reqs.drain()
 
 
 def _check_sendable(outputs, stage: int, chunk: int) -> None:
