@@ -1,16 +1,18 @@
-"""The sends a rank has posted and not yet seen complete: their tensors go as soon as each completes.
+"""The sends a rank has posted and not yet seen complete: their tensors go once each has completed.
 
 A send holds its tensors (detached) until it completes; keeping every send until the end of the
-batch would keep every activation and gradient this rank sent for the whole step.
+batch would keep every activation and gradient this rank sent for the whole step. Completed sends
+are dropped at every wait point (each receive wait, each new send, the end of the batch), on the
+engine's own thread, so that the memory is freed there (and a profiler of that thread sees it).
 
 - **CPU (gloo)**: a send is known complete only by waiting on it, and it completes once its
   receiver posts the receive (a rendezvous), which the schedule may do much later. A background
-  thread therefore waits on each send in posting order and drops it when it completes. It gives a
-  send twice ``dualpipe.p2p_timeout_s`` from its posting: a stuck receiver is reported first by
-  this rank's own receive waits, or by :meth:`PendingSends.drain` at the end of the batch.
-- **Elsewhere (NCCL)**: completion can be polled without blocking; :meth:`PendingSends.poll` drops
-  the completed sends at every receive wait (the process group keeps a send's tensors safe for the
-  allocator until its stream is done).
+  thread therefore waits on each send in posting order and notes when it completes (it keeps no
+  reference to a send it has waited for). It gives a send twice ``dualpipe.p2p_timeout_s`` from its
+  posting: a stuck receiver is reported first by this rank's own receive waits, or by
+  :meth:`PendingSends.drain` at the end of the batch.
+- **Elsewhere (NCCL)**: completion is polled without blocking (the process group keeps a send's
+  tensors safe for the allocator until its stream is done).
 
 :meth:`PendingSends.drain` ends the batch: every send must complete within one timeout, and the
 first failure the thread saw is raised there (a rank's own waits report a dead peer first).
@@ -29,13 +31,22 @@ def _what(requests) -> str:
     return f"{len(requests)} tensor(s) this rank sent to be received"
 
 
+class _Send:
+    __slots__ = ("requests", "peer", "posted", "token")
+
+    def __init__(self, requests, peer, token):
+        self.requests, self.peer, self.posted, self.token = requests, peer, time.monotonic(), token
+
+
 class PendingSends:
-    """One engine's posted, not yet completed sends (see the module docstring)."""
+    """One engine's posted, not yet dropped sends (see the module docstring)."""
 
     def __init__(self, engine, background: bool):
         self._engine = engine
         self._background = background
-        self._entries = []  # (requests, peer, posted at), oldest first
+        self._entries = []  # _Send, oldest first; dropped only on the engine's thread
+        self._completed = set()  # tokens of the sends the background thread saw complete
+        self._tokens = 0
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._queue = queue.Queue()
@@ -48,34 +59,39 @@ class PendingSends:
 
     def add(self, requests, peer: int) -> None:
         """A ``batch_isend_irecv``'s send requests to pipeline rank ``peer`` (they hold the tensors)."""
-        entry = (requests, peer, time.monotonic())
+        self.poll()
         with self._lock:
-            self._entries.append(entry)
+            self._tokens += 1
+            send = _Send(requests, peer, self._tokens)
+            self._entries.append(send)
             if self._background:
-                self._queue.put(entry)
+                self._queue.put(send)
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._reap, name="dualpipe-sends", daemon=True)
                     self._thread.start()
 
     def poll(self) -> None:
-        """Drop the sends that have completed (where completion can be polled; see the module docstring)."""
-        if self._background:
-            return
+        """Drop the sends that have completed (called at every wait point, on the engine's thread)."""
         with self._lock:
-            self._entries = [e for e in self._entries if not all(r.is_completed() for r in e[0])]
+            if self._background:
+                done, self._completed = self._completed, set()
+                self._entries = [s for s in self._entries if s.token not in done]
+            else:
+                self._entries = [s for s in self._entries if not all(r.is_completed() for r in s.requests)]
 
     def _reap(self) -> None:
         while True:
             try:
-                entry = self._queue.get(timeout=_IDLE_S)
+                send = self._queue.get(timeout=_IDLE_S)
             except queue.Empty:
                 with self._lock:
                     if self._queue.empty():
                         self._thread = None
                         return
                 continue
-            requests, peer, posted = entry
-            deadline = posted + 2 * self._engine._timeout.total_seconds()
+            requests, peer, token = send.requests, send.peer, send.token
+            deadline = send.posted + 2 * self._engine._timeout.total_seconds()
+            del send  # from here on only the engine's thread holds the send
             try:
                 self._engine._wait_requests(requests,
                                             _what(requests),
@@ -90,11 +106,10 @@ class PendingSends:
                     self._changed.notify_all()
                 continue
             finally:
-                del requests  # this thread must not keep a completed send's tensors either
+                del requests
             with self._lock:
-                self._entries = [e for e in self._entries if e is not entry]
+                self._completed.add(token)
                 self._changed.notify_all()
-            del entry
 
     def drain(self) -> None:
         """Wait until every send has completed, all within one ``dualpipe.p2p_timeout_s``; raise the first failure."""
@@ -103,22 +118,30 @@ class PendingSends:
         if not self._background:
             with self._lock:
                 entries, self._entries = self._entries, []
-            for requests, peer, _ in entries:
-                engine._wait_requests(requests, _what(requests), None, None, peer, deadline=deadline, source="by")
+            for send in entries:
+                engine._wait_requests(send.requests,
+                                      _what(send.requests),
+                                      None,
+                                      None,
+                                      send.peer,
+                                      deadline=deadline,
+                                      source="by")
             return
         with self._lock:
-            while self._entries and self._failure is None:
+            while self._failure is None and any(s.token not in self._completed for s in self._entries):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    requests, peer, posted = self._entries[0]
-                    self._entries = []
-                    raise PeerTimeout.gave_up(engine, "the send did not complete", peer, _what(requests), "by",
-                                              time.monotonic() - posted)
+                    send = next(s for s in self._entries if s.token not in self._completed)
+                    self._entries, self._completed = [], set()
+                    raise PeerTimeout.gave_up(engine, "the send did not complete", send.peer, _what(send.requests),
+                                              "by",
+                                              time.monotonic() - send.posted)
                 self._changed.wait(left)
             failure, self._failure = self._failure, None
             if failure is not None:
-                self._entries = []
+                self._entries, self._completed = [], set()
                 raise failure
+        self.poll()
 
 
 __all__ = ["PendingSends"]
