@@ -8,7 +8,10 @@ of tensors: it reads what the allocator holds.
 - **CPU**: torch's profiler with ``profile_memory=True`` records the CPU allocator's own events
   (``[memory]``, each a signed ``nbytes`` at a time); their running sum is the bytes in use. Each
   instruction is marked with a ``record_function`` range, so the sum can be read at its end and
-  its maximum within it.
+  its maximum within it. The allocator learns a block's size only while a profiler records, so a
+  block allocated before would be freed unseen: :meth:`MemoryMeter.prime` starts the profiler one
+  step early (that step runs as usual; its events are not used), so that what the measured step
+  frees of it is counted.
 
 Instructions are sampled through the one hook on an engine's instructions,
 :func:`~deepspeed_dualpipe.runtime.trace.around_each_instruction`, so DeepSpeed's engines and the
@@ -40,6 +43,7 @@ import torch
 from deepspeed_dualpipe.runtime.trace import around_each_instruction
 
 _MARK = "deepspeed_dualpipe.instruction"
+_STEP = "deepspeed_dualpipe.measured_step"
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
@@ -101,7 +105,9 @@ class MemoryMeter:
 
     ``meter.measure(lambda: engine.train_batch(data))`` runs the step and returns its result;
     ``meter.result`` is then a :class:`StepMemory`. ``module``: whose gradients are subtracted
-    (default ``engine.module``).
+    (default ``engine.module``). On CPU, call :meth:`prime` before the step that precedes the
+    measured one (or pass ``prime=`` to :meth:`measure`); without it the tensors that step leaves to
+    the measured one are freed unseen, and the figures come out too high.
     """
 
     def __init__(self, engine, module: Optional[torch.nn.Module] = None, device: Optional[torch.device] = None):
@@ -112,8 +118,21 @@ class MemoryMeter:
         self.device = torch.device(device if device is not None else "cpu")
         self.result: Optional[StepMemory] = None
         self.seconds = 0.0
+        self._profiler = None
 
-    def measure(self, step: Callable[[], object]):
+    def prime(self) -> None:
+        """CPU: start recording the allocator now, so the next :meth:`measure` sees what is freed of what
+        is allocated from here on (a no-op elsewhere)."""
+        if self.device.type == "cpu" and self._profiler is None:
+            from torch.profiler import ProfilerActivity, profile
+            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profiler.__enter__()
+
+    def measure(self, step: Callable[[], object], prime: Optional[Callable[[], object]] = None):
+        """Run ``step()`` and measure it; ``prime()``, if given, runs first, primed (see :meth:`prime`)."""
+        if prime is not None:
+            self.prime()
+            prime()
         start = time.perf_counter()
         if self.device.type == "cuda":
             result, memory = self._measure_cuda(step)
@@ -149,7 +168,9 @@ class MemoryMeter:
 
     # ----- CPU: the profiler's allocator events --------------------------------------------------
     def _measure_cpu(self, step):
-        from torch.profiler import ProfilerActivity, profile, record_function
+        from torch.profiler import record_function
+        self.prime()  # unprimed, the profiler starts here
+        prof, self._profiler = self._profiler, None
         grads0 = gradient_bytes(self.module)
         labels, grads_before, grads_after, marks = [], [], [], []
 
@@ -164,14 +185,17 @@ class MemoryMeter:
             marks.pop().__exit__(None, None, None)
             grads_after.append(gradient_bytes(self.module) - grads0)
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            with around_each_instruction(self.engine, before=before, after=after):
+        try:
+            with record_function(_STEP), around_each_instruction(self.engine, before=before, after=after):
                 result = step()
             grads_end = gradient_bytes(self.module) - grads0
+        finally:
+            prof.__exit__(None, None, None)
         events = list(prof.profiler.kineto_results.events())
+        step_start = min(e.start_ns() for e in events if e.name() == _STEP)
         cpu = torch._C._autograd.DeviceType.CPU
-        memory = sorted(
-            (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == cpu)
+        memory = sorted((e.start_ns(), e.nbytes()) for e in events
+                        if e.name() == "[memory]" and e.device_type() == cpu and e.start_ns() >= step_start)
         times = [t for t, _ in memory]
         live, total = [], 0
         for _, nbytes in memory:

@@ -180,11 +180,11 @@ def _step(engine, data) -> dict:
 
 # ----- activation memory ---------------------------------------------------------------------
 def _memory_step(engine, data) -> dict:
-    """One untimed step measured at the allocator (:class:`~deepspeed_dualpipe.tools.memory.MemoryMeter`):
+    """Two untimed steps, the second measured at the allocator (the first primes the meter) (:class:`~deepspeed_dualpipe.tools.memory.MemoryMeter`):
     peak activation bytes at instruction boundaries, the high-water mark within instructions, the bytes
     left after the step, and the rank's parameter bytes."""
     meter = MemoryMeter(engine)
-    meter.measure(lambda: _step(engine, data))
+    meter.measure(lambda: _step(engine, data), prime=lambda: _step(engine, data))
     return {**meter.result.as_dict(), "parameters": parameter_bytes(engine.module)}
 
 

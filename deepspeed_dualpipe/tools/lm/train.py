@@ -52,7 +52,7 @@ class LMConfig:
     eval_interval: int = 50
     eval_batches: int = 2  # validation batches (each micro_batches x micro-batch size per DP rank)
     trace_step: int = 5  # the step whose timeline is recorded (0-based; -1: none)
-    memory_step: Optional[int] = None  # the step whose activations are counted (None: the one after trace_step)
+    memory_step: Optional[int] = None  # the step whose memory is measured (None: two after trace_step; see _memory_step)
     seed: int = 1234
     block_size: int = 4096  # train/validation split: every val_every-th block of block_size bytes
     val_every: int = 10
@@ -246,6 +246,8 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
     params = _gather(_parameters(engine))
     param_bytes = _gather(MEM.parameter_bytes(engine.module))
     memory_step = _memory_step(lm)
+    priming_step = _priming_step(lm, memory_step)
+    meter = MEM.MemoryMeter(engine)
     activations = None  # on rank 0: every rank's StepMemory.as_dict() (tools/memory.py) and pipeline rank
     sim_units = _simulated_activations(schedule, P, M)  # live (chunk, micro-batch) units per pipeline rank
     from deepspeed_dualpipe.analysis.symbolic import Costs
@@ -282,10 +284,14 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
             start_recording(engine)
             dist.barrier()
         t0 = time.perf_counter()
+        if step == priming_step:
+            meter.prime()
         if step == memory_step:
-            meter = MEM.MemoryMeter(engine)
             loss = float(meter.measure(lambda: engine.train_batch(data_iter=batches.train_iter(step))))
-            activations = _gather({**meter.result.as_dict(), "pipeline_rank": engine.stage_id})
+            activations = _gather({
+                **meter.result.as_dict(), "pipeline_rank": engine.stage_id,
+                "primed": priming_step is not None
+            })
             if activations:
                 units = "-" if sim_units is None else [sim_units[a["pipeline_rank"]] for a in activations]
                 _log(
@@ -343,10 +349,10 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
     sample = D.decode(local.generate(prompt, lm.sample_tokens, lm.seq_len, lm.sample_temperature, lm.seed))
     print(f"[lm] sample (temperature {lm.sample_temperature}, seed {lm.seed}):\n{lm.sample_prompt}{sample}\n",
           flush=True)
-    # Step time without the first steps (warm-up), the traced one and the one whose memory is counted.
+    # Step time without the first steps (warm-up), the traced one and those of the memory measurement.
     steady = [
         t for i, t in enumerate(step_times) if i >= min(3,
-                                                        len(step_times) - 1) and i not in (lm.trace_step, memory_step)
+                                                        len(step_times) - 1) and i not in (lm.trace_step, priming_step, memory_step)
     ] or step_times
     step_s = statistics.median(steady)
     metrics = {
@@ -393,6 +399,7 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
             [sim_units[a["pipeline_rank"]] for a in activations] if activations and sim_units else None,
             "activation_step":
             memory_step if activations else None,
+            "primed": (priming_step is not None) if activations else None,
             "counted":
             "at the allocator (deepspeed_dualpipe/tools/memory.py): bytes in use after each instruction of "
             "the step beyond what the rank held when it began (parameters, optimizer state) and the "
@@ -433,11 +440,20 @@ def _block_kinds(cfg: ModelConfig) -> str:
 
 
 def _memory_step(lm: LMConfig) -> Optional[int]:
-    """The step whose activations are counted: ``lm.memory_step``, by default the one after the traced step."""
+    """The step whose memory is measured: ``lm.memory_step``, by default two after the traced step (the one
+    between primes the meter on CPU, see tools/memory.py, and must not be the traced one)."""
     step = lm.memory_step
     if step is None:
-        step = min(max(lm.trace_step, 0) + 1, lm.steps - 1)
+        step = min(max(lm.trace_step, 0) + 2, lm.steps - 1)
     return step if 0 <= step < lm.steps else None
+
+
+def _priming_step(lm: LMConfig, memory_step: Optional[int]) -> Optional[int]:
+    """The step before the measured one, which primes the meter, unless it is the traced one (profiling
+    would slow its timeline down) or there is none."""
+    if memory_step is None or memory_step == 0 or memory_step - 1 == lm.trace_step:
+        return None
+    return memory_step - 1
 
 
 def _mib(values) -> str:
