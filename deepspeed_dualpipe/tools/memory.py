@@ -5,13 +5,19 @@ of tensors: it reads what the allocator holds.
 
 - **CUDA**: ``torch.cuda.memory_allocated()`` before the step and after every instruction, and
   ``torch.cuda.max_memory_allocated()`` within each instruction (its peak is reset before each).
-- **CPU**: torch's profiler with ``profile_memory=True`` records the CPU allocator's own events
-  (``[memory]``, each a signed ``nbytes`` at a time); their running sum is the bytes in use. Each
-  instruction is marked with a ``record_function`` range, so the sum can be read at its end and
-  its maximum within it. The allocator learns a block's size only while a profiler records, so a
-  block allocated before would be freed unseen: :meth:`MemoryMeter.prime` starts the profiler one
-  step early (that step runs as usual; its events are not used), so that what the measured step
-  frees of it is counted.
+- **CPU** (``"malloc"``, where the C library is glibc): torch's CPU allocator takes its blocks
+  from ``malloc``; glibc's ``mallinfo2()`` gives the bytes in use over every thread and arena
+  (``uordblks + hblkhd``), read before the step and after every instruction. It counts what other
+  threads free (gloo frees an all-to-all's buffers on its own threads) and also the few KiB of the
+  autograd graph and of C++ objects that a step creates. No high-water mark within instructions.
+- **CPU** (``"profiler"``, elsewhere): torch's profiler with ``profile_memory=True`` records the CPU
+  allocator's own events (``[memory]``, each a signed ``nbytes`` at a time); their running sum is
+  the bytes in use. Each instruction is marked with a ``record_function`` range, so the sum can be
+  read at its end and its maximum within it. It sees only this thread: what another thread frees
+  stays counted (the figures come out high with all-to-alls). The allocator learns a block's size
+  only while a profiler records, so a block allocated before would be freed unseen:
+  :meth:`MemoryMeter.prime` starts the profiler one step early (that step runs as usual; its
+  events are not used), so that what the measured step frees of it is counted.
 
 Instructions are sampled through the one hook on an engine's instructions,
 :func:`~deepspeed_dualpipe.runtime.trace.around_each_instruction`, so DeepSpeed's engines and the
@@ -23,17 +29,20 @@ parameters and optimizer state, and gradients only if the engine keeps them betw
 - ``peak``: the most bytes in use after any instruction, less the gradient bytes allocated since
   the start (gradients are not activations). This is the activation figure the targets use;
 - ``high_water``: the allocator's most bytes within any instruction (temporaries inside an
-  operation included), less the gradient bytes held when that instruction began: an upper bound;
+  operation included), less the gradient bytes held when that instruction began: an upper bound
+  (``None`` where it is not read: ``"malloc"``);
 - ``left``: bytes still in use after the step, less the gradients still held: what a step leaves
   behind beyond parameters, gradients and optimizer state.
 
-Measuring slows a step down (the profiler records every operation on CPU), so it runs on a step
-of its own, not a timed one.
+Measuring slows a step down (the hooks, and the profiler's recording of every operation), so it
+runs on a step of its own, not a timed one.
 """
 
 from __future__ import annotations
 
 import bisect
+import ctypes
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
@@ -44,6 +53,36 @@ from deepspeed_dualpipe.runtime.trace import around_each_instruction
 
 _MARK = "deepspeed_dualpipe.instruction"
 _STEP = "deepspeed_dualpipe.measured_step"
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.lru_cache(maxsize=None)
+def _mallinfo2():
+    try:
+        function = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):  # not glibc, or glibc < 2.33
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
+def malloc_bytes() -> Optional[int]:
+    """Bytes ``malloc`` has handed out and not had back, over all threads (glibc ``mallinfo2``); ``None``
+    where the C library does not say."""
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
+        return None
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def default_cpu_source() -> str:
+    """How the meter reads the CPU allocator here: ``"malloc"`` where glibc says, else ``"profiler"``."""
+    return "malloc" if _mallinfo2() is not None else "profiler"
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
@@ -77,10 +116,10 @@ class Sample:
 class StepMemory:
     """What :meth:`MemoryMeter.measure` found for one step (bytes)."""
 
-    device: str
+    device: str  # how it was read: "cuda", "malloc" or "profiler"
     peak: int = 0
     peak_at: Optional[str] = None  # the instruction after which ``peak`` was reached, e.g. "BackwardInput(1, 3)"
-    high_water: int = 0
+    high_water: Optional[int] = 0
     left: int = 0
     samples: List[Sample] = field(default_factory=list)
 
@@ -105,25 +144,35 @@ class MemoryMeter:
 
     ``meter.measure(lambda: engine.train_batch(data))`` runs the step and returns its result;
     ``meter.result`` is then a :class:`StepMemory`. ``module``: whose gradients are subtracted
-    (default ``engine.module``). On CPU, call :meth:`prime` before the step that precedes the
-    measured one (or pass ``prime=`` to :meth:`measure`); without it the tensors that step leaves to
-    the measured one are freed unseen, and the figures come out too high.
+    (default ``engine.module``). ``cpu``: how to read the CPU allocator (``"malloc"`` or
+    ``"profiler"``; default :func:`default_cpu_source`). With the profiler, call :meth:`prime` before
+    the step that precedes the measured one (or pass ``prime=`` to :meth:`measure`); without it the
+    tensors that step leaves to the measured one are freed unseen, and the figures come out too high.
     """
 
-    def __init__(self, engine, module: Optional[torch.nn.Module] = None, device: Optional[torch.device] = None):
+    def __init__(self,
+                 engine,
+                 module: Optional[torch.nn.Module] = None,
+                 device: Optional[torch.device] = None,
+                 cpu: Optional[str] = None):
         self.engine = engine
         self.module = module if module is not None else engine.module
         if device is None:
             device = getattr(engine, "device", None)
         self.device = torch.device(device if device is not None else "cpu")
+        self.cpu = cpu or default_cpu_source()
+        if self.cpu not in ("malloc", "profiler"):
+            raise ValueError(f"MemoryMeter(cpu={self.cpu!r}): 'malloc' or 'profiler'")
+        if self.cpu == "malloc" and malloc_bytes() is None:
+            raise ValueError("MemoryMeter(cpu='malloc') needs glibc's mallinfo2 (glibc >= 2.33); use 'profiler'")
         self.result: Optional[StepMemory] = None
         self.seconds = 0.0
         self._profiler = None
 
     def prime(self) -> None:
-        """CPU: start recording the allocator now, so the next :meth:`measure` sees what is freed of what
-        is allocated from here on (a no-op elsewhere)."""
-        if self.device.type == "cpu" and self._profiler is None:
+        """CPU profiler: start recording the allocator now, so the next :meth:`measure` sees what is freed of
+        what is allocated from here on (a no-op elsewhere)."""
+        if self.device.type == "cpu" and self.cpu == "profiler" and self._profiler is None:
             from torch.profiler import ProfilerActivity, profile
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             self._profiler.__enter__()
@@ -136,6 +185,8 @@ class MemoryMeter:
         start = time.perf_counter()
         if self.device.type == "cuda":
             result, memory = self._measure_cuda(step)
+        elif self.device.type == "cpu" and self.cpu == "malloc":
+            result, memory = self._measure_malloc(step)
         elif self.device.type == "cpu":
             result, memory = self._measure_cpu(step)
         else:
@@ -165,6 +216,20 @@ class MemoryMeter:
         cuda.synchronize(self.device)
         left = cuda.memory_allocated(self.device) - base - (gradient_bytes(self.module) - grads0)
         return result, _summary("cuda", samples, left)
+
+    # ----- CPU: glibc's malloc counters ----------------------------------------------------------------
+    def _measure_malloc(self, step):
+        base, grads0 = malloc_bytes(), gradient_bytes(self.module)
+        samples = []
+
+        def after(kind, kwargs):
+            grads = gradient_bytes(self.module) - grads0
+            samples.append(Sample(*_label(kind, kwargs), malloc_bytes() - base - grads, None))
+
+        with around_each_instruction(self.engine, after=after):
+            result = step()
+        left = malloc_bytes() - base - (gradient_bytes(self.module) - grads0)
+        return result, _summary("malloc", samples, left)
 
     # ----- CPU: the profiler's allocator events --------------------------------------------------
     def _measure_cpu(self, step):
@@ -215,7 +280,7 @@ class MemoryMeter:
             within = max(live[i:j], default=live_at(begin))
             within = max(within, live_at(begin))
             samples.append(Sample(*label, live_at(end) - g_after, within - g_before))
-        return result, _summary("cpu", samples, total - grads_end)
+        return result, _summary("profiler", samples, total - grads_end)
 
 
 def _summary(device: str, samples: List[Sample], left: int) -> StepMemory:
@@ -224,8 +289,13 @@ def _summary(device: str, samples: List[Sample], left: int) -> StepMemory:
         if memory.peak_at is None or s.after > memory.peak:
             where = "" if s.chunk is None else f"({s.chunk}, {s.micro_batch})"
             memory.peak, memory.peak_at = s.after, f"{s.instruction}{where}"
-        memory.high_water = max(memory.high_water, s.high_water)
+        if s.high_water is None or memory.high_water is None:
+            memory.high_water = None
+        else:
+            memory.high_water = max(memory.high_water, s.high_water)
     return memory
 
 
-__all__ = ["MemoryMeter", "StepMemory", "Sample", "parameter_bytes", "gradient_bytes"]
+__all__ = [
+    "MemoryMeter", "StepMemory", "Sample", "parameter_bytes", "gradient_bytes", "malloc_bytes", "default_cpu_source"
+]

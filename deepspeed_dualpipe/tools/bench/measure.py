@@ -97,6 +97,11 @@ def summarize(per_rank: List[dict], label: str, plugin: bool) -> dict:
     }
 
 
+def _max(values):
+    """The largest value; ``None`` if any is (a figure the meter does not read there)."""
+    return None if any(v is None for v in values) else max(values)
+
+
 def all_to_all_alone(per_rank: List[dict]) -> Dict[str, float]:
     """Median over ranks of the calibration: one all-to-all alone, and with every stage's at once."""
     cal = [r["a2a"] for r in per_rank if r.get("a2a")]

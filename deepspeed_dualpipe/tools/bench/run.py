@@ -162,6 +162,7 @@ def bench(args) -> dict:
                         micro_batches_per_rank=max(2, args.micro_batches // args.stages),
                         **costs)
     }
+    result["memory_source"] = next(iter(per_rank[0]["memory"].values()))["device"]
     if a2a_bytes:
         result["a2a_alone_s"] = alone.get("alone")
         result["a2a_concurrent_s"] = alone.get("concurrent")
@@ -318,7 +319,8 @@ def render(result: dict) -> str:
 def render_memory(result: dict) -> List[str]:
     """The memory table and its targets (see :func:`memory_targets`)."""
     out = [
-        "memory per rank, at the allocator (deepspeed_dualpipe/tools/memory.py): peak = the most bytes in use "
+        f"memory per rank, at the allocator ({result.get('memory_source')}; deepspeed_dualpipe/tools/memory.py): "
+        "peak = the most bytes in use "
         "after any instruction beyond parameters, gradients and optimizer state; high-water = the most within "
         "an instruction (temporaries included); left = bytes still in use after the step; sim = the "
         "simulator's peak count of live (chunk, micro-batch) units x the unit"
@@ -330,7 +332,8 @@ def render_memory(result: dict) -> List[str]:
         _size(r["activation_unit_bytes"]),
         " ".join(f"{m / s:.2f}" if s else "-"
                  for m, s in zip(r["peak_activation_bytes"], r["sim_peak_activation_bytes"])),
-        " ".join(_size(b) for b in r["high_water_bytes"]), " ".join(_size(b) for b in r["left_after_step_bytes"]),
+        " ".join("-" if b is None else _size(b) for b in r["high_water_bytes"]),
+        " ".join(_size(b) for b in r["left_after_step_bytes"]),
         _ratio(r["parameter_ratio"])
     ] for name, r in result["schedules"].items()]
     out.append(
