@@ -21,10 +21,11 @@ first failure the thread saw is raised there (a rank's own waits report a dead p
 import queue
 import threading
 import time
+import weakref
 
 from deepspeed_dualpipe.runtime.errors import PeerTimeout
 
-_IDLE_S = 1.0  # the background thread ends after this long without sends
+_IDLE_S = 1.0  # how often an idle background thread checks whether its engine is gone
 
 
 def _what(requests) -> str:
@@ -66,8 +67,11 @@ class PendingSends:
             self._entries.append(send)
             if self._background:
                 self._queue.put(send)
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._reap, name="dualpipe-sends", daemon=True)
+                if self._thread is None:  # one per engine, for its lifetime (see _reap)
+                    self._thread = threading.Thread(target=_reap,
+                                                    args=(weakref.ref(self), self._queue),
+                                                    name="dualpipe-sends",
+                                                    daemon=True)
                     self._thread.start()
 
     def poll(self) -> None:
@@ -79,37 +83,13 @@ class PendingSends:
             else:
                 self._entries = [s for s in self._entries if not all(r.is_completed() for r in s.requests)]
 
-    def _reap(self) -> None:
-        while True:
-            try:
-                send = self._queue.get(timeout=_IDLE_S)
-            except queue.Empty:
-                with self._lock:
-                    if self._queue.empty():
-                        self._thread = None
-                        return
-                continue
-            requests, peer, token = send.requests, send.peer, send.token
-            deadline = send.posted + 2 * self._engine._timeout.total_seconds()
-            del send  # from here on only the engine's thread holds the send
-            try:
-                self._engine._wait_requests(requests,
-                                            _what(requests),
-                                            None,
-                                            None,
-                                            peer,
-                                            deadline=deadline,
-                                            source="by")
-            except Exception as failure:  # noqa: BLE001 - raised by drain(), on the engine's thread
-                with self._lock:
-                    self._failure = self._failure or failure
-                    self._changed.notify_all()
-                continue
-            finally:
-                del requests
-            with self._lock:
+    def _note(self, token=None, failure=None) -> None:
+        with self._lock:
+            if failure is None:
                 self._completed.add(token)
-                self._changed.notify_all()
+            else:
+                self._failure = self._failure or failure
+            self._changed.notify_all()
 
     def drain(self) -> None:
         """Wait until every send has completed, all within one ``dualpipe.p2p_timeout_s``; raise the first failure."""
@@ -142,6 +122,32 @@ class PendingSends:
                 self._entries, self._completed = [], set()
                 raise failure
         self.poll()
+
+
+def _reap(owner, sends: queue.Queue) -> None:
+    """The background thread: wait on each send in posting order and note when it has completed. It holds
+    its PendingSends weakly, and ends once that is gone."""
+    while True:
+        try:
+            send = sends.get(timeout=_IDLE_S)
+        except queue.Empty:
+            if owner() is None:
+                return
+            continue
+        pending = owner()
+        if pending is None:
+            return
+        requests, peer, token = send.requests, send.peer, send.token
+        deadline = send.posted + 2 * pending._engine._timeout.total_seconds()
+        del send  # from here on only the engine's thread holds the send
+        try:
+            pending._engine._wait_requests(requests, _what(requests), None, None, peer, deadline=deadline, source="by")
+        except Exception as failure:  # noqa: BLE001 - raised by drain(), on the engine's thread
+            pending._note(failure=failure)
+        else:
+            pending._note(token)
+        finally:
+            del requests, pending
 
 
 __all__ = ["PendingSends"]

@@ -43,6 +43,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import functools
+import gc
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
@@ -219,6 +220,7 @@ class MemoryMeter:
 
     # ----- CPU: glibc's malloc counters ----------------------------------------------------------------
     def _measure_malloc(self, step):
+        gc.collect()  # what is alive, not garbage that a collection would free
         base, grads0 = malloc_bytes(), gradient_bytes(self.module)
         samples = []
 
@@ -228,6 +230,7 @@ class MemoryMeter:
 
         with around_each_instruction(self.engine, after=after):
             result = step()
+        gc.collect()
         left = malloc_bytes() - base - (gradient_bytes(self.module) - grads0)
         return result, _summary("malloc", samples, left)
 

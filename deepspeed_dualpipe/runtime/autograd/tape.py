@@ -64,25 +64,32 @@ def moves_data(group) -> bool:
 
 
 class Pending:
-    """An all-to-all in flight. ``wait()`` returns its result (and may be called again)."""
+    """An all-to-all in flight. ``wait()`` returns its result (and may be called again).
 
-    def __init__(self, result: torch.Tensor, work=None, name: str = "all_to_all", group=None):
+    It keeps the collective's work handle and its send buffer until it is dropped itself, not only
+    until ``wait()``: the backend's own thread lets go of them as the collective ends, and whoever
+    lets go last frees the buffer, on its thread. Dropped later by this thread, they are freed here,
+    where a memory profiler of this thread sees it."""
+
+    def __init__(self, result: torch.Tensor, work=None, name: str = "all_to_all", group=None, send=None):
         self.name = name
         self.group = group
         self.start = time.perf_counter()
         self.end: Optional[float] = None if work is not None else self.start
         self._result = result
         self._work = work
+        self._waited = work is None
+        self._send = send
 
     @property
     def done(self) -> bool:
         return self.end is not None
 
     def wait(self) -> torch.Tensor:
-        if self._work is not None:
-            work, self._work = self._work, None
+        if not self._waited:
+            self._waited = True
             try:
-                work.wait()
+                self._work.wait()
             except Exception as exc:  # name the collective: a bare gloo error does not
                 raise RuntimeError(f"all-to-all {self.name!r} over ranks {self._ranks()} failed on rank "
                                    f"{self._rank()}: {exc}") from exc
@@ -114,7 +121,7 @@ def launch_all_to_all(x: torch.Tensor, group, name: str) -> Pending:
     send = x.contiguous()
     recv = torch.empty_like(send)
     work = _comm().all_to_all_single(recv, send, group=group, async_op=True)
-    return Pending(recv, work, name, group)
+    return Pending(recv, work, name, group, send=send)
 
 
 class _AllToAll(torch.autograd.Function):
