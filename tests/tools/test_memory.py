@@ -77,8 +77,7 @@ def _check_a_step(device, source):
     memory = _measured(engine, source)  # the first step also allocates the weight's gradient: not an activation
     assert engine.module.weight.grad is not None
     assert _about(memory.peak, 2 * TILE, source) and memory.peak_at == "Forward(0, 3)"
-    assert [(s.instruction, s.chunk, s.micro_batch) for s in memory.samples] == [("Forward", 0, 3),
-                                                                                 ("Backward", 0, 3)]
+    assert [(s.instruction, s.chunk, s.micro_batch) for s in memory.samples] == [("Forward", 0, 3), ("Backward", 0, 3)]
     assert _about(memory.samples[1].after, 0, source) and _about(memory.left, 0, source)
     assert "_INSTRUCTION_MAP" not in vars(engine)  # the class's table again
     assert parameter_bytes(engine.module) == gradient_bytes(engine.module) == TILE
@@ -90,7 +89,8 @@ def test_the_meter_reads_the_bytes_alive_after_each_instruction_beyond_parameter
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the meter reads torch.cuda's allocator")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device: the meter reads torch.cuda's allocator")
 def test_the_meter_reads_the_cuda_allocator():
     _check_a_step("cuda", None)
 

@@ -91,7 +91,7 @@ def summarize(per_rank: List[dict], label: str, plugin: bool) -> dict:
         "overhead_mean_ms": 1e3 * statistics.mean(over) if over else None,
         "instructions": sum(len(r["records"]) for r in steps[0]),
         **{
-            f"{key}_bytes": _by_stage([r["memory"][label][field] for r in per_rank], stages, reduce=max)
+            f"{key}_bytes": _by_stage([r["memory"][label][field] for r in per_rank], stages, reduce=_max)
             for key, field in MEMORY_FIELDS.items()
         }
     }

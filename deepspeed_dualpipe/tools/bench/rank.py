@@ -9,7 +9,7 @@ import itertools
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -39,6 +39,7 @@ class BenchSpec:
     warmup: int = 1
     a2a_bytes: int = 0  # > 0: SleepMoELayers, expert parallelism 2 inside data parallelism 2
     calibration_repeats: int = 20
+    memory_source: Optional[str] = None  # MemoryMeter's cpu= (None: its default)
 
     @property
     def data_parallel(self) -> int:
@@ -179,11 +180,11 @@ def _step(engine, data) -> dict:
 
 
 # ----- activation memory ---------------------------------------------------------------------
-def _memory_step(engine, data) -> dict:
+def _memory_step(engine, data, source: Optional[str] = None) -> dict:
     """Two untimed steps, the second measured at the allocator (the first primes the meter) (:class:`~deepspeed_dualpipe.tools.memory.MemoryMeter`):
     peak activation bytes at instruction boundaries, the high-water mark within instructions, the bytes
     left after the step, and the rank's parameter bytes."""
-    meter = MemoryMeter(engine)
+    meter = MemoryMeter(engine, cpu=source)
     meter.measure(lambda: _step(engine, data), prime=lambda: _step(engine, data))
     return {**meter.result.as_dict(), "parameters": parameter_bytes(engine.module)}
 
@@ -235,5 +236,5 @@ def bench_rank(spec: BenchSpec) -> dict:
             step = _step(engine, data)
             if round_ >= spec.warmup:
                 steps[label].append(step)
-    memory = {label: _memory_step(engine, data) for label, engine in engines.items()}
+    memory = {label: _memory_step(engine, data, spec.memory_source) for label, engine in engines.items()}
     return {"steps": steps, "memory": memory, "stage": stage, "replica": replica, "a2a": calibration}

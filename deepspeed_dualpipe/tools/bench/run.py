@@ -64,6 +64,12 @@ def add_parser(sub) -> None:
                    help="MoE layers: a dispatch and a combine all-to-all of BYTES per rank in every layer, over "
                    "expert parallelism 2 inside data parallelism 2 (2P ranks); dualpipe and dualpipev also run "
                    f"without overlap. Without BYTES: {DEFAULT_A2A_BYTES} (1 MiB)")
+    p.add_argument("--memory-source",
+                   choices=("malloc", "profiler"),
+                   default=None,
+                   help="how the memory step reads the CPU allocator (deepspeed_dualpipe/tools/memory.py): "
+                   "malloc (glibc's mallinfo2: every thread, and small C++/Python objects too; the default where "
+                   "glibc has it) or profiler (torch's allocator events: tensors only, this thread only)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before the ranks are given up on")
     p.add_argument("--json", action="store_true")
@@ -105,7 +111,8 @@ def bench(args) -> dict:
                      costs["W"],
                      args.width,
                      args.repeats,
-                     a2a_bytes=a2a_bytes)
+                     a2a_bytes=a2a_bytes,
+                     memory_source=getattr(args, "memory_source", None))
     per_rank = run_ranks(bench_rank, spec.world_size, spec, timeout=args.timeout)
     alone = measure.all_to_all_alone(per_rank)
     # The simulator charges each all-to-all its time with every stage's at once: in a pipeline's
@@ -332,8 +339,8 @@ def render_memory(result: dict) -> List[str]:
         _size(r["activation_unit_bytes"]),
         " ".join(f"{m / s:.2f}" if s else "-"
                  for m, s in zip(r["peak_activation_bytes"], r["sim_peak_activation_bytes"])),
-        " ".join("-" if b is None else _size(b) for b in r["high_water_bytes"]),
-        " ".join(_size(b) for b in r["left_after_step_bytes"]),
+        " ".join("-" if b is None else _size(b)
+                 for b in r["high_water_bytes"]), " ".join(_size(b) for b in r["left_after_step_bytes"]),
         _ratio(r["parameter_ratio"])
     ] for name, r in result["schedules"].items()]
     out.append(
