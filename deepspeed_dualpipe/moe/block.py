@@ -9,7 +9,8 @@
 
 The MoE's ``l_aux`` is attached to the block's output with
 :func:`~deepspeed_dualpipe.runtime.autograd.aux_loss.attach_aux_loss`, so a pipeline that passes only the
-hidden states on still trains the router's load balance.
+hidden states on still trains the router's load balance. ``block.moe.deepspeed_moe.l_aux`` keeps the
+last value, detached (for logging).
 
 As phases (:meth:`MoETransformerBlock.forward_steps`), the islands are::
 
@@ -141,5 +142,7 @@ class MoETransformerBlock(nn.Module):
                            l_aux,
                            params=(),
                            name="decode+residual")
-        moe.deepspeed_moe.l_aux, moe.deepspeed_moe.exp_counts = l_aux, exp_counts
+        # Stored detached: with its graph it would keep this micro-batch's attention and gate island alive
+        # until the next forward. The gradient reaches l_aux through attach_aux_loss.
+        moe.deepspeed_moe.l_aux, moe.deepspeed_moe.exp_counts = l_aux.detach(), exp_counts
         return out

@@ -1,7 +1,8 @@
 """``DualPipeMoE``: DeepSpeed's MoE layer, with its forward cut into phases.
 
 Drop-in for ``deepspeed.moe.layer.MoE``: same constructor, same submodules (so the same
-``state_dict`` keys, loadable either way), same gate (DeepSpeed's ``TopKGate`` and its gating
+``state_dict`` keys, loadable either way), the same return value (``l_aux`` with its graph; the
+copy left in ``deepspeed_moe.l_aux`` is detached), same gate (DeepSpeed's ``TopKGate`` and its gating
 functions: capacity, token dropping, random token selection, ``l_aux``), same expert-parallel
 groups (``set_deepspeed_parallelism``, which ``deepspeed.initialize`` calls on every MoE), same
 expert parameter attributes (``allreduce=False``, ``group_name``), so DeepSpeed's engine and
@@ -136,5 +137,7 @@ class DualPipeMoE(MoE):
             residual = tape.compute(self.residual_phase, hidden_states, params=params, name="residual")
         decode = (lambda c, s, g, r: self.decode_phase(c, s, g, hidden_states.shape, r))
         output = tape.compute(decode, pending.wait(), slots, gates, residual, params=(), name="decode")
-        moe.l_aux, moe.exp_counts = l_aux, exp_counts  # where DeepSpeed's MOELayer leaves them
+        # Where DeepSpeed's MOELayer leaves them, but l_aux detached: with its graph it would keep the last
+        # micro-batch's gate island alive until the next forward. The returned l_aux carries the graph.
+        moe.l_aux, moe.exp_counts = l_aux.detach(), exp_counts
         return output, l_aux, exp_counts

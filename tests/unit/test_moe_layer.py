@@ -151,6 +151,30 @@ def test_attach_aux_loss_returns_the_output_and_gives_l_aux_coefficient_times_sc
     assert get_aux_loss_scale() == 1.0
 
 
+def _block_and_l_aux(block, x):
+    """What a single-process script with DeepSpeed's MoE computes: the block by hand, and the MoE's returned l_aux."""
+    x = x + block.attn(block.norm1(x))
+    h = block.norm2(x)
+    out, l_aux, _ = block.moe(h)
+    return x + (out + block.shared_expert(h)), l_aux
+
+
+def test_the_block_by_hand_is_the_block():
+    block, x = moe_block(), torch.randn(B, T, H)
+    assert torch.equal(_block_and_l_aux(block, x)[0], block(x))
+
+
+def test_the_l_aux_a_layer_leaves_behind_holds_no_graph():
+    from tests.helpers.moe_layers import moe_pair
+    block, x = moe_block(), torch.randn(B, T, H, requires_grad=True)
+    block(x)
+    assert block.moe.deepspeed_moe.l_aux.grad_fn is None  # it would keep this micro-batch's graph alive
+    _, layer = moe_pair(k=2, drop_tokens=True, use_residual=True)
+    out, l_aux, _ = layer(torch.randn(B * T, H, requires_grad=True))
+    assert l_aux.grad_fn is not None and layer.deepspeed_moe.l_aux.grad_fn is None
+    assert torch.equal(layer.deepspeed_moe.l_aux, l_aux.detach())
+
+
 def test_aux_loss_scale_one_over_m_gives_the_gradient_of_the_mean_of_loss_plus_coef_l_aux():
     from deepspeed_dualpipe.moe import aux_loss_scale
 
@@ -163,11 +187,11 @@ def test_aux_loss_scale_one_over_m_gives_the_gradient_of_the_mean_of_loss_plus_c
     with aux_loss_scale(1 / M):  # what the engine does: each micro-batch's loss divided by M
         for x, w in batch:
             ((block(x) * w).sum() / M).backward()
-    with aux_loss_scale(0.0):  # attached aux loss silent; add coef * l_aux by hand
+    with aux_loss_scale(0.0):  # attached aux loss silent; add coef * l_aux by hand, the l_aux the MoE returns
         total = 0
         for x, w in batch:
-            y = reference(x)
-            total = total + ((y * w).sum() + coef * reference.moe.deepspeed_moe.l_aux) / M
+            y, l_aux = _block_and_l_aux(reference, x)
+            total = total + ((y * w).sum() + coef * l_aux) / M
         total.backward()
         sum((no_aux(x) * w).sum() / M for x, w in batch).backward()
 
