@@ -44,6 +44,9 @@ __all__ = ["MoETransformerBlock", "RMSNorm"]
 class MoETransformerBlock(nn.Module):
     """Pre-norm decoder block with a dense SwiGLU MLP or a DualPipeMoE (+ shared expert)."""
 
+    # The islands of forward_steps, by name (``dualpipe.recompute_islands`` may name them): "block" when dense.
+    ISLANDS = ("block", "attention+gate", "experts", "shared_expert", "decode+residual")
+
     def __init__(self,
                  hidden_size: int,
                  num_heads: int,

@@ -46,6 +46,8 @@ __all__ = ["DualPipeMoE"]
 class DualPipeMoE(MoE):
     """``deepspeed.moe.layer.MoE`` whose forward can run as overlappable phases."""
 
+    ISLANDS = ("gate", "experts", "residual", "decode")  # the compute islands of forward_steps, by name
+
     # ----- what DeepSpeed's MoE offers ---------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
         """``(output, l_aux, exp_counts)``, as ``deepspeed.moe.layer.MoE.forward``."""

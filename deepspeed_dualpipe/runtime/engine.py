@@ -78,10 +78,12 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         self._waited = 0.0
         get_spec(self.schedule_name).validate(self.num_stages, self.micro_batches)  # before any step
         phased = [c for c in range(len(self.module.chunk_funcs)) if self.module.chunk_is_phased(c)]
+        self._recompute = check_recompute_islands(self.dualpipe.recompute_islands, self.module)
         if phased and self.module.activation_checkpoint_interval > 0:
-            logger.warning(f"deepspeed_dualpipe: chunks {phased} hold phased (MoE) layers and run phase by phase, "
-                           f"without activation checkpointing (activation_checkpoint_interval="
-                           f"{self.module.activation_checkpoint_interval} applies to the other chunks only)")
+            logger.warning(f"deepspeed_dualpipe: chunks {phased} hold phased (MoE) layers and run phase by phase; "
+                           f"activation_checkpoint_interval={self.module.activation_checkpoint_interval} applies to "
+                           f"the other chunks only (recomputed islands there: "
+                           f"dualpipe.recompute_islands={sorted(self._recompute)})")
         if self.dualpipe.verify_schedule:
             from deepspeed_dualpipe.analysis.verify import verify
             verify(self.schedule_name, self.num_stages, self.micro_batches)
@@ -236,7 +238,7 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         """
         slot, inputs = self.slots[buffer_id], self._inputs(buffer_id, chunk, micro_batch)
         if self.module.chunk_is_phased(chunk):
-            tape = steps.Tape()
+            tape = steps.Tape(recompute=self._recompute)
             outputs = yield from steps.forward_steps(self.module.chunk_funcs[chunk], inputs, tape)
             slot.tape = tape if torch.is_grad_enabled() else None
         else:
@@ -397,6 +399,34 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         instructions.ReduceMirrorGrads: GradientReductions._exec_reduce_mirror_grads,
         instructions.ReduceTiedGrads: GradientReductions._exec_reduce_tied_grads,
     }
+
+
+def check_recompute_islands(names, module) -> frozenset:
+    """``dualpipe.recompute_islands`` checked against the islands the model's layers declare (a phased layer
+    class lists its islands in ``ISLANDS``; a plain layer in a phased chunk is one island named after its
+    class). Refused if a name is unknown, or if no layer is phased (recomputation applies inside phased
+    chunks; elsewhere DeepSpeed's ``activation_checkpoint_interval`` does it)."""
+    if not names:
+        return frozenset()
+    classes = {_layer_class(layer) for layer in module._layer_specs}
+    phased = [c for c in classes if hasattr(c, "forward_steps")]
+    if not phased:
+        raise ValueError(f"dualpipe.recompute_islands={list(names)}: no layer of this model runs as phases (none "
+                         f"defines forward_steps), so there are no islands to recompute; use DeepSpeed's "
+                         f"activation_checkpoint_interval for plain layers")
+    if any(getattr(c, "ISLANDS", None) is None for c in phased):
+        return frozenset(names)  # a phased layer that does not say which islands it has: names cannot be checked
+    known = {name for c in phased for name in c.ISLANDS} | {c.__name__ for c in classes if c not in phased}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"dualpipe.recompute_islands names {unknown}, which no layer of this model has; its "
+                         f"islands: {', '.join(sorted(known))}")
+    return frozenset(names)
+
+
+def _layer_class(layer):
+    spec_class = getattr(layer, "typename", None)  # LayerSpec / TiedLayerSpec
+    return spec_class if isinstance(spec_class, type) else type(layer)
 
 
 def _detached(outputs):

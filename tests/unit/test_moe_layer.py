@@ -45,10 +45,14 @@ CHUNKS = {
              nn.Linear(H, H)],
 }
 
+RECOMPUTE_ALL = ("block", "attention+gate", "experts", "shared_expert", "decode+residual", "Linear", "Embedding")
 
+
+@pytest.mark.parametrize("recompute", [(), RECOMPUTE_ALL, ("attention+gate", )],
+                         ids=["stored", "recompute-all", "recompute-attention"])
 @pytest.mark.parametrize("loss_root", [False, True], ids=["output-grads", "scalar-loss"])
 @pytest.mark.parametrize("chunk", list(CHUNKS))
-def test_phases_with_split_backward_give_the_gradients_of_a_plain_backward(chunk, loss_root):
+def test_phases_with_split_backward_give_the_gradients_of_a_plain_backward(chunk, loss_root, recompute):
     from deepspeed_dualpipe.runtime.autograd.steps import Tape, backward_steps, forward_steps, run
 
     torch.manual_seed(0)
@@ -62,7 +66,7 @@ def test_phases_with_split_backward_give_the_gradients_of_a_plain_backward(chunk
     (y * w).sum().backward()
 
     x2 = x.clone() if ints else x.detach().clone().requires_grad_()
-    tape = Tape()
+    tape = Tape(recompute=recompute)
     y2 = run(forward_steps(list(phased), x2, tape))
     assert torch.equal(y2, y)
     roots, root_grads = ((y2 * w).sum(), None) if loss_root else (y2, w)
@@ -75,6 +79,24 @@ def test_phases_with_split_backward_give_the_gradients_of_a_plain_backward(chunk
 
     assert input_grads == (None, ) if ints else torch.allclose(input_grads[0], x.grad, RTOL, ATOL)
     assert mismatches(grads(phased), grads(plain), exact=False) == []
+
+
+def test_a_recomputed_island_keeps_only_its_inputs_until_the_backward():
+    """Attention's q, k, v and probabilities (saved by its ops) are gone after the forward of a recomputed
+    attention+gate island; stored, they live until the backward."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from deepspeed_dualpipe.runtime.autograd.steps import Tape, backward_steps, forward_steps, run
+
+    for recompute, kept in ((("attention+gate", ), False), ((), True)):
+        torch.manual_seed(0)
+        block = moe_block()
+        seen = []
+        hook = block.attn.qkv.register_forward_hook(lambda m, i, o: seen.append(StorageWeakRef(o.untyped_storage())))
+        tape, x = Tape(recompute=recompute), torch.randn(B, T, H, requires_grad=True)
+        y = run(forward_steps([block], x, tape))
+        hook.remove()
+        assert (not seen[0].expired()) is kept, recompute
+        run(backward_steps(tape, y, torch.ones_like(y)))[1].weight_part()
 
 
 def test_dualpipe_moe_phases_carry_the_aux_loss_gradient_back_to_the_gate():

@@ -28,7 +28,8 @@ import torch
 from torch.autograd.graph import GradientEdge
 
 from deepspeed_dualpipe.runtime.autograd.split_backward import SplitBackward, module_supports_split
-from deepspeed_dualpipe.runtime.autograd.tape import InlineTape, Pending, Tape, CommIsland, launch_all_to_all, flatten_tensors
+from deepspeed_dualpipe.runtime.autograd.tape import (InlineTape, Pending, Tape, CommIsland, RecomputedIsland,
+                                                      launch_all_to_all, flatten_tensors)
 
 __all__ = ["Tape", "InlineTape", "Pending", "DeferredWeights", "forward_steps", "backward_steps", "run", "interleave"]
 
@@ -153,17 +154,24 @@ def backward_steps(tape: Tape, roots: Any, root_grads: Any = None, split: bool =
             _add(grads, island.input_key, pending.wait())
             del pending
             continue
-        outputs = [(edge, grads.pop(key, None)) for key, edge in island.outputs]
-        outputs = [(edge, g) for edge, g in outputs if g is not None]
+        outputs = [(where, grads.pop(key, None)) for key, where in island.outputs]
+        outputs = [(where, g) for where, g in outputs if g is not None]
         if not outputs:
             continue  # nothing downstream needed this island
+        if isinstance(island, RecomputedIsland):
+            rerun = flatten_tensors(island.rerun())
+            outputs = [(rerun[at], g) for at, g in outputs if rerun[at].requires_grad]
+            leaves = island.leaves
+        else:
+            leaves = [leaf() for leaf in island.leaves]
         whole = island.params is None  # undeclared parameters: only a full backward reaches them
-        handle = SplitBackward.input_part([edge for edge, _ in outputs], [g for _, g in outputs],
-                                          [leaf() for leaf in island.leaves],
+        handle = SplitBackward.input_part([root for root, _ in outputs], [g for _, g in outputs],
+                                          leaves,
                                           island.params or (),
                                           split=split and not whole,
                                           set_input_grads=False)
-        del outputs
+        del outputs, leaves
+        rerun = None  # a recomputed island's outputs: what its weight part needs is in the handle
         for key, g in zip(island.input_keys, handle.take_input_grads()):
             _add(grads, key, g)
         handles.append(handle)

@@ -32,7 +32,10 @@ from torch.autograd.graph import get_gradient_edge
 
 from deepspeed_dualpipe.runtime.autograd import saved
 
-__all__ = ["Tape", "InlineTape", "Pending", "CommIsland", "ComputeIsland", "launch_all_to_all", "flatten_tensors"]
+__all__ = [
+    "Tape", "InlineTape", "Pending", "CommIsland", "ComputeIsland", "RecomputedIsland", "launch_all_to_all",
+    "flatten_tensors"
+]
 
 
 def flatten_tensors(obj: Any) -> List[torch.Tensor]:
@@ -150,6 +153,34 @@ class ComputeIsland:
         self.outputs, self.params = outputs, params
 
 
+class RecomputedIsland:
+    """A compute island whose forward runs again in the backward (``dualpipe.recompute_islands``): it keeps
+    its function, its (detached) inputs and the random-number state it began with, and nothing of what
+    its forward computed. ``outputs`` are ``(key, position)``: each gradient-carrying output's place in
+    the island's flattened outputs."""
+
+    __slots__ = ("name", "fn", "inputs", "input_keys", "leaves", "outputs", "params", "rng")
+
+    def __init__(self, name, fn, inputs, input_keys, leaves, outputs, params, rng):
+        self.name, self.fn, self.inputs, self.input_keys, self.leaves = name, fn, inputs, input_keys, leaves
+        self.outputs, self.params, self.rng = outputs, params, rng
+
+    def rerun(self):
+        """The island's forward again, on the same inputs and random numbers, recorded for its backward."""
+        cpu, cuda = self.rng
+        with torch.random.fork_rng(devices=list(cuda)):
+            torch.set_rng_state(cpu)
+            for device, state in cuda.items():
+                torch.cuda.set_rng_state(state, device)
+            with torch.enable_grad(), saved.releasable():
+                return self.fn(*self.inputs)
+
+
+def _rng_state(tensors) -> tuple:
+    devices = sorted({t.device.index for t in tensors if t.is_cuda})
+    return torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices}
+
+
 class CommIsland:
     """An all-to-all as its backward needs it: the keys of its input and output values and the output's
     shape, dtype and device (for a zero gradient), never the tensors."""
@@ -174,7 +205,8 @@ class Tape:
     graphs saved, as in one autograd graph.
     """
 
-    def __init__(self):
+    def __init__(self, recompute: Iterable[str] = ()):
+        self.recompute = frozenset(recompute)  # names of the compute islands to recompute in the backward
         self.islands: List[Any] = []
         self.inputs: Optional[tuple] = None  # (key or None, float and requires grad) per chunk input
         self._known = {}  # id -> (weak reference, key): values an island may take that carry a gradient
@@ -257,6 +289,9 @@ class Tape:
         self.begin(inputs)
         keys, leaves = [], []
         cut = _map_tensors(inputs, lambda t: self._cut(t, name, keys, leaves))
+        params = None if params is None else list(params)
+        if name in self.recompute:
+            return self._checkpointed(fn, cut, name, keys, leaves, params)
         with saved.releasable():
             outputs = fn(*cut)
         del cut
@@ -270,8 +305,28 @@ class Tape:
             return a
 
         outputs = _map_tensors(outputs, alias)
-        params = None if params is None else list(params)
         self.islands.append(ComputeIsland(name, keys, leaves, returned, params))
+        return outputs
+
+    def _checkpointed(self, fn, cut, name, keys, leaves, params):
+        """Run the island without recording a graph; keep only what its forward needs to run again."""
+        rng = _rng_state(flatten_tensors(cut))
+        with torch.no_grad():
+            outputs = fn(*cut)
+        returned, position = [], [0]
+
+        def alias(o: torch.Tensor) -> torch.Tensor:
+            at, position[0] = position[0], position[0] + 1
+            if not o.is_floating_point():
+                return o
+            # Without a graph it is unknown which outputs a gradient will reach: every floating-point one
+            # may; the rerun's outputs tell (one that needs no gradient gets none).
+            a = o.detach().requires_grad_(True)
+            returned.append((self._remember(a), at))
+            return a
+
+        outputs = _map_tensors(outputs, alias)
+        self.islands.append(RecomputedIsland(name, fn, cut, keys, [leaf() for leaf in leaves], returned, params, rng))
         return outputs
 
     def all_to_all(self, x: torch.Tensor, group, name: str = "all_to_all") -> Pending:

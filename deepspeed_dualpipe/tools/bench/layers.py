@@ -195,6 +195,8 @@ class SleepMoELayer(torch.nn.Module):
     are identities.
     """
 
+    ISLANDS = ("pre", "experts", "decode")  # the compute islands of forward_steps, by name
+
     def __init__(self, forward_s: float, backward_s: float, weight_s: float, a2a_bytes: int, ep_size: int = 2):
         super().__init__()
         if not 0 <= weight_s <= backward_s:
