@@ -15,9 +15,11 @@ of tensors: it reads what the allocator holds.
   the bytes in use. Each instruction is marked with a ``record_function`` range, so the sum can be
   read at its end and its maximum within it. It sees only this thread: what another thread frees
   stays counted (the figures come out high with all-to-alls). The allocator learns a block's size
-  only while a profiler records, so a block allocated before would be freed unseen:
-  :meth:`MemoryMeter.prime` starts the profiler one step early (that step runs as usual; its
-  events are not used), so that what the measured step frees of it is counted.
+  only while a profiler records, so a block allocated before would be freed unseen (or, where an
+  earlier session left a stale size at its address, with that size): :meth:`MemoryMeter.prime`
+  starts the profiler one step early (that step runs as usual; its events are not used), so that
+  what the measured step frees of what the step before left is counted. Tensors that outlive more
+  than one step and are freed in the measured one may still be miscounted.
 
 Instructions are sampled through the one hook on an engine's instructions,
 :func:`~deepspeed_dualpipe.runtime.trace.around_each_instruction`, so DeepSpeed's engines and the
