@@ -9,6 +9,9 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 
 export DS_ACCELERATOR ?= cpu
+# DeepSpeed's JIT-built ops live inside the environment, not in ~/.cache: a build killed elsewhere
+# leaves a lock there that torch waits on forever (a CI run hung on one for its whole time limit).
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: demo test lint format venv clean
 
@@ -39,8 +42,10 @@ $(STAMP): pyproject.toml setup.cfg
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[test,plot,lint,megatron]'
 	@# DeepSpeed JIT-compiles its CPU shared-memory op on first use (minutes on 2 cores): do it here,
-	@# once, rather than inside the first multi-process test's time limit.
-	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
+	@# once, rather than inside the first multi-process test's time limit. Nothing else builds during
+	@# set-up, so a lock left here is stale (an interrupted build) and would make the load wait forever.
+	rm -f $(TORCH_EXTENSIONS_DIR)/deepspeed_shm_comm/lock
+	timeout 1200 $(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(STAMP)
 
 clean:
