@@ -7,12 +7,13 @@ One ``_exec_*`` method per instruction, as in DeepSpeed. What differs from 1F1B:
   ==============  =============================  ===========================================
   Slot field      set by                         cleared by
   ==============  =============================  ===========================================
-  inputs          LoadMicroBatch, RecvActivation  SendGrad, or the backward at a first stage
-                  (posted), a hand-off
+  inputs          LoadMicroBatch, the CommitP2P   SendGrad, or the backward at a first stage
+                  posting a RecvActivation,
+                  a hand-off
   labels          LoadMicroBatch                 the forward (loss computed)
   outputs         the forward                    the backward
   loss            the forward at a loss stage    the backward
-  output_grads    RecvGrad (posted)              the backward
+  output_grads    RecvGrad (queued)              the backward
   input_grads     the backward                   SendGrad
   tape            a phased forward               the backward
   weight_part     BackwardInput, a pair's I      BackwardWeight
@@ -20,8 +21,8 @@ One ``_exec_*`` method per instruction, as in DeepSpeed. What differs from 1F1B:
 
   Between the two chunks of one rank (DualPipeV's turn) tensors go through :class:`.slots.Handoffs`:
   activations forward, gradients backward, never through a slot;
-- point-to-point traffic is non-blocking and bounded by ``dualpipe.p2p_timeout_s``
-  (:mod:`.p2p`);
+- point-to-point traffic is queued and posted at each ``CommitP2P`` as one batch (one NCCL group),
+  waited where the data is used, bounded by ``dualpipe.p2p_timeout_s`` on gloo (:mod:`.p2p`);
 - chunks with phased (MoE) layers run phase by phase, and an overlapped pair interleaves
   its backward and forward so each all-to-all hides under the other micro-batch (:mod:`.autograd.steps`);
 - backward may be split into input gradients now (``BackwardInput``) and weight
@@ -47,6 +48,7 @@ from deepspeed_dualpipe.runtime.module import DualPipeModule
 from deepspeed_dualpipe.runtime.p2p import PointToPoint, as_tuple as _as_tuple
 from deepspeed_dualpipe.runtime.slots import Handoffs, Slot
 from deepspeed_dualpipe.schedule import build_schedule, get_spec
+from deepspeed_dualpipe.schedule.commit import Handshakes
 from deepspeed_dualpipe.runtime.autograd.split_backward import SplitBackward, module_supports_split
 
 
@@ -67,7 +69,9 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         self.handoffs = Handoffs.empty()
         self._shapes = {}  # chunk -> [(shape, dtype)] of its received activations
         self._sent_specs = {}  # chunk -> [(shape, dtype)] announced to the next stage in its metadata
-        self._send_reqs = []
+        self._handshakes = Handshakes()  # which channels have carried their shapes (schedule/commit.py)
+        self._queued = []  # (p2p instruction, tensors) since the last CommitP2P
+        self._send_reqs = []  # (requests, tensors, instruction) of posted sends, waited at the end of the batch
         self.trace = None  # a list of InstructionTime while runtime.trace.start_recording records
         self.phase_events = None  # set to [] to record (label, start, end) of each phase of the overlapped pairs
         self._waited = 0.0
@@ -106,7 +110,7 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
                 super()._exec_schedule(pipe_schedule)
             self._drain_sends()
         finally:
-            self._batch, self.handoffs = {}, Handoffs.empty()
+            self._batch, self.handoffs, self._queued = {}, Handoffs.empty(), []
 
     def train_batch(self, data_iter=None):
         try:
@@ -363,6 +367,7 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         instructions.RecvActivation: PointToPoint._exec_recv_activations,
         instructions.SendGrad: PointToPoint._exec_send_grads,
         instructions.RecvGrad: PointToPoint._exec_recv_grads,
+        instructions.CommitP2P: PointToPoint._exec_commit_p2p,
         instructions.ReduceMirrorGrads: GradientReductions._exec_reduce_mirror_grads,
         instructions.ReduceTiedGrads: GradientReductions._exec_reduce_tied_grads,
     }

@@ -12,6 +12,7 @@ from collections import deque
 from typing import Dict, List, Tuple
 
 from deepspeed_dualpipe.schedule import instructions
+from deepspeed_dualpipe.schedule.commit import insert_commits
 from deepspeed_dualpipe.schedule.layout import Layout
 
 Key = Tuple[int, int]  # (chunk, micro_batch): a buffer before slots are assigned
@@ -151,7 +152,8 @@ class ProgramBuilder:
         return len(self._weights)
 
     def finish(self, reduce_mirror: bool = False) -> List[List]:
-        """Close the batch with the gradient reductions and the optimizer step."""
+        """Close the batch with the gradient reductions and the optimizer step, and add the commit points
+        (:func:`~.commit.insert_commits`): the p2p between two computations is posted as one batch."""
         if self._weights:
             raise AssertionError(f"rank {self.rank}: weight passes left pending: {list(self._weights)}")
         if not self.forward_only:
@@ -160,7 +162,7 @@ class ProgramBuilder:
                 tail + [instructions.ReduceTiedGrads(),
                         instructions.ReduceGrads(),
                         instructions.OptimizerStep()])
-        return [step for step in self.steps if step]
+        return insert_commits([step for step in self.steps if step])
 
 
 def assign_buffers(steps: List[List]) -> int:
