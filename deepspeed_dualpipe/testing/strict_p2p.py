@@ -31,7 +31,6 @@ import threading
 import time
 from datetime import timedelta
 
-import torch
 import torch.distributed as torch_dist
 
 ENV = "DS_DUALPIPE_STRICT_P2P"  # the strict timeout in seconds; set for ranks that should run strict
