@@ -36,6 +36,7 @@ from datetime import timedelta
 
 import torch
 from deepspeed import comm as dist
+from deepspeed.runtime.base_optimizer import ZeROOptimizer
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.utils import logger
 
@@ -75,7 +76,16 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         self.trace = None  # a list of InstructionTime while runtime.trace.start_recording records
         self.phase_events = None  # set to [] to record (label, start, end) of each phase of the overlapped pairs
         self._waited = 0.0
+        self._hp_slot_cache = {}  # chunk -> (parameter, group, index) in the bf16 optimizer
         get_spec(self.schedule_name).validate(self.num_stages, self.micro_batches)  # before any step
+        if self.module.holder_group is not None and isinstance(self.optimizer,
+                                                               ZeROOptimizer) and self.dp_world_size > 2:
+            raise ValueError(
+                f"dualpipe with zero_optimization.stage={self.zero_optimization_stage()} and "
+                f"{self.dp_world_size} data-parallel replicas: ZeRO reduces each rank's gradients in its "
+                f"own partitioned order, so the two copies of a stage would be summed in different orders "
+                f"and drift apart; use zero_optimization.stage 0 (the engine then reduces each gradient "
+                f"once over all its holders) or at most 2 data-parallel replicas")
         phased = [c for c in range(len(self.module.chunk_funcs)) if self.module.chunk_is_phased(c)]
         if phased and self.module.activation_checkpoint_interval > 0:
             logger.warning(f"deepspeed_dualpipe: chunks {phased} hold phased (MoE) layers and run phase by phase, "
@@ -101,6 +111,8 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
 
     def _exec_schedule(self, pipe_schedule):
         self._batch = {}
+        if not pipe_schedule.forward_only:
+            self._check_gradient_hooks()
         self.layout = pipe_schedule.layout  # paths depend on M: DualPipe feeds half from each end
         self._batch_count = pipe_schedule.micro_batches
         self._loss_sum = torch.zeros((), device=self.device)
@@ -216,11 +228,20 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
     def _exec_load_micro_batch(self, buffer_id, chunk, micro_batch):
         slot, (inputs, labels) = self.slots[buffer_id], self._micro_batch(micro_batch)
         if self._upstream(chunk, micro_batch) is None:
-            loaded = tuple(t.clone().detach().to(self.device) for t in _as_tuple(inputs))
+            loaded = tuple(self._to_device(t, copy=True).detach() for t in _as_tuple(inputs))
             slot.inputs = loaded if isinstance(inputs, (tuple, list)) else loaded[0]
         if self._downstream(chunk, micro_batch) is None and labels is not None:  # None: named at the loss
-            slot.labels = tuple(t.to(self.device) for t in _as_tuple(labels)) \
-                if isinstance(labels, (tuple, list)) else labels.to(self.device)
+            slot.labels = tuple(self._to_device(t) for t in _as_tuple(labels)) \
+                if isinstance(labels, (tuple, list)) else self._to_device(labels)
+
+    def _to_device(self, t, copy=False):
+        """``t`` on this rank's device without a host sync: from host memory through pinned memory and a
+        non-blocking copy (a blocking ``.to()`` from pageable memory would drain the GPU at every load)."""
+        if t.device == self.device:
+            return t.clone() if copy else t
+        if self.device.type == "cuda" and t.device.type == "cpu":
+            return (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def _exec_forward_pass(self, buffer_id, chunk, micro_batch):
         steps.run(self._forward_steps(buffer_id, chunk, micro_batch))
@@ -280,27 +301,23 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
 
     def _exec_backward_pass(self, buffer_id, chunk, micro_batch):
         steps.run(self._backward_steps(buffer_id, chunk, micro_batch, split=False))
-        self._weight_gradients_done()
+        self._weight_gradients_done(chunk)
 
     def _exec_backward_input(self, buffer_id, chunk, micro_batch):
-        self._keep_weight_part(buffer_id, steps.run(self._backward_steps(buffer_id, chunk, micro_batch, self._split)))
+        self._keep_weight_part(buffer_id, chunk,
+                               steps.run(self._backward_steps(buffer_id, chunk, micro_batch, self._split)))
 
-    def _keep_weight_part(self, buffer_id, handle):
+    def _keep_weight_part(self, buffer_id, chunk, handle):
         self.slots[buffer_id].weight_part = handle
         if not handle.split:  # fell back to a full backward: the weight gradients are in already
-            self._weight_gradients_done()
+            self._weight_gradients_done(chunk)
 
     def _exec_backward_weight(self, buffer_id, chunk, micro_batch):
         slot = self.slots[buffer_id]
         handle, slot.weight_part = slot.weight_part, None
+        before = self._grad_versions(chunk)
         handle.weight_part()
-        self._weight_gradients_done()
-
-    def _weight_gradients_done(self):
-        """bf16: move finished weight gradients into the optimizer's fp32 accumulators (as DeepSpeed's
-        1F1B does after every backward), so micro-batches accumulate in fp32, not bf16."""
-        if self.using_bf16_optimizer:
-            self.optimizer.update_hp_grads(clear_lp_grads=True)
+        self._weight_gradients_done(chunk, before)
 
     def _backward_steps(self, buffer_id, chunk, micro_batch, split: bool):
         """One micro-batch's backward through ``chunk`` as steps (a generator): input gradients now,
@@ -351,9 +368,9 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
             steps.run(forward)
             handle = steps.run(backward)
         if backward_op == "I":
-            self._keep_weight_part(backward_buffer, handle)
+            self._keep_weight_part(backward_buffer, backward_chunk, handle)
         else:
-            self._weight_gradients_done()
+            self._weight_gradients_done(backward_chunk)
 
     _INSTRUCTION_MAP = {
         **PipelineEngine._INSTRUCTION_MAP,
@@ -370,6 +387,7 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         instructions.CommitP2P: PointToPoint._exec_commit_p2p,
         instructions.ReduceMirrorGrads: GradientReductions._exec_reduce_mirror_grads,
         instructions.ReduceTiedGrads: GradientReductions._exec_reduce_tied_grads,
+        instructions.ReduceGrads: GradientReductions._exec_reduce_grads,
     }
 
 

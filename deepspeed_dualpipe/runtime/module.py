@@ -35,7 +35,7 @@ class DualPipeModule(PipelineModule):
         self.partition_method = _argument(PipelineModule.__init__, "partition_method", args, kwargs, layers,
                                           num_stages, topology, loss_fn)
         super().__init__(layers, num_stages, topology, loss_fn, *args, **kwargs)
-        self.mirror_group = self._mirror_groups()
+        self.mirror_group, self.holder_group = self._mirror_groups()
         self._synchronize_mirrors()
 
     @property
@@ -167,17 +167,23 @@ class DualPipeModule(PipelineModule):
             super()._synchronize_tied_weights()
 
     def _mirror_groups(self):
-        """The process group of this rank and its mirror (same data-parallel index), for DualPipe."""
+        """For DualPipe: the process group of this rank and its mirror (same data-parallel index), and the group of
+        every holder of this rank's two stages (the mirror pair in every data-parallel replica); else ``None``s."""
         if self.layout_kind is not LayoutKind.BIDIRECTIONAL:
-            return None
-        P, mine = self.num_stages, None
-        for dp in range(self._grid.data_parallel_size):
+            return None, None
+        P, dp, mirror, holders = self.num_stages, self._grid.data_parallel_size, None, None
+        for d in range(dp):  # every rank creates every group, in the same order
             for r in range(P // 2):
-                ranks = [self._grid.stage_to_global(stage_id=s, data=dp) for s in (r, P - 1 - r)]
-                group = dist.new_group(ranks=ranks)  # every rank creates every group, in the same order
+                ranks = [self._grid.stage_to_global(stage_id=s, data=d) for s in (r, P - 1 - r)]
+                group = dist.new_group(ranks=ranks)
                 if self.global_rank in ranks:
-                    mine = group
-        return mine
+                    mirror = group
+        for r in range(P // 2):
+            ranks = sorted(self._grid.stage_to_global(stage_id=s, data=d) for s in (r, P - 1 - r) for d in range(dp))
+            group = dist.new_group(ranks=ranks) if dp > 1 else None
+            if self.global_rank in ranks:
+                holders = group if dp > 1 else mirror
+        return mirror, holders
 
     def mirror_peer(self) -> int:
         return self._grid.stage_to_global(stage_id=self.num_stages - 1 - self.stage_id)
