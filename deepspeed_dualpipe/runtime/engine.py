@@ -32,12 +32,15 @@ One ``_exec_*`` method per instruction, as in DeepSpeed. What differs from 1F1B:
 - mirror reduction, clipping and fp16 loss scaling live in :mod:`.gradients`.
 """
 
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
 from deepspeed import comm as dist
 from deepspeed.runtime.base_optimizer import ZeROOptimizer
-from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.runtime.pipe.engine import BATCH_INPUT_TIMER, PipelineEngine
+from deepspeed.utils.timer import (BACKWARD_GLOBAL_TIMER, BACKWARD_MICRO_TIMER, FORWARD_GLOBAL_TIMER,
+                                   FORWARD_MICRO_TIMER)
 from deepspeed.utils import logger
 
 from deepspeed_dualpipe import checkpoint
@@ -51,6 +54,9 @@ from deepspeed_dualpipe.runtime.slots import Handoffs, Slot
 from deepspeed_dualpipe.schedule import build_schedule, get_spec
 from deepspeed_dualpipe.schedule.commit import Handshakes
 from deepspeed_dualpipe.runtime.autograd.split_backward import SplitBackward, module_supports_split
+
+_FORWARD_TIMERS = (FORWARD_MICRO_TIMER, FORWARD_GLOBAL_TIMER)
+_BACKWARD_TIMERS = (BACKWARD_MICRO_TIMER, BACKWARD_GLOBAL_TIMER)
 
 
 class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
@@ -78,6 +84,7 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         self._waited = 0.0
         self._hp_slot_cache = {}  # chunk -> (parameter, group, index) in the bf16 optimizer
         get_spec(self.schedule_name).validate(self.num_stages, self.micro_batches)  # before any step
+        self._refuse_unsupported()
         if self.module.holder_group is not None and isinstance(self.optimizer,
                                                                ZeROOptimizer) and self.dp_world_size > 2:
             raise ValueError(
@@ -97,6 +104,31 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         if self.global_rank == 0:
             logger.info(f"deepspeed_dualpipe: schedule={self.schedule_name} stages={self.num_stages} "
                         f"micro_batches={self.micro_batches} split_backward={self._split}")
+
+    def _refuse_unsupported(self):
+        """What DeepSpeed's PipelineEngine offers and the plugin's cannot honour, refused before step 1."""
+        if self.is_pipe_partitioned or self.is_grad_partitioned:
+            raise ValueError("pipeline.pipe_partitioned / pipeline.grad_partitioned (activations and gradients "
+                             "partitioned over the tensor-parallel ranks between stages) are not supported by the "
+                             "plugin's schedules: set both to false in the pipeline section of the config")
+        if self.dynamic_shape:
+            raise ValueError("dynamic shapes (PipelineModule(dynamic_shape=True), pipeline.dynamic_shape) are not "
+                             "supported by the plugin's schedules: each channel's activation shapes travel once, in "
+                             "the first batch; pad or bucket the batches and build the module without dynamic_shape")
+
+    @contextmanager
+    def _timed(self, *names):
+        """``wall_clock_breakdown``: DeepSpeed's timers of these names around the block (else nothing)."""
+        if not self.wall_clock_breakdown():
+            yield
+            return
+        for name in names:
+            self.timers(name).start()
+        try:
+            yield
+        finally:
+            for name in reversed(names):
+                self.timers(name).stop()
 
     # ----- schedules and batches ----------------------------------------------------------------
     def _train_schedule(self):
@@ -155,21 +187,29 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
                    reduce_output="avg",
                    bcast_loss=True,
                    num_micro_batches=None):
-        """Forward-only schedule; returns the mean loss on every rank (and this rank's loss-stage outputs)."""
+        """Forward-only schedule; returns the mean loss on every rank (and this rank's loss-stage outputs).
+
+        ``compute_loss=False``: no loss; a rank that holds a loss stage returns the mean of the outputs it
+        computed there (``reduce_output=None``: their list), the others ``None``. Under DualPipe two ranks hold
+        loss stages, each for half of the micro-batches (DeepSpeed's engine returns them from its last stage).
+        """
         self.module.eval()
         self._compute_loss = compute_loss
         self.eval_return_logits = return_logits
-        self._eval_outputs = []
+        self._eval_outputs, self._stage_outputs = [], []
         train_iterator = self.data_iterator
         self.set_dataiterator(data_iter)
         micro_batches = self.micro_batches if num_micro_batches is None else num_micro_batches
         try:
             with torch.no_grad():
                 self._exec_schedule(self._inference_schedule(micro_batches))
-                loss = self._aggregate_total_loss()
+                if compute_loss:
+                    loss = self._aggregate_total_loss()
+                else:
+                    loss = _reduce_outputs(self._stage_outputs, reduce_output)
         finally:
             self.set_dataiterator(train_iterator)
-            self.eval_return_logits = False
+            self.eval_return_logits, self._compute_loss, self._stage_outputs = False, True, []
         return (loss, self._eval_outputs) if return_logits else loss
 
     # ----- checkpoints: DeepSpeed's files, saved atomically (deepspeed_dualpipe.checkpoint) -----
@@ -226,6 +266,10 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
 
     # ----- instructions --------------------------------------------------------------------------
     def _exec_load_micro_batch(self, buffer_id, chunk, micro_batch):
+        with self._timed(BATCH_INPUT_TIMER):
+            self._load(buffer_id, chunk, micro_batch)
+
+    def _load(self, buffer_id, chunk, micro_batch):
         slot, (inputs, labels) = self.slots[buffer_id], self._micro_batch(micro_batch)
         if self._upstream(chunk, micro_batch) is None:
             loaded = tuple(self._to_device(t, copy=True).detach() for t in _as_tuple(inputs))
@@ -244,7 +288,10 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         return t.to(self.device)
 
     def _exec_forward_pass(self, buffer_id, chunk, micro_batch):
-        steps.run(self._forward_steps(buffer_id, chunk, micro_batch))
+        # wall_clock_breakdown: DeepSpeed's forward hooks time a call of the module; a phased chunk, which runs its
+        # layers' steps instead, is timed here
+        with self._timed(*(_FORWARD_TIMERS if self.module.chunk_is_phased(chunk) else ())):
+            steps.run(self._forward_steps(buffer_id, chunk, micro_batch))
 
     def _forward_steps(self, buffer_id, chunk, micro_batch):
         """One micro-batch's forward through ``chunk``, as steps (a generator, see :mod:`.autograd.steps`).
@@ -288,7 +335,10 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         slot.labels = None
         if self.eval_return_logits:
             self._eval_outputs.append(outputs)
-        self._loss_sum += loss.detach().float()
+        if self._compute_loss:
+            self._loss_sum += loss.detach().float()
+        else:  # eval_batch(compute_loss=False): the outputs themselves, not a loss
+            self._stage_outputs.append(outputs.detach())
         slot.loss = loss if torch.is_grad_enabled() else None
 
     def _inputs(self, buffer_id, chunk, micro_batch):
@@ -300,12 +350,14 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         return slot.inputs
 
     def _exec_backward_pass(self, buffer_id, chunk, micro_batch):
-        steps.run(self._backward_steps(buffer_id, chunk, micro_batch, split=False))
-        self._weight_gradients_done(chunk)
+        with self._timed(*_BACKWARD_TIMERS):
+            steps.run(self._backward_steps(buffer_id, chunk, micro_batch, split=False))
+            self._weight_gradients_done(chunk)
 
     def _exec_backward_input(self, buffer_id, chunk, micro_batch):
-        self._keep_weight_part(buffer_id, chunk,
-                               steps.run(self._backward_steps(buffer_id, chunk, micro_batch, self._split)))
+        with self._timed(*_BACKWARD_TIMERS):
+            handle = steps.run(self._backward_steps(buffer_id, chunk, micro_batch, self._split))
+            self._keep_weight_part(buffer_id, chunk, handle)
 
     def _keep_weight_part(self, buffer_id, chunk, handle):
         self.slots[buffer_id].weight_part = handle
@@ -315,9 +367,10 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
     def _exec_backward_weight(self, buffer_id, chunk, micro_batch):
         slot = self.slots[buffer_id]
         handle, slot.weight_part = slot.weight_part, None
-        before = self._grad_versions(chunk)
-        handle.weight_part()
-        self._weight_gradients_done(chunk, before)
+        with self._timed(*_BACKWARD_TIMERS):
+            before = self._grad_versions(chunk)
+            handle.weight_part()
+            self._weight_gradients_done(chunk, before)
 
     def _backward_steps(self, buffer_id, chunk, micro_batch, split: bool):
         """One micro-batch's backward through ``chunk`` as steps (a generator): input gradients now,
@@ -358,6 +411,12 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         while the other computes. The backward leads (Megatron-core's order: its first step launches the
         combine's gradient all-to-all, which then hides under the forward's attention). Chunks without
         phases, or ``dualpipe.overlap_moe_a2a: false``, run the two halves one after the other."""
+        with self._timed(*_BACKWARD_TIMERS):  # wall_clock_breakdown: a pair counts as backward time
+            self._pair(forward_buffer, forward_chunk, forward_micro_batch, backward_buffer, backward_chunk,
+                       backward_micro_batch, backward_op)
+
+    def _pair(self, forward_buffer, forward_chunk, forward_micro_batch, backward_buffer, backward_chunk,
+              backward_micro_batch, backward_op):
         split = backward_op == "I" and self._split
         backward = self._backward_steps(backward_buffer, backward_chunk, backward_micro_batch, split)
         forward = self._forward_steps(forward_buffer, forward_chunk, forward_micro_batch)
@@ -389,6 +448,19 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         instructions.ReduceTiedGrads: GradientReductions._exec_reduce_tied_grads,
         instructions.ReduceGrads: GradientReductions._exec_reduce_grads,
     }
+
+
+def _reduce_outputs(outputs, reduce_output):
+    """``eval_batch(compute_loss=False)``'s result on this rank: the mean (or, with ``reduce_output=None``, the list)
+    of the outputs its loss stages computed; ``None`` on a rank that holds no loss stage."""
+    if not outputs:
+        return None
+    if reduce_output is None:
+        return outputs
+    if reduce_output != "avg":
+        raise ValueError(f"eval_batch: reduce_output must be 'avg' or None, got {reduce_output!r}")
+    stacked = [torch.stack(parts).float().mean(0) for parts in zip(*map(_as_tuple, outputs))]
+    return stacked[0] if torch.is_tensor(outputs[0]) else tuple(stacked)
 
 
 def _detached(outputs):

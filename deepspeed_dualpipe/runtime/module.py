@@ -10,6 +10,7 @@ Layers keep DeepSpeed's names (``str(layer_index)``), so a stage's parameters ha
 same names on both ranks of a mirror pair and in DeepSpeed's checkpoint layout.
 """
 
+import functools
 import inspect
 from contextlib import contextmanager
 from typing import List, Tuple
@@ -107,6 +108,20 @@ class DualPipeModule(PipelineModule):
         self.forward_funcs = self.chunk_funcs[chunk]
         self.is_checkpointable_results = self.chunk_checkpointable[chunk]
         self._local_start, self._local_stop = self.chunk_bounds[chunk]
+
+    def compile(self, *args, **kwargs):
+        """``torch.compile`` the layers of every chunk (``PipelineModule.compile`` reaches the active chunk only).
+        A tied layer's forward (a ``functools.partial`` of its module) stays a partial of that module, so the
+        chunk's parameters are still found (:meth:`chunk_parameters`)."""
+        for funcs in self.chunk_funcs:
+            for index, layer in enumerate(funcs):
+                if isinstance(layer, torch.nn.Module):
+                    layer.compile(*args, **kwargs)
+                elif isinstance(layer, functools.partial):
+                    funcs[index] = functools.partial(torch.compile(layer.func, *args, **kwargs), *layer.args,
+                                                     **layer.keywords)
+                else:
+                    funcs[index] = torch.compile(layer, *args, **kwargs)
 
     @contextmanager
     def chunk(self, chunk: int):

@@ -20,6 +20,8 @@ from datetime import timedelta
 
 import torch
 from deepspeed import comm as dist
+from deepspeed.runtime.pipe.engine import (PIPE_RECV_GRAD_TIMER, PIPE_RECV_INPUT_TIMER, PIPE_SEND_GRAD_TIMER,
+                                           PIPE_SEND_OUTPUT_TIMER)
 
 from deepspeed_dualpipe.runtime.errors import PeerTimeout, connection_failed
 from deepspeed_dualpipe.schedule import instructions
@@ -73,6 +75,10 @@ class PointToPoint:
 
     # ----- the commit: one batch_isend_irecv per posting -----------------------------------------
     def _exec_commit_p2p(self):
+        with self._timed(PIPE_SEND_OUTPUT_TIMER):  # wall_clock_breakdown: the posting of sends and receives
+            self._commit()
+
+    def _commit(self):
         queued, self._queued = self._queued, []
         tensors = {id(ins): t for ins, t in queued}
         for posting in self._handshakes.plan([ins for ins, _ in queued]):
@@ -89,7 +95,7 @@ class PointToPoint:
                     data = tensors[id(ins)] if tensors[id(ins)] is not None else self._receive_into(ins)
                 spans.append((ins, kind, len(ops), len(ops) + len(data)))
                 op = dist.isend if send else dist.irecv
-                ops += [dist.P2POp(op, t.contiguous() if send else t, self._peer(ins.peer)) for t in data]
+                ops += [dist.P2POp(op, _wire(t.contiguous() if send else t), self._peer(ins.peer)) for t in data]
             requests = self._post(ops, posting.ops[0][0].peer)
             per_op = len(requests) == len(ops)  # gloo: one request per op; NCCL: one for the whole group
             for ins, kind, begin, end in spans:
@@ -130,7 +136,8 @@ class PointToPoint:
         """Wait for a slot's posted receive (if any); returns ``None``, for the slot to forget it."""
         if pending is not None:
             start = time.perf_counter()
-            self._wait_requests(pending, what, chunk, micro_batch, location[0])
+            with self._timed(PIPE_RECV_INPUT_TIMER if what == "the activation" else PIPE_RECV_GRAD_TIMER):
+                self._wait_requests(pending, what, chunk, micro_batch, location[0])
             self._waited += time.perf_counter() - start
 
     def _wait_requests(self, requests, what, chunk, micro_batch, peer, deadline=None, source="from"):
@@ -169,6 +176,10 @@ class PointToPoint:
                                f"schedule's last CommitP2P were never posted (a schedule without commit points?)")
         sends, self._send_reqs = self._send_reqs, []
         deadline = time.monotonic() + self._timeout.total_seconds()
+        with self._timed(PIPE_SEND_GRAD_TIMER):  # wall_clock_breakdown: the end-of-batch wait for the sends
+            self._wait_sends(sends, deadline)
+
+    def _wait_sends(self, sends, deadline):
         for requests, tensors, ins, kind in sends:
             what = "shapes of the activations" if kind == SHAPES else \
                 "activation" if isinstance(ins, instructions.SendActivation) else "gradient"
@@ -195,6 +206,11 @@ class _Once:
             completed = self.request.wait() if timeout is None else self.request.wait(timeout)
             self.done = completed is not False
         return self.done
+
+
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """What travels for ``t``: a bool tensor as its bytes (NCCL has no bool type), the same memory."""
+    return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
 def _check_sendable(outputs, stage: int, chunk: int) -> None:

@@ -12,6 +12,7 @@ all go through) with an emulation of NCCL's rules. It is an emulation, not NCCL:
   starts a group, it announces each receive to its sender (a ready token in a store, carrying the
   receive's size), and a send goes out only once the token of its receive has come; the ops of one
   group wait for their tokens together, so a group progresses as one, like an NCCL group;
+- a bool tensor is refused, as NCCL has no bool type;
 - ``wait()`` returns once the whole group has completed (NCCL's coalesced work), and never waits
   longer than the strict timeout: a stream that would hang on NCCL raises :class:`StrictP2PError`
   naming what each side was waiting for, and so does a send that meets a receive of another size
@@ -31,6 +32,7 @@ import threading
 import time
 from datetime import timedelta
 
+import torch
 import torch.distributed as torch_dist
 
 ENV = "DS_DUALPIPE_STRICT_P2P"  # the strict timeout in seconds; set for ranks that should run strict
@@ -188,6 +190,9 @@ class StrictP2P:
                 raise StrictP2PError("strict p2p needs the peer of every receive (no receive from any source)")
             if op.tensor.device.type != "cpu":
                 raise StrictP2PError("strict p2p emulates NCCL on gloo: CPU tensors only")
+            if op.tensor.dtype == torch.bool:
+                raise StrictP2PError(f"rank {self.rank}: a bool tensor sent to or received from rank {op.peer}: NCCL "
+                                     f"has no bool type (send its bytes, tensor.view(torch.uint8))")
         return self.communicator(group).post(ops)
 
     def batch_isend_irecv(self, p2p_op_list):

@@ -20,17 +20,18 @@ STRICT_S = 60  # generous: 2 shared cores; a real deadlock is shown with a short
 SHORT_S = 3
 SLACK_S = 10
 
+EXTRA = ("dualpipe-tuple", "dualpipev-clipped", "zb1p-mask", "dualpipe-mask", "dualpipev-mask")
+
 
 @functools.lru_cache(maxsize=None)
 def _strict_launch(P):
-    runs = tuple(equivalence.SCHEDULES) + (("dualpipe-tuple", "dualpipev-clipped") if P == 2 else ())
+    runs = tuple(equivalence.SCHEDULES) + (EXTRA if P == 2 else ())
     return harness.run_distributed(equivalence._train_all, P, P, 1, runs, timeout=900, strict_p2p=STRICT_S)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("P, schedule",
-                         [(P, s) for P in (2, 4) for s in equivalence.SCHEDULES] + [(2, "dualpipe-tuple"),
-                                                                                    (2, "dualpipev-clipped")])
+                         [(P, s) for P in (2, 4) for s in equivalence.SCHEDULES] + [(2, r) for r in EXTRA])
 def test_every_schedule_trains_like_one_process_under_nccls_point_to_point_rules(P, schedule):
     results = [per_rank[schedule] for per_rank in _strict_launch(P)]
     init = harness.initial_params_from(results)
