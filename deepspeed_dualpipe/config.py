@@ -9,7 +9,11 @@ Two places in the DeepSpeed config dict matter::
         "overlap_moe_a2a": true,
         "recompute_islands": [],
         "p2p_timeout_s": 300,
-        "verify_schedule": true
+        "verify_schedule": true,
+        "monitor_interval": 1,                   # the plugin's figures in DeepSpeed's monitor
+        "monitor_memory": false,
+        "profile_step": null,                    # record a step for `advise`
+        "profile_path": "dualpipe_profile.json"
       }
     }
 
@@ -20,7 +24,7 @@ name the key path instead of a pydantic traceback.
 
 import difflib
 import math
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Union
 
 from pydantic import Field, StrictStr, ValidationError, field_validator
 
@@ -62,6 +66,21 @@ class DualPipeSection(DeepSpeedConfigModel):
         if len(set(value)) != len(value):
             raise ValueError("names an island twice")
         return value
+
+    monitor_interval: int = Field(1, ge=1)
+    """With a DeepSpeed ``monitor`` enabled: write the plugin's figures (bubble, waits, hidden all-to-all
+    time) every this many steps (docs/usage.md, "The plugin's figures in DeepSpeed's monitor")."""
+
+    monitor_memory: bool = False
+    """Also write each pipeline rank's peak activation memory, read at the allocator. On CPU this takes
+    a step of its own after each monitored one (torch's profiler slows it down)."""
+
+    profile_step: Optional[int] = Field(None, ge=0)
+    """Record this step (0-based; memory in the step after it) for ``python -m deepspeed_dualpipe advise``
+    into ``profile_path`` (docs/advise.md)."""
+
+    profile_path: str = "dualpipe_profile.json"
+    """Where global rank 0 writes the profile of ``profile_step``."""
 
     @field_validator("p2p_timeout_s")
     @classmethod

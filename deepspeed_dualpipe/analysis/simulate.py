@@ -3,7 +3,7 @@
 Costs are per chunk (one model stage): ``F`` forward, ``B`` full backward, ``W`` its
 weight part (an ``I`` costs ``B - W``), ``FB`` an overlapped forward+backward pair.
 "PP" in the report's formulas is the number of model stages: P for 1F1B, ZB1P and
-DualPipe, 2P for DualPipeV (which runs PP stages on PP/2 ranks).
+DualPipe, 2P for DualPipeV, ZB-V and interleaved 1F1B (which run PP stages on PP/2 ranks).
 """
 
 from dataclasses import dataclass
@@ -19,17 +19,31 @@ class Table2Row:
     bubble_of: Callable[[int, Costs], float]  # (PP, costs) -> bubble
     activations: str  # per device, in micro-batches of one stage
     params: str  # per device, relative to a 1F1B stage of the same PP
+    activations_of: Callable[[int], int] = lambda PP: PP
 
 
 def _dualpipe_bubble(PP: int, c: Costs) -> float:
     return (PP / 2 - 1) * (c.pair + c.B - 3 * c.W)
 
 
+# Rows of DeepSeek-V3's Table 2, and the two baselines in its notation: PP model stages, costs per
+# stage (chunk). Interleaved 1F1B is Megatron's (p-1)(t_f+t_b)/v with p = PP/2 ranks, v = 2 chunks and
+# t = 2 chunk costs; its activations are rank 0's warm-up plus one, with M a multiple of P. ZB-V's row
+# is what the simulator gives at the costs the schedule is built for (F = B-W = W); docs/schedules.md
+# shows where it differs.
 TABLE2: Dict[str, Table2Row] = {
-    "1f1b": Table2Row("(PP-1)(F+B)", lambda PP, c: (PP - 1) * (c.F + c.B), "PP", "1x"),
-    "zb1p": Table2Row("(PP-1)(F+B-2W)", lambda PP, c: (PP - 1) * (c.F + c.B - 2 * c.W), "PP", "1x"),
-    "dualpipe": Table2Row("(PP/2-1)(F&B+B-3W)", _dualpipe_bubble, "PP+1", "2x"),
-    "dualpipev": Table2Row("(PP/2-1)(F&B+B-3W)", _dualpipe_bubble, "PP+1", "2x"),
+    "1f1b":
+    Table2Row("(PP-1)(F+B)", lambda PP, c: (PP - 1) * (c.F + c.B), "PP", "1x"),
+    "zb1p":
+    Table2Row("(PP-1)(F+B-2W)", lambda PP, c: (PP - 1) * (c.F + c.B - 2 * c.W), "PP", "1x"),
+    "interleaved-1f1b":
+    Table2Row("(PP/2-1)(F+B)", lambda PP, c: (PP / 2 - 1) * (c.F + c.B), "3PP/2-1", "2x", lambda PP: 3 * PP // 2 - 1),
+    "zbv":
+    Table2Row("(PP/2-1)(F+B-2W)", lambda PP, c: (PP / 2 - 1) * (c.F + c.B - 2 * c.W), "PP", "2x"),
+    "dualpipe":
+    Table2Row("(PP/2-1)(F&B+B-3W)", _dualpipe_bubble, "PP+1", "2x", lambda PP: PP + 1),
+    "dualpipev":
+    Table2Row("(PP/2-1)(F&B+B-3W)", _dualpipe_bubble, "PP+1", "2x", lambda PP: PP + 1),
 }
 
 
@@ -42,7 +56,7 @@ def table2_activation_ratio(schedule: str, stages: int) -> Optional[float]:
     if row is None:
         return None
     PP = get_spec(schedule).layout(stages, 2 * stages).model_stages
-    return _activation_formula(row.activations, PP) / PP
+    return row.activations_of(PP) / PP
 
 
 @dataclass
@@ -109,14 +123,10 @@ def table(results: List[Simulated]) -> str:
             row.bubble if row else "-",
             _number(s.formula_bubble) if row else "-",
             str(act_hi) if act_lo == act_hi else f"{act_lo}..{act_hi}",
-            f"{row.activations} = {_activation_formula(row.activations, s.model_stages)}" if row else "-",
+            f"{row.activations} = {row.activations_of(s.model_stages)}" if row else "-",
             str(s.param_copies),
         ])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def _activation_formula(text: str, PP: int) -> int:
-    return PP + 1 if text == "PP+1" else PP

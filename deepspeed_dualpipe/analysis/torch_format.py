@@ -29,7 +29,7 @@ from typing import Dict, List
 from deepspeed_dualpipe.analysis.events import Comm, rank_events
 from deepspeed_dualpipe.schedule import get_spec, rank_steps
 
-TORCH_EXPRESSIBLE = ("1f1b", "zb1p", "dualpipev", "ds-dualpipev")
+TORCH_EXPRESSIBLE = ("1f1b", "zb1p", "interleaved-1f1b", "zbv", "dualpipev", "ds-dualpipev")
 
 _NOT_EXPRESSIBLE = {
     "dualpipe":

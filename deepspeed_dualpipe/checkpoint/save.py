@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from contextlib import contextmanager
 
 from deepspeed.utils import logger
 
@@ -38,6 +39,34 @@ def prepare_save_dir(save_dir: str, tag: str) -> None:
     os.makedirs(staging_dir(save_dir, tag))
 
 
+@contextmanager
+def _universal_checkpoint_info(module, client_state: dict):
+    """Megatron-DeepSpeed's universal-checkpoint metadata through DeepSpeed 0.19.8's MoE save. DeepSpeed reads
+    ``module.universal_checkpoint_info`` as a dict and refuses that key in ``client_state``; Megatron's
+    ``GPTModelPipe`` defines a method of that name and passes the dict in ``client_state``, so DeepSpeed's own
+    save fails either way. For the save, the dict becomes the module attribute DeepSpeed writes under that key,
+    and leaves ``client_state``: the file holds the same entry. Yields the ``client_state`` to pass."""
+    key = "universal_checkpoint_info"
+    attribute = getattr(module, key, None)
+    if key not in client_state and not callable(attribute):
+        yield client_state
+        return
+    client_state = dict(client_state)
+    info = client_state.pop(key, None)
+    if info is None:
+        info = attribute()
+    shadowed = key in vars(module)
+    previous = vars(module).get(key)
+    object.__setattr__(module, key, info)
+    try:
+        yield client_state
+    finally:
+        if shadowed:
+            object.__setattr__(module, key, previous)
+        else:
+            del vars(module)[key]
+
+
 def _write_files(engine, save_dir, staging_tag, client_state, exclude_frozen_parameters):
     """This rank's part of DeepSpeed's ``save_checkpoint``, into ``save_dir/staging_tag``, flushed to disk."""
     from deepspeed.runtime.checkpoint_engine import CheckpointCommitInfo
@@ -60,10 +89,11 @@ def _write_files(engine, save_dir, staging_tag, client_state, exclude_frozen_par
         engine._create_checkpoint_file(save_dir, staging_tag, False)
         if engine.has_moe_layers:
             engine.save_non_zero_checkpoint = False  # as DeepSpeed: the MoE path writes the non-expert file itself
-            engine._save_moe_checkpoint(save_dir,
-                                        staging_tag,
-                                        client_state=client_state,
-                                        exclude_frozen_parameters=exclude_frozen_parameters)
+            with _universal_checkpoint_info(engine.module, client_state) as state:
+                engine._save_moe_checkpoint(save_dir,
+                                            staging_tag,
+                                            client_state=state,
+                                            exclude_frozen_parameters=exclude_frozen_parameters)
             moe.write_map(engine, os.path.join(save_dir, staging_tag))  # expert files, readable by any placement
         else:
             engine._save_checkpoint(save_dir,

@@ -1,8 +1,8 @@
-"""Rebuild a user's ``PipelineModule`` in the form a schedule needs, from its recorded arguments."""
+"""Rebuild a user's ``PipelineModule`` in the form a schedule needs, and point what the script built from it
+(``model_parameters``, its optimizer) at the rebuilt module."""
 
-from deepspeed.utils import logger
-
-from deepspeed_dualpipe.integration.recording import pipeline_module_init_args
+from deepspeed_dualpipe.integration import chunked
+from deepspeed_dualpipe.integration.optimizer import remap_optimizer, remap_param_groups
 
 
 def as_deepspeed_dualpipev(model):
@@ -10,43 +10,32 @@ def as_deepspeed_dualpipev(model):
     from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
     if isinstance(model, DualPipeVModule):
         return model
-    logger.info("pipeline.schedule='ds-dualpipev': rebuilding the PipelineModule as DeepSpeed's DualPipeVModule")
-    args, kwargs = pipeline_module_init_args(model)
-    return DualPipeVModule(*args, **kwargs)  # same constructor as PipelineModule
+    return chunked.rebuild(model, DualPipeVModule)
 
 
 def as_chunked(model, schedule: str, module_cls):
-    """``model`` rebuilt as ``module_cls`` (a ``DualPipeModule``) for one of the plugin's schedules:
-    the same layers and settings, cut into the chunks ``schedule`` places on each rank."""
+    """``model`` rebuilt in the chunks ``schedule`` places on each rank (``module_cls``: ``DualPipeModule``)."""
     if isinstance(model, module_cls) and model.schedule == schedule:
         return model
-    args, kwargs = pipeline_module_init_args(model)
-    return module_cls(*args, schedule=schedule, **kwargs)
+    return chunked.rebuild(model, module_cls, schedule=schedule)
 
 
-def parameters_for(rebuilt, original, kwargs, schedule):
-    """``deepspeed.initialize``'s keyword arguments with ``model_parameters`` of the rebuilt module. A script
-    that passed ``model.parameters()`` of the module it built meant "all of them", and those belong to the
-    module that is now replaced (and that does not hold a mirror chunk): the rebuilt module's own parameters
-    take their place. Parameter groups cannot be carried over automatically, so they are an error that says
-    what to do."""
-    given = kwargs.get("model_parameters")
-    if given is None:
+def carry_over(kwargs: dict, original, rebuilt) -> dict:
+    """``deepspeed.initialize``'s keyword arguments for ``rebuilt``: ``model_parameters`` (tensors or param
+    groups) remapped, and a ``torch.optim.Optimizer`` passed as ``optimizer`` remapped in place."""
+    if rebuilt is original:
         return kwargs
-    given = list(given)
-    if any(isinstance(g, dict) for g in given):
-        raise ValueError(f"pipeline.schedule={schedule!r} rebuilds the PipelineModule, so parameter groups "
-                         f"(model_parameters=[{{'params': ...}}, ...]) built from the original module would train "
-                         f"nothing; build deepspeed_dualpipe.DualPipeModule(..., schedule={schedule!r}) yourself and "
-                         f"make the groups from its parameters, or pass a callable optimizer")
-    ids = {id(p) for p in given}
-    if ids == {id(p) for p in original.parameters()}:
-        return {**kwargs, "model_parameters": list(rebuilt.parameters())}
-    if ids == {id(p) for p in original.parameters() if p.requires_grad}:
-        return {**kwargs, "model_parameters": [p for p in rebuilt.parameters() if p.requires_grad]}
-    raise ValueError(f"pipeline.schedule={schedule!r} rebuilds the PipelineModule, so model_parameters must be all "
-                     f"of its parameters (or all trainable ones) to be carried over; for another selection build "
-                     f"deepspeed_dualpipe.DualPipeModule(..., schedule={schedule!r}) yourself and pass its parameters")
+    given = kwargs.get("model_parameters")
+    if given is not None:
+        given = list(given)
+    if given:
+        groups = given if given and isinstance(given[0], dict) else [{"params": given}]
+        remapped = remap_param_groups(groups, original, rebuilt)
+        kwargs = {**kwargs, "model_parameters": remapped if isinstance(given[0], dict) else remapped[0]["params"]}
+    optimizer = kwargs.get("optimizer")
+    if hasattr(optimizer, "param_groups"):
+        remap_optimizer(optimizer, original, rebuilt)
+    return kwargs
 
 
-__all__ = ["as_deepspeed_dualpipev", "as_chunked", "parameters_for"]
+__all__ = ["as_deepspeed_dualpipev", "as_chunked", "carry_over"]

@@ -18,7 +18,8 @@ import inspect
 import deepspeed
 
 from deepspeed_dualpipe.config import dualpipe_config
-from deepspeed_dualpipe.integration import convert
+from deepspeed_dualpipe.integration import convert, megatron
+from deepspeed_dualpipe.integration.optimizer import check_optimizer
 from deepspeed_dualpipe.integration.recording import record_pipeline_module_args
 
 # Set while initialize runs, so a patched deepspeed.initialize (or an installed wrapper)
@@ -64,8 +65,13 @@ def initialize(args=None, model=None, *positional, **kwargs):
       unchanged.
     - "ds-dualpipev": the model is rebuilt as DeepSpeed's ``DualPipeVModule``, for which
       ``deepspeed.initialize`` builds its ``DualPipeVEngine``.
-    - "zb1p", "dualpipe", "dualpipev": the model is rebuilt in chunks (:func:`.convert.as_chunked`) and ``deepspeed.initialize`` runs with
+    - the plugin's schedules ("zb1p", "interleaved-1f1b", "zbv", "dualpipe", "dualpipev"): the model is rebuilt
+      in chunks (:mod:`.chunked`: the user's class, attributes, weights and random stream kept) and
+      ``deepspeed.initialize`` runs with
       ``deepspeed.PipelineEngine`` (looked up by it at call time) set to ``DualPipeEngine``.
+
+    A rebuilt model's ``model_parameters`` and optimizer are pointed at it (:mod:`.optimizer`); whatever the
+    path, an optimizer that would not train exactly the model's trainable parameters is refused.
     """
     global _ACTIVE
     if len(positional) > len(_DS_PARAMS):
@@ -84,20 +90,24 @@ def initialize(args=None, model=None, *positional, **kwargs):
     schedule = dualpipe_config(config).schedule
     _check_expert_parallelism(model)
     if schedule == "1f1b":
+        check_optimizer(kwargs.get("optimizer"), model)
         return _weigh_aux_losses_by_gas(ds_initialize(args=args, model=model, **kwargs))
 
     _ACTIVE = True
     try:
         if schedule == "ds-dualpipev":
             rebuilt = convert.as_deepspeed_dualpipev(model)
-            kwargs = convert.parameters_for(rebuilt, model, kwargs, schedule)
+            kwargs = convert.carry_over(kwargs, model, rebuilt)
+            check_optimizer(kwargs.get("optimizer"), rebuilt)
             return _weigh_aux_losses_by_gas(ds_initialize(args=args, model=rebuilt, **kwargs))
         DualPipeModule, DualPipeEngine = _plugin_classes()
-        if not isinstance(model, DualPipeModule):
-            rebuilt = convert.as_chunked(model, schedule, DualPipeModule)
-            model, kwargs = rebuilt, convert.parameters_for(rebuilt, model, kwargs, schedule)
+        rebuilt = convert.as_chunked(model, schedule, DualPipeModule)
+        kwargs = convert.carry_over(kwargs, model, rebuilt)
+        if megatron.is_megatron_model(rebuilt):
+            megatron.adapt(rebuilt, schedule)
+        check_optimizer(kwargs.get("optimizer"), rebuilt)
         with _pipeline_engine(DualPipeEngine):
-            return ds_initialize(args=args, model=model, **kwargs)
+            return ds_initialize(args=args, model=rebuilt, **kwargs)
     finally:
         _ACTIVE = False
 

@@ -62,14 +62,16 @@ class MoETransformerBlock(nn.Module):
                  dense: bool = False,
                  use_rts: bool = False,
                  top2_2nd_expert_sampling: bool = False,
-                 norm_eps: float = 1e-6):
+                 norm_eps: float = 1e-6,
+                 norm: Optional[type] = None):
         super().__init__()
+        norm = norm or RMSNorm  # any class with RMSNorm's (hidden_size, eps=...) signature
         ffn = ffn_hidden_size or 4 * hidden_size
         self.dense = dense
         self.aux_loss_coef = aux_loss_coef
-        self.norm1 = RMSNorm(hidden_size, eps=norm_eps)
+        self.norm1 = norm(hidden_size, eps=norm_eps)
         self.attn = CausalSelfAttention(hidden_size, num_heads)
-        self.norm2 = RMSNorm(hidden_size, eps=norm_eps)
+        self.norm2 = norm(hidden_size, eps=norm_eps)
         self.mlp = self.moe = self.shared_expert = None
         if dense:
             self.mlp = SwiGLU(hidden_size, ffn)

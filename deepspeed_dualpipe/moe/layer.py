@@ -29,6 +29,7 @@ timers (``wall_clock_breakdown``) are not updated by the phased path.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -41,6 +42,22 @@ from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
 from deepspeed_dualpipe.runtime.autograd.steps import InlineTape, run
 
 __all__ = ["DualPipeMoE"]
+
+
+@contextmanager
+def _capacity_of_every_token(gate, tokens: int):
+    """For a gate with ``drop_tokens=False``: route with DeepSpeed's token-dropping path at capacity ``tokens``
+    (``capacity_factor`` 0 and ``min_capacity`` = tokens), which drops nothing and needs no all-reduce."""
+    if gate.drop_tokens:
+        yield
+        return
+    saved = gate.capacity_factor, gate.eval_capacity_factor, gate.min_capacity
+    gate.drop_tokens, gate.capacity_factor, gate.eval_capacity_factor, gate.min_capacity = True, 0.0, 0.0, tokens
+    try:
+        yield
+    finally:
+        gate.drop_tokens = False
+        gate.capacity_factor, gate.eval_capacity_factor, gate.min_capacity = saved
 
 
 class DualPipeMoE(MoE):
@@ -78,13 +95,20 @@ class DualPipeMoE(MoE):
     def gate_phase(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
         """Route the tokens and lay them out per expert.
 
-        Returns ``(dispatched [E, C, M], l_aux, slots, gates, exp_counts)``. ``int(capacity)`` is a
-        host sync (as in DeepSpeed); it happens here, before the dispatch is launched.
+        Returns ``(dispatched [E, C, M], l_aux, slots, gates, exp_counts)``. No device sync: DeepSpeed's
+        gate computes the capacity on the host from the shapes. With ``drop_tokens=False`` DeepSpeed
+        takes the largest expert load over the expert-parallel group instead (an all-reduce, then
+        ``int()`` of a device tensor: a host sync, queued behind the other micro-batch's all-to-all);
+        here the capacity is the token count, which no expert can exceed, so the same tokens reach the
+        same experts in the same places and nothing waits, at the price of dispatch buffers of ``C = T``
+        rows per expert.
         """
         moe = self.deepspeed_moe
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
-        l_aux, capacity, num_experts, indices, locations, gates, exp_counts = moe.gate(tokens, used_token, True, False)
-        capacity = int(capacity)
+        with _capacity_of_every_token(moe.gate, tokens.shape[0]):
+            l_aux, capacity, num_experts, indices, locations, gates, exp_counts = moe.gate(
+                tokens, used_token, True, False)
+        capacity = int(capacity)  # a host tensor (see above)
         slots = _route_slots(indices, locations, num_experts, capacity)
         return _sparse_encode(tokens, slots, num_experts, capacity), l_aux, slots, gates, exp_counts
 

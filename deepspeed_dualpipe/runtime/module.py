@@ -4,25 +4,30 @@
 - ``dualpipe``: P stages; rank r builds stage r (chunk 0) and stage P-1-r (chunk 1), so
   every stage lives on a mirror pair of ranks. Both copies start identical (a broadcast
   within the pair) and stay identical: gradients are summed across the pair.
-- ``dualpipev``: 2P stages; rank r builds stage r (chunk 0) and stage 2P-1-r (chunk 1).
+- ``dualpipev``, ``zbv``: 2P stages; rank r builds stage r (chunk 0) and stage 2P-1-r (chunk 1).
+- ``interleaved-1f1b``: 2P stages; rank r builds stage r (chunk 0) and stage P+r (chunk 1). Its two
+  chunks are not neighbours: rank P-1's chunk 0 feeds rank 0's chunk 1 over the network.
 
 Layers keep DeepSpeed's names (``str(layer_index)``), so a stage's parameters have the
 same names on both ranks of a mirror pair and in DeepSpeed's checkpoint layout.
 """
 
+import functools
 import inspect
 from contextlib import contextmanager
 from typing import List, Tuple
 
 import torch
 from deepspeed import comm as dist
+from deepspeed.runtime import utils as ds_utils
 from deepspeed.runtime.pipe.module import PipelineModule, TiedLayerSpec
 
 from deepspeed_dualpipe.schedule import PLUGIN_SCHEDULES, Layout, LayoutKind, get_spec
 
 
 class DualPipeModule(PipelineModule):
-    """A :class:`deepspeed.pipe.PipelineModule` for ``schedule`` (one of ``zb1p``, ``dualpipe``, ``dualpipev``).
+    """A :class:`deepspeed.pipe.PipelineModule` for ``schedule``, one of the plugin's schedules
+    (:data:`~deepspeed_dualpipe.schedule.PLUGIN_SCHEDULES`).
 
     Takes the same arguments as ``PipelineModule`` plus ``schedule``.
     """
@@ -34,8 +39,10 @@ class DualPipeModule(PipelineModule):
         self.schedule = schedule
         self.partition_method = _argument(PipelineModule.__init__, "partition_method", args, kwargs, layers,
                                           num_stages, topology, loss_fn)
-        super().__init__(layers, num_stages, topology, loss_fn, *args, **kwargs)
-        self.mirror_group = self._mirror_groups()
+        # Explicitly PipelineModule's: as the base of a user's class rebuilt in chunks (integration.chunked),
+        # super() would reach the user's own __init__.
+        PipelineModule.__init__(self, layers, num_stages, topology, loss_fn, *args, **kwargs)
+        self.mirror_group, self.holder_group = self._mirror_groups()
         self._synchronize_mirrors()
 
     @property
@@ -70,6 +77,8 @@ class DualPipeModule(PipelineModule):
         stage = next(s for s in range(len(self.parts) - 1) if self.parts[s] <= layer_idx < self.parts[s + 1])
         if self.layout_kind is LayoutKind.V:
             return min(stage, 2 * self.num_stages - 1 - stage)
+        if self.layout_kind is LayoutKind.INTERLEAVED:
+            return stage % self.num_stages
         return stage
 
     # ----- building ------------------------------------------------------------------------------
@@ -107,6 +116,51 @@ class DualPipeModule(PipelineModule):
         self.forward_funcs = self.chunk_funcs[chunk]
         self.is_checkpointable_results = self.chunk_checkpointable[chunk]
         self._local_start, self._local_stop = self.chunk_bounds[chunk]
+
+    def forward(self, forward_input):
+        """DeepSpeed's ``PipelineModule.forward`` on the active chunk (layer seeds, activation checkpointing), with
+        the chunk's layers bound now: a recompute in the backward runs this chunk whichever is active then."""
+        self.micro_offset += 1
+        funcs, first, offset = list(self.forward_funcs), self._local_start, self.micro_offset + 1
+
+        def exec_range_func(start, end):
+
+            def exec_func(*inputs):
+                x = inputs[0] if len(inputs) == 1 else inputs  # one tensor travels unwrapped
+                for idx, layer in enumerate(funcs[start:end]):
+                    self.curr_layer = idx + first  # as DeepSpeed counts it (per range), for the same seeds
+                    if self.seed_layers:
+                        seed = self.base_seed * offset + self.curr_layer
+                        self.seed_fn(seed) if self.seed_fn else ds_utils.set_random_seed(seed)
+                    x = layer(x)
+                return x
+
+            return exec_func
+
+        interval = self.activation_checkpoint_interval
+        if interval == 0:
+            return exec_range_func(0, len(funcs))(forward_input)
+        x = forward_input
+        for start, checkpointable in zip(range(0, len(funcs), interval), self.is_checkpointable_results):
+            end = min(start + interval, len(funcs))
+            x = x if isinstance(x, tuple) else (x, )
+            run = exec_range_func(start, end)
+            x = self.activation_checkpoint_func(run, *x) if checkpointable else run(*x)
+        return x
+
+    def compile(self, *args, **kwargs):
+        """``torch.compile`` the layers of every chunk (``PipelineModule.compile`` reaches the active chunk only).
+        A tied layer's forward (a ``functools.partial`` of its module) stays a partial of that module, so the
+        chunk's parameters are still found (:meth:`chunk_parameters`)."""
+        for funcs in self.chunk_funcs:
+            for index, layer in enumerate(funcs):
+                if isinstance(layer, torch.nn.Module):
+                    layer.compile(*args, **kwargs)
+                elif isinstance(layer, functools.partial):
+                    funcs[index] = functools.partial(torch.compile(layer.func, *args, **kwargs), *layer.args,
+                                                     **layer.keywords)
+                else:
+                    funcs[index] = torch.compile(layer, *args, **kwargs)
 
     @contextmanager
     def chunk(self, chunk: int):
@@ -167,17 +221,23 @@ class DualPipeModule(PipelineModule):
             super()._synchronize_tied_weights()
 
     def _mirror_groups(self):
-        """The process group of this rank and its mirror (same data-parallel index), for DualPipe."""
+        """For DualPipe: the process group of this rank and its mirror (same data-parallel index), and the group of
+        every holder of this rank's two stages (the mirror pair in every data-parallel replica); else ``None``s."""
         if self.layout_kind is not LayoutKind.BIDIRECTIONAL:
-            return None
-        P, mine = self.num_stages, None
-        for dp in range(self._grid.data_parallel_size):
+            return None, None
+        P, dp, mirror, holders = self.num_stages, self._grid.data_parallel_size, None, None
+        for d in range(dp):  # every rank creates every group, in the same order
             for r in range(P // 2):
-                ranks = [self._grid.stage_to_global(stage_id=s, data=dp) for s in (r, P - 1 - r)]
-                group = dist.new_group(ranks=ranks)  # every rank creates every group, in the same order
+                ranks = [self._grid.stage_to_global(stage_id=s, data=d) for s in (r, P - 1 - r)]
+                group = dist.new_group(ranks=ranks)
                 if self.global_rank in ranks:
-                    mine = group
-        return mine
+                    mirror = group
+        for r in range(P // 2):
+            ranks = sorted(self._grid.stage_to_global(stage_id=s, data=d) for s in (r, P - 1 - r) for d in range(dp))
+            group = dist.new_group(ranks=ranks) if dp > 1 else None
+            if self.global_rank in ranks:
+                holders = group if dp > 1 else mirror
+        return mirror, holders
 
     def mirror_peer(self) -> int:
         return self._grid.stage_to_global(stage_id=self.num_stages - 1 - self.stage_id)

@@ -28,15 +28,12 @@ from deepspeed_dualpipe.runtime.errors import PeerTimeout
 _IDLE_S = 1.0  # how often an idle background thread checks whether its engine is gone
 
 
-def _what(requests) -> str:
-    return f"{len(requests)} tensor(s) this rank sent to be received"
-
-
 class _Send:
-    __slots__ = ("requests", "peer", "posted", "token")
+    __slots__ = ("requests", "peer", "tensors", "what", "posted", "token")
 
-    def __init__(self, requests, peer, token):
-        self.requests, self.peer, self.posted, self.token = requests, peer, time.monotonic(), token
+    def __init__(self, requests, peer, tensors, what, token):
+        self.requests, self.peer, self.tensors, self.what = requests, peer, tensors, what
+        self.posted, self.token = time.monotonic(), token
 
 
 class PendingSends:
@@ -58,12 +55,13 @@ class PendingSends:
         with self._lock:
             return len(self._entries)
 
-    def add(self, requests, peer: int) -> None:
-        """A ``batch_isend_irecv``'s send requests to pipeline rank ``peer`` (they hold the tensors)."""
+    def add(self, requests, peer: int, tensors=(), what: str = "a tensor this rank sent") -> None:
+        """A ``batch_isend_irecv``'s send requests to pipeline rank ``peer``, the tensors they send (held until
+        the send completes), and what they carry (for errors)."""
         self.poll()
         with self._lock:
             self._tokens += 1
-            send = _Send(requests, peer, self._tokens)
+            send = _Send(requests, peer, tensors, what, self._tokens)
             self._entries.append(send)
             if self._background:
                 self._queue.put(send)
@@ -100,12 +98,12 @@ class PendingSends:
                 entries, self._entries = self._entries, []
             for send in entries:
                 engine._wait_requests(send.requests,
-                                      _what(send.requests),
+                                      send.what,
                                       None,
                                       None,
                                       send.peer,
                                       deadline=deadline,
-                                      source="by")
+                                      source="to be received by")
             return
         with self._lock:
             while self._failure is None and any(s.token not in self._completed for s in self._entries):
@@ -113,8 +111,8 @@ class PendingSends:
                 if left <= 0:
                     send = next(s for s in self._entries if s.token not in self._completed)
                     self._entries, self._completed = [], set()
-                    raise PeerTimeout.gave_up(engine, "the send did not complete", send.peer, _what(send.requests),
-                                              "by",
+                    raise PeerTimeout.gave_up(engine, "the send did not complete", send.peer, send.what,
+                                              "to be received by",
                                               time.monotonic() - send.posted)
                 self._changed.wait(left)
             failure, self._failure = self._failure, None
@@ -137,11 +135,17 @@ def _reap(owner, sends: queue.Queue) -> None:
         pending = owner()
         if pending is None:
             return
-        requests, peer, token = send.requests, send.peer, send.token
+        requests, peer, token, what = send.requests, send.peer, send.token, send.what
         deadline = send.posted + 2 * pending._engine._timeout.total_seconds()
         del send  # from here on only the engine's thread holds the send
         try:
-            pending._engine._wait_requests(requests, _what(requests), None, None, peer, deadline=deadline, source="by")
+            pending._engine._wait_requests(requests,
+                                           what,
+                                           None,
+                                           None,
+                                           peer,
+                                           deadline=deadline,
+                                           source="to be received by")
         except Exception as failure:  # noqa: BLE001 - raised by drain(), on the engine's thread
             pending._note(failure=failure)
         else:

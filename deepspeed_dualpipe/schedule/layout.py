@@ -18,7 +18,8 @@ class LayoutKind(str, Enum):
 
     LINEAR = "linear"  # 1F1B, ZB1P: rank r holds stage r
     BIDIRECTIONAL = "bidirectional"  # DualPipe: rank r holds stages r and P-1-r (mirror copies)
-    V = "v"  # DualPipeV: rank r holds stages r and 2P-1-r
+    V = "v"  # DualPipeV, ZB-V: rank r holds stages r and 2P-1-r
+    INTERLEAVED = "interleaved"  # interleaved 1F1B (virtual stages): rank r holds stages r and P+r
 
     def __str__(self) -> str:
         return self.value
@@ -42,7 +43,7 @@ class Layout:
     @property
     def model_stages(self) -> int:
         """How many pieces the model is cut into."""
-        return 2 * self.ranks if self.kind is LayoutKind.V else self.ranks
+        return 2 * self.ranks if self.kind in (LayoutKind.V, LayoutKind.INTERLEAVED) else self.ranks
 
     @property
     def param_copies(self) -> int:
@@ -58,6 +59,8 @@ class Layout:
             if micro_batch < self.micro_batches // 2:
                 return [(r, 0) for r in range(P)]  # forward direction: enters at rank 0
             return [(P - 1 - s, 1) for s in range(P)]  # reverse direction: enters at rank P-1
+        if self.kind is LayoutKind.INTERLEAVED:  # down the ranks twice: rank P-1 hands over to rank 0
+            return [(r, 0) for r in range(P)] + [(r, 1) for r in range(P)]
         return [(r, 0) for r in range(P)] + [(r, 1) for r in reversed(range(P))]
 
     def model_stage(self, rank: int, chunk: int) -> int:
@@ -65,7 +68,9 @@ class Layout:
         P = self.ranks
         if chunk == 0:
             return rank
-        return P - 1 - rank if self.kind is LayoutKind.BIDIRECTIONAL else 2 * P - 1 - rank
+        if self.kind is LayoutKind.BIDIRECTIONAL:
+            return P - 1 - rank
+        return P + rank if self.kind is LayoutKind.INTERLEAVED else 2 * P - 1 - rank
 
     def _neighbour(self, rank: int, chunk: int, micro_batch: int, step: int) -> Optional[Location]:
         path = self.path(micro_batch)

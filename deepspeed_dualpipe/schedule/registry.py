@@ -10,7 +10,9 @@ from deepspeed_dualpipe.schedule.layout import Layout, LayoutKind
 from deepspeed_dualpipe.schedule.base import ProgramSchedule, require_int
 from deepspeed_dualpipe.schedule.dualpipe import DualPipeSchedule
 from deepspeed_dualpipe.schedule.dualpipev import DualPipeVSchedule
+from deepspeed_dualpipe.schedule.interleaved import Interleaved1F1BSchedule
 from deepspeed_dualpipe.schedule.zb1p import ZeroBubbleH1Schedule
+from deepspeed_dualpipe.schedule.zbv import ZeroBubbleVSchedule
 
 
 class EngineKind(str, Enum):
@@ -58,6 +60,10 @@ SCHEDULES: Dict[str, ScheduleSpec] = {
         ScheduleSpec("1f1b", LayoutKind.LINEAR, EngineKind.DEEPSPEED, ds.TrainSchedule, ds.InferenceSchedule,
                      _validate_1f1b, "DeepSpeed's own 1F1B TrainSchedule, unchanged (baseline)"),
         _plugin(ZeroBubbleH1Schedule, "ZeroBubble ZB-H1: backward split into I and W, W deferred"),
+        _plugin(
+            Interleaved1F1BSchedule, "Interleaved 1F1B: two virtual stages per rank (r and P+r), as Megatron "
+            "and torch.distributed.pipelining"),
+        _plugin(ZeroBubbleVSchedule, "ZB-V: zero-bubble V (stages r and 2P-1-r), backward split into I and W"),
         _plugin(DualPipeSchedule, "DualPipe: bidirectional, mirrored chunks, overlapped F&B pairs"),
         _plugin(DualPipeVSchedule, "DualPipeV: DualPipe cut in half, V-shaped, no duplicated parameters"),
         ScheduleSpec("ds-dualpipev", LayoutKind.V, EngineKind.DEEPSPEED, ds.DualPipeVSchedule,

@@ -14,10 +14,15 @@ import pytest
 from tests.helpers import harness
 from tests.helpers import models
 
-SCHEDULES = ["1f1b", "zb1p", "dualpipe", "dualpipev", "ds-dualpipev"]
+SCHEDULES = ["1f1b", "zb1p", "interleaved-1f1b", "zbv", "dualpipe", "dualpipev", "ds-dualpipev"]
 MBS, STEPS, SEED = 2, 3, 0
 
-MODELS = {"tied": models.tied_specs, "untied": models.untied_specs, "tuple": models.tuple_specs}
+MODELS = {
+    "tied": models.tied_specs,
+    "untied": models.untied_specs,
+    "tuple": models.tuple_specs,
+    "mask": models.mask_specs
+}
 
 
 def micro_batches(P):
@@ -51,10 +56,13 @@ RUNS = {  # name -> (schedule, model, dualpipe settings, other config keys)
     "dualpipe-clipped": ("dualpipe", "tied", None, {"gradient_clipping": CLIP}),
     "dualpipev-clipped": ("dualpipev", "tied", None, {"gradient_clipping": CLIP}),
     "zb1p-clipped": ("zb1p", "tied", None, {"gradient_clipping": CLIP}),
+    "interleaved-1f1b-clipped": ("interleaved-1f1b", "tied", None, {"gradient_clipping": CLIP}),
+    "zbv-clipped": ("zbv", "tied", None, {"gradient_clipping": CLIP}),
     "dualpipe-zero1": ("dualpipe", "tied", None, {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}),
     "dualpipev-zero1": ("dualpipev", "tied", None, {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}),
     **{f"{s}-bf16": (s, "tied", None, {"bf16": {"enabled": True}}) for s in ("zb1p", "dualpipe", "dualpipev")},
     **{f"{s}-tuple": (s, "tuple", None, {}) for s in SCHEDULES},
+    **{f"{s}-mask": (s, "mask", None, {}) for s in ("zb1p", "dualpipe", "dualpipev")},
 }
 
 
@@ -136,9 +144,17 @@ def test_stages_that_exchange_tuples_with_integer_tensors_train_to_the_same_numb
     _check(2, 1, f"{schedule}-tuple")
 
 
+@pytest.mark.parametrize("schedule", ["zb1p", "dualpipe", "dualpipev"])
+def test_stages_that_exchange_bool_tensors_train_to_the_same_numbers(schedule):
+    _check(2, 1, f"{schedule}-mask")  # NCCL has no bool type: the engine sends their bytes
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("P, dp, run", [(2, 1, r) for r in ("dualpipe-clipped", "dualpipev-clipped", "zb1p-clipped")] +
-                         [(2, 2, "dualpipe-clipped"), (4, 1, "dualpipe-clipped"), (4, 1, "dualpipev-clipped")])
+@pytest.mark.parametrize(
+    "P, dp, run",
+    [(2, 1, r)
+     for r in ("dualpipe-clipped", "dualpipev-clipped", "zb1p-clipped", "interleaved-1f1b-clipped", "zbv-clipped")] +
+    [(2, 2, "dualpipe-clipped"), (4, 1, "dualpipe-clipped"), (4, 1, "dualpipev-clipped")])
 def test_gradient_clipping_counts_every_parameter_once(P, dp, run):
     _check(P, dp, run)
 

@@ -31,8 +31,10 @@ def test_the_ablation_file_has_every_schedule_and_overlap_and_the_variants_diffe
     from deepspeed_dualpipe.tools.lm.train import LMConfig
     plan = A.load_plan(ABLATION)
     got = {(v.schedule, v.overlap) for v in plan.variants}
-    assert got == {("1f1b", None), ("zb1p", None), ("ds-dualpipev", None), ("dualpipev", True), ("dualpipev", False),
-                   ("dualpipe", True), ("dualpipe", False)}
+    assert got == {("1f1b", None), ("zb1p", None), ("interleaved-1f1b", None), ("zbv", None), ("ds-dualpipev", None),
+                   ("dualpipev", True), ("dualpipev", False), ("dualpipe", True), ("dualpipe", False)}
+    from deepspeed_dualpipe.schedule import SCHEDULES
+    assert {v.schedule for v in plan.variants} == set(SCHEDULES)  # every registered schedule
     assert A.differences(plan.variants) == []  # same seed, data, model, optimizer
     for v in plan.variants:
         assert "base" not in v.config and v.config["gradient_clipping"] == 0.0  # see the README: 1f1b's norm
@@ -112,9 +114,9 @@ def test_the_report_is_a_table_and_a_plot_of_the_runs_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_a_short_ablation_runs_every_variant_and_their_losses_agree(tmp_path):
-    """1f1b (DeepSpeed's engine), dualpipe with the MoE all-to-all overlapped and not, and dualpipev train the
-    same tiny MoE model for 3 steps on 4 ranks (P=2, DP=2, EP=2): every step's loss agrees to fp32 tolerance."""
-    names = ["1f1b", "dualpipe-overlap", "dualpipe-no-overlap", "dualpipev-overlap"]
+    """1f1b (DeepSpeed's engine), dualpipe with the MoE all-to-all overlapped and not, dualpipev, interleaved 1F1B
+    and ZB-V train the same tiny MoE model for 3 steps on 4 ranks (P=2, DP=2, EP=2): every step's loss agrees to fp32 tolerance."""
+    names = ["1f1b", "dualpipe-overlap", "dualpipe-no-overlap", "dualpipev-overlap", "interleaved-1f1b", "zbv"]
     lm = {"steps": 3, "seq_len": 32, "trace_step": 1, "eval_interval": 0, "eval_batches": 1, "sample_tokens": 0}
     tiny = {
         "gradient_clipping": 0.0,

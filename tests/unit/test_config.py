@@ -61,7 +61,9 @@ def test_misspelt_dualpipe_key_names_the_key_path_and_valid_keys():
 
 @pytest.mark.parametrize("key,value", [("p2p_timeout_s", 0), ("p2p_timeout_s", -1), ("p2p_timeout_s", "soon"),
                                        ("p2p_timeout_s", float("inf")), ("split_backward", "maybe"),
-                                       ("verify_schedule", [1]), ("overlap_moe_a2a", {}),
+                                       ("verify_schedule", [1]), ("overlap_moe_a2a", {}), ("monitor_interval", 0),
+                                       ("monitor_interval", 1.5), ("monitor_memory", "maybe"), ("profile_step", -1),
+                                       ("profile_step", "soon"), ("profile_path", 3),
                                        ("recompute_islands", "attention+gate"), ("recompute_islands", [""]),
                                        ("recompute_islands", ["experts", "experts"])])
 def test_bad_dualpipe_values_name_the_key_path(key, value):
@@ -97,6 +99,15 @@ def test_recompute_islands_are_checked_against_the_islands_the_models_layers_dec
     plain = SimpleNamespace(_layer_specs=[nn.Linear(4, 4)])
     with pytest.raises(ValueError, match="no layer of this model runs as phases .* activation_checkpoint_interval"):
         check_recompute_islands(["Linear"], plain)
+
+
+def test_monitor_and_profile_keys_default_off_and_are_read():
+    c = dualpipe_config(cfg("zbv"))
+    assert (c.dualpipe.monitor_interval, c.dualpipe.monitor_memory, c.dualpipe.profile_step) == (1, False, None)
+    c = dualpipe_config(
+        cfg("zbv", dualpipe=dict(monitor_interval=5, monitor_memory=True, profile_step=3, profile_path="p.json")))
+    assert (c.dualpipe.monitor_interval, c.dualpipe.monitor_memory, c.dualpipe.profile_step,
+            c.dualpipe.profile_path) == (5, True, 3, "p.json")
 
 
 def test_dualpipe_section_must_be_a_dict():

@@ -14,7 +14,7 @@ import pytest
 import deepspeed
 from deepspeed.pipe import PipelineModule
 
-from deepspeed_dualpipe.integration import convert, initialize as entry
+from deepspeed_dualpipe.integration import chunked, initialize as entry
 from deepspeed_dualpipe.integration.recording import INIT_ARGS_ATTR, record_pipeline_module_args
 
 PATCH = Path(__file__).resolve().parents[2] / "patches" / "deepspeed-0.19.8-dualpipe.patch"
@@ -22,13 +22,18 @@ DS_INIT = Path(deepspeed.__file__)
 
 
 class FakeDualPipeModule:
-    """Stands in for DualPipeModule: remembers the arguments it was rebuilt from."""
+    """Stands in for DualPipeModule: remembers the module it was rebuilt from."""
 
     built = []
 
-    def __init__(self, *args, schedule, **kwargs):
-        self.args, self.kwargs, self.schedule = args, kwargs, schedule
+    def __init__(self, source, schedule):
+        self.source, self.schedule = source, schedule
         FakeDualPipeModule.built.append(self)
+
+
+def fake_rebuild(original, base, **extra):
+    """Stands in for integration.chunked.rebuild (which needs torch.distributed)."""
+    return base(original, **extra)
 
 
 class FakeDualPipeEngine:
@@ -69,6 +74,7 @@ def fake_ds(monkeypatch):
     fake = FakeDeepSpeed()
     monkeypatch.setattr(deepspeed, "initialize", fake)
     monkeypatch.setattr(entry, "_plugin_classes", lambda: (FakeDualPipeModule, FakeDualPipeEngine))
+    monkeypatch.setattr(chunked, "rebuild", fake_rebuild)
     yield fake
     entry.uninstall()
 
@@ -105,7 +111,7 @@ def test_plugin_schedule_converts_the_model_and_swaps_the_engine_only_during_the
     (call, ) = fake_ds.calls
     assert call["engine"] is FakeDualPipeEngine
     assert isinstance(call["model"], FakeDualPipeModule)
-    assert (call["model"].args, call["model"].schedule) == ((["layer"], ), schedule)
+    assert (call["model"].source, call["model"].schedule) == (model, schedule)
     assert call["config"]["pipeline"]["schedule"] == schedule  # kept for DeepSpeed to ignore
     assert deepspeed.PipelineEngine is deepspeed.runtime.pipe.engine.PipelineEngine
 
@@ -122,6 +128,7 @@ def test_engine_name_is_restored_when_deepspeed_initialize_raises(fake_ds):
 def test_an_already_converted_model_is_not_converted_again(fake_ds):
     converted = type("Converted", (FakeDualPipeModule, PipelineModule), {})
     model = converted.__new__(converted)  # a PipelineModule and a DualPipeModule, built without dist
+    model.schedule = "zb1p"
     entry.initialize(model=model, config=ds_config("zb1p"))
     assert fake_ds.calls[0]["model"] is model
 
@@ -159,21 +166,22 @@ def test_ds_dualpipev_rebuilds_the_module_as_deepspeeds_dualpipev_module(fake_ds
 
     class FakeDualPipeVModule:
 
-        def __init__(self, *args, **kwargs):
-            self.args, self.kwargs = args, kwargs
+        def __init__(self, source):
+            self.source = source
 
     monkeypatch.setattr(ds_dualpipev, "DualPipeVModule", FakeDualPipeVModule)
     model = pipeline_module(["spec"], 2, partition_method="uniform")
     entry.initialize(model=model, config=ds_config("ds-dualpipev"))
     (call, ) = fake_ds.calls
     assert isinstance(call["model"], FakeDualPipeVModule)
-    assert (call["model"].args, call["model"].kwargs) == ((["spec"], 2), dict(partition_method="uniform"))
+    assert call["model"].source is model
     assert call["engine"] is deepspeed.runtime.pipe.engine.PipelineEngine  # DeepSpeed picks DualPipeVEngine
 
 
-def test_ds_dualpipev_needs_recorded_constructor_arguments(fake_ds):
+def test_a_module_built_before_the_plugin_was_imported_cannot_be_rebuilt_and_says_so():
+    from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
     with pytest.raises(ValueError, match="Import deepspeed_dualpipe before building"):
-        entry.initialize(model=pipeline_module(recorded=False), config=ds_config("ds-dualpipev"))
+        chunked.rebuild(pipeline_module(recorded=False), DualPipeVModule)
 
 
 def test_a_reentrant_call_from_patched_deepspeed_goes_straight_through(fake_ds, monkeypatch):
@@ -311,14 +319,3 @@ def test_patched_schedule_lookup_reads_config_like_initialize(ds_copy, tmp_path)
 
 
 # --- model_parameters of a rebuilt module -----------------------------------------------------------
-
-
-def test_parameter_groups_of_a_module_that_is_rebuilt_are_an_error_that_says_what_to_do():
-    import torch
-    original = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="parameter groups .* build deepspeed_dualpipe.DualPipeModule"):
-        convert.parameters_for(torch.nn.Linear(2, 2), original, {"model_parameters": [{
-            "params": [original.weight]
-        }]}, "dualpipe")
-    with pytest.raises(ValueError, match="must be all of its parameters"):
-        convert.parameters_for(torch.nn.Linear(2, 2), original, {"model_parameters": [original.weight]}, "dualpipe")

@@ -27,6 +27,26 @@ def test_dualpipe_moe_is_bit_equal_to_deepspeed_moe_on_one_rank(cfg):
     assert moe_equivalence([cfg], ep_size=1, rank=0) == []
 
 
+def test_without_token_dropping_the_capacity_needs_no_all_reduce_and_no_device_sync(monkeypatch):
+    # DeepSpeed's gate all-reduces the largest expert load over the expert-parallel group and the layer
+    # then reads it with int(): a host sync, queued behind the other micro-batch's all-to-all. DualPipeMoE
+    # dispatches one row per token to every expert instead, a capacity known from the shapes.
+    from deepspeed.moe import sharded_moe
+    reduced = []
+    monkeypatch.setattr(sharded_moe.dist, "all_reduce", lambda tensor, **kw: reduced.append(tensor.device))
+    monkeypatch.setattr(sharded_moe.pg_utils, "is_parallel", lambda group: True)  # as with ep_size > 1
+    ref, ours = moe_pair(k=2, drop_tokens=False, use_residual=False)
+    x = torch.randn(B, T, H)
+    ref(x)
+    assert len(reduced) == 1  # DeepSpeed's
+    reduced.clear()
+    dispatched = ours.gate_phase(x)[0]
+    assert reduced == [] and dispatched.shape[1] == B * T  # capacity: every token
+    gate = ours.deepspeed_moe.gate
+    assert (gate.drop_tokens, gate.capacity_factor, gate.eval_capacity_factor, gate.min_capacity) == (False, 1.0, 1.0,
+                                                                                                      2)
+
+
 def test_dualpipe_moe_keeps_deepspeeds_expert_parameter_attributes():
     _, ours = moe_pair(k=2, drop_tokens=True, use_residual=True)
     experts = list(ours.deepspeed_moe.experts.parameters())

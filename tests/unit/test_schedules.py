@@ -41,7 +41,7 @@ def test_schedules_are_deepspeed_pipe_schedules_of_pipe_instructions(schedule):
     assert isinstance(steps[-1][-1], ds.OptimizerStep)
 
 
-@pytest.mark.parametrize("schedule", ["zb1p", "dualpipe", "dualpipev"])
+@pytest.mark.parametrize("schedule", ["zb1p", "interleaved-1f1b", "zbv", "dualpipe", "dualpipev"])
 def test_buffer_slots_cover_every_instruction(schedule):
     for rank in range(4):
         sched = build_schedule(schedule, micro_batches=10, stages=4, stage_id=rank)
@@ -80,6 +80,8 @@ def test_weight_passes_follow_their_input_passes_first_in_first_out():
     ("dualpipe", 4, 6, [">= 2*stages = 8", "micro_batches=6"]),
     ("dualpipev", 4, 7, [">= 2*stages = 8", "micro_batches=7"]),
     ("ds-dualpipev", 2, 3, ["micro_batches=3"]),
+    ("interleaved-1f1b", 4, 9, ["multiple of 2", "micro_batches=9", "gradient_accumulation_steps to 10"]),
+    ("zbv", 2, 0, ["micro_batches", ">= 1"]),
     ("zb1p", 0, 4, ["stages", ">= 1"]),
     ("1f1b", 2, 0, ["micro_batches", ">= 1"]),
     ("dualpipe", 4, 8.0, ["micro_batches", "integer"]),
@@ -92,8 +94,25 @@ def test_invalid_shapes_raise_value_errors_that_name_the_value(schedule, stages,
 
 
 def test_unknown_schedule_names_the_valid_ones():
-    with pytest.raises(ValueError, match="valid schedules: 1f1b, zb1p, dualpipe, dualpipev, ds-dualpipev"):
+    with pytest.raises(ValueError,
+                       match="valid schedules: 1f1b, zb1p, interleaved-1f1b, zbv, dualpipe, dualpipev, ds-dualpipev"):
         get_spec("gpipe")
+
+
+def test_interleaved_1f1b_hands_each_micro_batch_from_the_last_rank_back_to_rank_0():
+    layout = get_spec("interleaved-1f1b").layout(4, 8)
+    assert layout.path(3) == [(r, 0) for r in range(4)] + [(r, 1) for r in range(4)]
+    assert [layout.model_stage(1, c) for c in (0, 1)] == [1, 5]
+    sends = [(i.chunk, i.peer) for step in rank_steps("interleaved-1f1b", 4, 8)[3] for i in step
+             if type(i).__name__ == "SendActivation"]
+    assert set(sends) == {(0, 0)}  # chunk 0 of the last rank feeds chunk 1 of rank 0, remotely
+
+
+def test_zbv_turns_on_the_last_rank_and_computes_the_loss_on_rank_0():
+    layout = get_spec("zbv").layout(4, 8)
+    assert layout.path(0)[-1] == (0, 1) and (3, 0) in layout.path(0) and (3, 1) in layout.path(0)
+    kinds = {type(i).__name__ for step in rank_steps("zbv", 4, 8)[3] for i in step}
+    assert {"BackwardInput", "BackwardWeight"} <= kinds and "BackwardPass" not in kinds
 
 
 def test_rank_outside_the_pipeline_is_rejected():

@@ -53,6 +53,33 @@ def test_dualpipe_formula_is_an_approximation_when_the_weight_pass_outweighs_the
     assert max(s.bubble) == pytest.approx(4.5)  # the three hidden W of the formula do not all fit
 
 
+@settings(max_examples=60, deadline=None)
+@given(F=cost.filter(bool), B=cost.filter(bool), stages=st.integers(1, 8), extra=st.integers(0, 16))
+def test_interleaved_1f1b_bubble_is_megatrons_p_minus_1_times_f_plus_b_over_v_for_any_costs(F, B, stages, extra):
+    M = stages + extra
+    if M % max(1, M // stages):
+        return  # a shape interleaved 1F1B refuses (as torch's does)
+    s = simulate("interleaved-1f1b", stages, M, Costs(F=F, B=B, W=0))
+    # Megatron: (p-1)(t_f+t_b)/v on p ranks with v chunks of cost t/v each: (P-1)(F+B) in chunk costs
+    assert s.bubble == pytest.approx([(stages - 1) * (F + B)] * stages)
+    assert s.formula_bubble == pytest.approx((stages - 1) * (F + B))
+
+
+@settings(max_examples=60, deadline=None)
+@given(F=cost.filter(bool), stages=st.integers(1, 8), extra=st.integers(0, 8))
+def test_zbv_bubble_is_the_formula_at_the_costs_it_is_built_for(F, stages, extra):
+    costs = Costs(F=F, B=2 * F, W=F)  # F = I = W, the ZeroBubble paper's setting
+    s = simulate("zbv", stages, 2 * stages + extra, costs)
+    assert s.bubble == pytest.approx([s.formula_bubble] * stages)
+    assert s.formula_bubble == pytest.approx((stages - 1) * F)  # (PP/2-1)(F+B-2W), PP = 2P
+
+
+def test_zbv_formula_is_only_the_design_point_when_a_forward_outweighs_an_input_pass():
+    s = simulate("zbv", 4, 16, Costs(F=2, B=2, W=1))
+    assert s.formula_bubble == pytest.approx(6)
+    assert max(s.bubble) == pytest.approx(8)
+
+
 def test_memory_columns_of_table_2():
     for P in (2, 4, 8):
         M = 4 * P
@@ -62,6 +89,8 @@ def test_memory_columns_of_table_2():
         assert simulate("dualpipe", P, M).param_copies == 2
         assert simulate("dualpipev", P, M).param_copies == 1
         assert simulate("1f1b", P, M).param_copies == 1
+        assert simulate("zbv", P, M).peak_activations == [2 * P] * P  # PP: 1F1B's memory
+        assert simulate("interleaved-1f1b", P, M).peak_activations[0] == 3 * P - 1  # 3PP/2 - 1
 
 
 def test_overlapping_pairs_shortens_dualpipe_and_latency_lengthens_it():
@@ -79,8 +108,9 @@ def test_costs_parse_and_reject_bad_input():
 
 
 def test_table_prints_each_schedule_beside_its_formula():
-    text = table([simulate(n, 4, 8) for n in ("1f1b", "zb1p", "dualpipe")])
+    text = table([simulate(n, 4, 8) for n in ("1f1b", "zb1p", "dualpipe", "interleaved-1f1b", "zbv")])
     assert "(PP-1)(F+B)" in text and "(PP/2-1)(F&B+B-3W)" in text and "PP+1 = 5" in text
+    assert "(PP/2-1)(F+B)" in text and "3PP/2-1 = 11" in text and "(PP/2-1)(F+B-2W)" in text
 
 
 def test_simulate_json_has_the_documented_keys(capsys):

@@ -287,3 +287,44 @@ def test_module_supports_split_finds_opt_out_in_submodules():
     assert module_supports_split(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
     assert not module_supports_split(nn.Sequential(nn.Linear(2, 2), nn.Sequential(Custom(2, 2))))
     assert not module_supports_split([nn.Linear(2, 2), Custom(2, 2)])
+
+
+# --- custom autograd Functions: one backward, weight gradients deferred through the weight store ----------------
+
+
+def _custom_model():
+    from tests.helpers.client import CustomLinearBlock
+    torch.manual_seed(0)
+    return CustomLinearBlock(6)
+
+
+def test_a_custom_function_runs_its_backward_once_and_its_deferred_weight_gradient_in_the_weight_part():
+    from tests.helpers.client import CALLS
+    model, reference = _custom_model(), _custom_model()
+    x = torch.randn(3, 6)
+    reference(x.clone().requires_grad_()).sum().backward()
+    CALLS.update(forward=0, backward=0)
+    inp = x.clone().requires_grad_()
+    out = model(inp)
+    handle = sb.SplitBackward.input_part(out, torch.ones_like(out), [inp], list(model.parameters()))
+    assert "custom autograd Function CountingLinear" in handle.reason and handle.split
+    assert CALLS == {"forward": 2, "backward": 2}
+    assert model.w1.grad is None and model.w2.grad is None  # deferred
+    assert model.norm.weight.grad is not None  # a built-in op's weight gradient came with the one backward
+    handle.weight_part()
+    assert CALLS["backward"] == 2
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_a_function_marked_split_safe_is_split_like_builtin_ops():
+    from tests.helpers import client
+
+    class Safe(client.CountingLinear):
+        dualpipe_split_safe = True
+
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    inp = torch.randn(2, 4, requires_grad=True)
+    out = torch.tanh(Safe.apply(inp, w) + inp @ w)  # w also reaches the output through a built-in matmul
+    handle = sb.SplitBackward.input_part(out, torch.ones_like(out), [inp], [w])
+    assert handle.split and handle.reason is None

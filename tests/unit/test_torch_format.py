@@ -8,8 +8,17 @@ from torch.distributed.pipelining import schedules as ts
 from deepspeed_dualpipe.analysis import torch_format as tf
 from deepspeed_dualpipe.schedule import get_spec
 
+
+def _accepts(name, P, M):
+    try:
+        get_spec(name).validate(P, M)
+    except ValueError:
+        return False
+    return True
+
+
 CASES = [(name, P, M) for name in tf.TORCH_EXPRESSIBLE for P in (1, 2, 4, 8) for M in (P, 2 * P, 2 * P + 3, 4 * P)
-         if M >= (2 * P if get_spec(name).layout_kind == "v" else 1)]
+         if _accepts(name, P, M)]
 
 
 def _placement(name, P, M):

@@ -45,6 +45,7 @@ class aux_loss_scale:
 
 
 class _AttachAuxLoss(torch.autograd.Function):
+    dualpipe_split_safe = True  # pure: torch's split may run its backward in both parts
 
     @staticmethod
     def forward(ctx, output, l_aux, weight):

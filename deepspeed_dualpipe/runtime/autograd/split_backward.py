@@ -37,6 +37,13 @@ Fallback: when the graph is unsupported or the caller passes ``split=False``,
 :meth:`SplitBackward.input_part` runs the full backward (input *and* weight
 grads) and :meth:`SplitBackward.weight_part` is a no-op, so the numbers stay right.
 
+Custom autograd Functions (a Megatron linear, DeepSpeed's reentrant activation
+checkpoint): a split would run such a Function's whole backward in both parts.
+A graph holding one is not split: its backward runs once, in the input part,
+and a Function can defer its own weight gradient to the weight part through
+:mod:`.weight_store`. A Function class that sets ``dualpipe_split_safe = True``
+(pure and cheap) is split like built-in ops.
+
 Opting out: a custom layer whose backward must not be split (e.g. it relies on
 backward hooks or a custom ``autograd.Function`` with side effects) sets the
 class attribute ``supports_split_backward = False``. The engine computes
@@ -53,7 +60,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from deepspeed_dualpipe.runtime.autograd import saved
+from deepspeed_dualpipe.runtime.autograd import saved, weight_store
 
 TensorOrTensors = Union[torch.Tensor, Sequence[torch.Tensor]]
 Roots = Union[torch.Tensor, GradientEdge, Sequence[Union[torch.Tensor, GradientEdge]]]
@@ -131,6 +138,25 @@ def _depends_on(root, targets: set) -> bool:
                 seen.add(nxt)
                 todo.append(nxt)
     return False
+
+
+def _unsplittable_function(roots, stop: set) -> Optional[str]:
+    """The name of a custom autograd Function in the graph of ``roots`` (up to the ``stop`` nodes) whose
+    backward a split would run twice, or None. A Function class that sets ``dualpipe_split_safe = True``
+    (pure, cheap, no side effects) may be run twice."""
+    seen = set(stop)
+    todo = deque(roots)
+    while todo:
+        node = todo.popleft()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            forward_cls = getattr(node, "_forward_cls", None)
+            if not getattr(forward_cls, "dualpipe_split_safe", False):
+                return getattr(forward_cls, "__name__", type(node).__name__)
+        todo.extend(nxt for nxt, _ in node.next_functions)
+    return None
 
 
 def _reverse_graph(roots: list) -> Dict[Any, list]:
@@ -238,10 +264,11 @@ class SplitBackward:
         released: bytes of saved tensors the input part released (see :mod:`.saved`).
     """
 
-    def __init__(self, groups, split: bool, reason: Optional[str], input_grads, released: int = 0):
+    def __init__(self, groups, split: bool, reason: Optional[str], input_grads, released: int = 0, deferred=()):
         self._groups = groups
+        self._deferred = list(deferred)  # weight work custom Functions deferred (weight_store)
         self._done = False
-        self.split = split
+        self.split = split or bool(self._deferred)  # True: weight gradients remain for weight_part()
         self.reason = reason
         self.input_grads = input_grads
         self.released = released
@@ -295,6 +322,11 @@ class SplitBackward:
             in_nodes = {_edge(t).node for t in grad_ins}
             if not all(_depends_on(_edge(o).node, in_nodes) for o in outs):
                 reason = "an output does not depend on any input that requires grad"
+            else:
+                custom = _unsplittable_function([_edge(o).node for o in outs], in_nodes)
+                if custom is not None:
+                    reason = (f"custom autograd Function {custom} (a split would run its backward twice); "
+                              f"its backward runs once, here")
 
         if reason is None:
             handle = SplitBackward._try_split(outs, grads, ins, grad_ins, ps, set_input_grads)
@@ -308,13 +340,18 @@ class SplitBackward:
                 t.retain_grad()
             if not set_input_grads:
                 t.grad = None
+        deferred = []
         if outs:
-            torch.autograd.backward(outs, grad_tensors=grads)
+            if split:  # custom Functions may still defer their own weight gradients to the weight pass
+                with weight_store.collecting() as deferred:
+                    torch.autograd.backward(outs, grad_tensors=grads)
+            else:
+                torch.autograd.backward(outs, grad_tensors=grads)
         input_grads = tuple(t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None for t in ins)
         if not set_input_grads:
             for t, g in zip(grad_ins, old):
                 t.grad = g
-        return SplitBackward(None, False, reason, input_grads)
+        return SplitBackward(None, False, reason, input_grads, deferred=deferred)
 
     @staticmethod
     def _try_split(outs, grads, ins, grad_ins, ps, set_input_grads):
@@ -371,8 +408,10 @@ class SplitBackward:
         if self._done:
             raise RuntimeError("SplitBackward.weight_part() was already called for this micro-batch")
         self._done = True
-        groups, self._groups = self._groups, None  # drop graph references even if autograd raises
-        if not self.split or not groups:
+        groups, deferred = self._groups, self._deferred
+        self._groups = self._deferred = None  # drop graph references even if the work raises
+        weight_store.run(deferred)
+        if not groups:
             return
         while groups:
             _weight_pass(groups.pop(0))

@@ -51,6 +51,8 @@ def _sleep(seconds: float) -> None:
 class InputSleep(torch.autograd.Function):
     """Identity that sleeps ``forward_s`` forward and ``input_s`` backward."""
 
+    dualpipe_split_safe = True  # designed for torch's split: each part sleeps its own share
+
     @staticmethod
     def forward(ctx, x, forward_s, input_s):
         ctx.input_s = input_s
@@ -68,6 +70,8 @@ class WeightSleep(torch.autograd.Function):
 
     ``keep`` (not differentiated) is saved for the backward, as a weight gradient keeps the
     layer's input."""
+
+    dualpipe_split_safe = True  # designed for torch's split: each part sleeps its own share
 
     @staticmethod
     def forward(ctx, weight, weight_s, keep=None):
@@ -113,6 +117,8 @@ def _shares(numel: int, parts: int, used: int):
 class _Spread(torch.autograd.Function):
     """The activation ``x`` placed at the start of a new ``numel``-float tensor (rest uninitialised)."""
 
+    dualpipe_split_safe = True  # designed for torch's split: each part sleeps its own share
+
     @staticmethod
     def forward(ctx, x, numel):
         ctx.shape, ctx.used = x.shape, x.numel()
@@ -128,6 +134,8 @@ class _Spread(torch.autograd.Function):
 class _Experts(torch.autograd.Function):
     """The "experts": sleep; carry the data of every expert-parallel share into a new tensor.
     Backward: sleep, carry the gradient back."""
+
+    dualpipe_split_safe = True  # designed for torch's split: each part sleeps its own share
 
     @staticmethod
     def forward(ctx, received, parts, used, forward_s, input_s):
@@ -152,6 +160,8 @@ class _Join(torch.autograd.Function):
     where the weight path meets the input path (torch's split backward reruns that node's
     backward in the weight part, so it must not be the sleeping one)."""
 
+    dualpipe_split_safe = True  # designed for torch's split: each part sleeps its own share
+
     @staticmethod
     def forward(ctx, x, z, shares):
         ctx.shares = shares
@@ -168,6 +178,8 @@ class _Join(torch.autograd.Function):
 class _Decode(torch.autograd.Function):
     """The activation back out of the combined tensor. Keeps the combined tensor for the backward,
     as an MoE decode keeps it to weight the experts' outputs by the gates."""
+
+    dualpipe_split_safe = True  # designed for torch's split: each part sleeps its own share
 
     @staticmethod
     def forward(ctx, combined, shape):

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 from deepspeed_dualpipe.tools.bench import predict
 from deepspeed_dualpipe.schedule import get_spec
 
-DEFAULT_SCHEDULES = "1f1b,zb1p,ds-dualpipev,dualpipev,dualpipe"
+DEFAULT_SCHEDULES = "1f1b,zb1p,interleaved-1f1b,zbv,ds-dualpipev,dualpipev,dualpipe"
 # ``--a2a`` without a size. On the 2 shared cores this was written on, one all-to-all of 1 MiB over
 # gloo between two ranks took 3.2-5 ms with every stage's at once (1.2-4 ms alone), about
 # (F + B) / 4 = 3.75 ms of the default costs: a layer's four all-to-alls (dispatch, combine and their

@@ -2,6 +2,8 @@
 
     token embedding -> + learned positions -> block 0 .. block N-1 -> RMSNorm -> output head (tied)
 
+(RMSNorm: NVIDIA apex's fused one where apex is installed, else torch's; see :mod:`.fused`.)
+
 The first ``dense_layers`` blocks have a dense feed-forward, the rest a mixture of experts
 (top-k routed experts plus one shared expert). Every layer maps one float tensor
 ``(batch, seq, hidden)`` to another, so any cut between layers is a pipeline stage boundary;
@@ -26,7 +28,7 @@ from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
 from deepspeed_dualpipe.tools.lm.data import VOCAB
 from deepspeed_dualpipe.moe.block import MoETransformerBlock as Block
-from deepspeed_dualpipe.moe.block import RMSNorm
+from deepspeed_dualpipe.tools.lm.fused import rms_norm
 
 # ---------------------------------------------------------------------------------------------
 # Embedding, head, loss
@@ -143,9 +145,10 @@ def layer_specs(cfg: ModelConfig) -> List:
     """embedding, positions, ``num_layers`` blocks, final RMSNorm, tied head: ``num_layers + 4`` specs
     (``num_layers + 3`` without learned positions)."""
     positions = [LayerSpec(LearnedPositions, cfg.max_positions, cfg.hidden_size)] if cfg.max_positions else []
+    norm = rms_norm()  # NVIDIA apex's fused RMSNorm where it is installed (tools/lm/fused.py)
     return ([TiedLayerSpec("embed", TokenEmbedding, VOCAB, cfg.hidden_size)] + positions +
-            [LayerSpec(Block, **cfg.block_kwargs(i)) for i in range(cfg.num_layers)] + [
-                LayerSpec(RMSNorm, cfg.hidden_size),
+            [LayerSpec(Block, norm=norm, **cfg.block_kwargs(i)) for i in range(cfg.num_layers)] + [
+                LayerSpec(norm, cfg.hidden_size),
                 TiedLayerSpec("embed", TokenEmbedding, VOCAB, cfg.hidden_size, forward_fn=tied_head)
             ])
 

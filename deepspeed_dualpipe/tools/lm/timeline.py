@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from deepspeed_dualpipe.analysis import events as E
-from deepspeed_dualpipe.analysis.symbolic import Costs, Execution, Interval
+from deepspeed_dualpipe.analysis.measured import simulator_costs  # noqa: F401 (TL.simulator_costs, as before)
+from deepspeed_dualpipe.analysis.symbolic import Execution, Interval
 from deepspeed_dualpipe.schedule.layout import Layout
 
 
@@ -83,24 +84,6 @@ def mean_costs(per_rank: List[List[Record]]) -> Dict[str, float]:
             kind = "F" + r.op.backward.op if r.op.op == "FB" else r.op.op
             durations.setdefault(kind, []).append(r.end - r.start - r.waited)
     return {kind: statistics.fmean(values) for kind, values in durations.items()}
-
-
-def simulator_costs(costs: Dict[str, float]) -> Optional[Costs]:
-    """The simulator's per-chunk :class:`Costs` in units of a forward, from :func:`mean_costs`."""
-    F = costs.get("F")
-    if not F:
-        return None
-    W = costs.get("W", 0.0)
-    if "B" in costs:
-        B = costs["B"]
-    elif "I" in costs:
-        B = costs["I"] + W
-    else:
-        return None
-    W = min(W, B)
-    pair = costs.get("FI", None)
-    pair = pair + W if pair is not None else costs.get("FB")
-    return Costs(F=1.0, B=B / F, W=W / F, FB=None if pair is None else pair / F)
 
 
 # ---------------------------------------------------------------------------------------------

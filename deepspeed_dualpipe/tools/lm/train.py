@@ -52,13 +52,15 @@ class LMConfig:
     eval_interval: int = 50
     eval_batches: int = 2  # validation batches (each micro_batches x micro-batch size per DP rank)
     trace_step: int = 5  # the step whose timeline is recorded (0-based; -1: none)
-    memory_step: Optional[int] = None  # the step whose memory is measured (None: two after trace_step; see _memory_step)
+    memory_step: Optional[
+        int] = None  # the step whose memory is measured (None: two after trace_step; see _memory_step)
     seed: int = 1234
     block_size: int = 4096  # train/validation split: every val_every-th block of block_size bytes
     val_every: int = 10
     sample_prompt: str = "The "
     sample_tokens: int = 240
     sample_temperature: float = 0.7
+    fused_adam: bool = False  # NVIDIA apex's FusedAdam where apex is installed and the job runs on CUDA (lm/fused.py)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     @classmethod
@@ -112,6 +114,13 @@ def prepare_config(path_or_dict,
     if "total_num_steps" in params:  # a decaying schedule ends with the run
         params["total_num_steps"] = max(lm.steps, params.get("warmup_num_steps", 1) + 1)
     config.setdefault("steps_per_print", 10**9)  # this job prints its own progress
+    for monitor in ("tensorboard", "csv_monitor", "wandb", "comet"):  # one run, one job name: lm.name
+        section = config.get(monitor)
+        if isinstance(section, dict) and section.get("enabled") and "job_name" not in section:
+            section["job_name"] = lm.name
+    section = config.get("dualpipe")
+    if isinstance(section, dict) and section.get("profile_step") is not None and "profile_path" not in section:
+        section["profile_path"] = str(Path(lm.out_dir) / lm.name / "profile.json")  # beside metrics.json
     return config, lm
 
 
@@ -134,8 +143,13 @@ def build_engine(config: Dict, lm: LMConfig, args=None):
                                seed_fn=seed_layer)
     if args is not None:
         args.deepspeed_config = None  # the config (with overrides) is passed as a dict
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed_dualpipe.tools.lm import fused
+    factory, config, optimizer = fused.optimizer(config, lm.fused_adam, get_accelerator().device_name())
+    if torch.distributed.get_rank() == 0:
+        print(fused.describe(fused.rms_norm(), optimizer), flush=True)
     # model_parameters is left to DeepSpeed: the plugin may rebuild the module for its schedule.
-    engine, *_ = deepspeed.initialize(args=args, model=model, config=config)
+    engine, *_ = deepspeed.initialize(args=args, model=model, config=config, optimizer=factory)
     return engine
 
 
@@ -351,8 +365,9 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
           flush=True)
     # Step time without the first steps (warm-up), the traced one and those of the memory measurement.
     steady = [
-        t for i, t in enumerate(step_times) if i >= min(3,
-                                                        len(step_times) - 1) and i not in (lm.trace_step, priming_step, memory_step)
+        t for i, t in enumerate(step_times)
+        if i >= min(3,
+                    len(step_times) - 1) and i not in (lm.trace_step, priming_step, memory_step)
     ] or step_times
     step_s = statistics.median(steady)
     metrics = {

@@ -1,0 +1,268 @@
+"""What one ``train_batch`` did on this rank: per-computation times, waits, hidden all-to-alls, memory.
+
+:func:`record_step` runs one step under the one instruction hook (:func:`.trace.around_each_instruction`) and
+returns a :class:`RankStep`, plain picklable data that the monitor (:mod:`.monitor`) gathers to the
+rank DeepSpeed writes from and that ``dualpipe.profile_step`` writes to a profile file for
+``python -m deepspeed_dualpipe advise`` (docs/advise.md).
+
+Memory is read at the allocator (:class:`AllocatorPeak`): the most bytes it held during the step
+above what it held when the step began, less the gradient bytes the step allocated (gradients are
+not activations). On CUDA from the caching allocator's counters; on CPU from the allocator events of
+torch's profiler, which slows the step down. A job may plug in its own meter as
+``engine.memory_meter``: any object with ``measure(step) -> step's result`` that then holds the peak
+in ``peak`` or ``result.peak`` (bytes).
+"""
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from deepspeed_dualpipe.analysis.events import EventReader, Op
+from deepspeed_dualpipe.runtime.trace import InstructionTime, around_each_instruction, instruction_from
+
+_P2P = ("SendActivation", "RecvActivation", "SendGrad", "RecvGrad")
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct parameters of ``module``."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def _gradient_bytes(module: torch.nn.Module) -> int:
+    storages = {}
+    for p in module.parameters():
+        if p.grad is not None:
+            storage = p.grad.untyped_storage()
+            storages[(p.grad.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+class AllocatorPeak:
+    """The allocator's high-water mark during a step, above its start, less new gradient bytes (``peak``).
+
+    Given the ``engine``, it also reads the bytes in use at the end of every instruction (``after``, same
+    reference, gradients left out): what ``advise`` fits against the live activations of the schedule."""
+
+    _MARK = "deepspeed_dualpipe.instruction"
+
+    def __init__(self, module: torch.nn.Module, device, engine=None):
+        self.module, self.device, self.engine = module, torch.device(device), engine
+        self.peak: Optional[int] = None
+        self.after: List[int] = []
+
+    def measure(self, step: Callable[[], object]):
+        grads = _gradient_bytes(self.module)
+        new_grads = []  # gradient bytes allocated since the start, at the end of each instruction
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            used = []
+
+            def after(kind, kwargs):
+                used.append(torch.cuda.memory_allocated(self.device) - base)
+                new_grads.append(_gradient_bytes(self.module) - grads)
+
+            result = self._instructions(step, None, after)
+            torch.cuda.synchronize(self.device)
+            high = torch.cuda.max_memory_allocated(self.device) - base
+        elif self.device.type == "cpu":
+            from torch.profiler import ProfilerActivity, profile, record_function
+            marks = []
+
+            def before(kind, kwargs):
+                marks.append(record_function(self._MARK))
+                marks[-1].__enter__()
+
+            def after(kind, kwargs):
+                marks.pop().__exit__(None, None, None)
+                new_grads.append(_gradient_bytes(self.module) - grads)
+
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                result = self._instructions(step, before, after)
+            events = list(prof.profiler.kineto_results.events())
+            cpu = torch._C._autograd.DeviceType.CPU
+            memory = sorted(
+                (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == cpu)
+            ends = sorted(e.start_ns() + e.duration_ns() for e in events if e.name() == self._MARK)
+            high = running = 0
+            used, i = [], 0
+            for time_ns, nbytes in memory:
+                while i < len(ends) and ends[i] < time_ns:
+                    used.append(running)
+                    i += 1
+                running += nbytes
+                high = max(high, running)
+            used += [running] * (len(ends) - i)
+        else:
+            self.peak = None
+            return step()
+        if len(used) == len(new_grads):
+            self.after = [max(0, u - g) for u, g in zip(used, new_grads)]
+        self.peak = max(0, high - max(0, _gradient_bytes(self.module) - grads))
+        return result
+
+    def _instructions(self, step, before, after):
+        if self.engine is None:
+            return step()
+        with around_each_instruction(self.engine, before, after):
+            return step()
+
+
+@dataclass
+class RankStep:
+    """One ``train_batch`` on one rank (seconds; bytes). Keys of ``compute``: ``"F:c"``, ``"B:c"``,
+    ``"I:c"``, ``"W:c"`` for chunk ``c``, and ``"FB:f:b"`` / ``"FI:f:b"`` for an overlapped pair of a
+    forward on chunk ``f`` and a backward on chunk ``b``; each holds one duration per computation, waits
+    on peers left out. ``a2a`` holds, per ``"F:c"`` / ``"B:c"`` (B also for I), the all-to-all time of each
+    computation that ran alone (not in a pair), and ``a2a_count`` how many all-to-alls it made."""
+
+    global_rank: int
+    pipeline_rank: int
+    data_parallel_rank: int
+    schedule: str
+    stages: int
+    micro_batches: int
+    wall_s: float  # the whole train_batch, as the caller saw it
+    step_s: float  # first instruction's start to the last one's end
+    busy_s: float  # compute instructions less their waits on peers
+    waited_s: float  # waiting on peers (received tensors), inside any instruction
+    hidden_s: float  # all-to-all time in flight while the other micro-batch of a pair computed
+    compute: Dict[str, List[float]] = field(default_factory=dict)
+    a2a: Dict[str, List[float]] = field(default_factory=dict)
+    a2a_count: Dict[str, List[int]] = field(default_factory=dict)  # all-to-alls of each of those computations
+    compute_cpu: Dict[str, List[float]] = field(default_factory=dict)  # the same, in this thread's CPU seconds
+    cpu_s: float = 0.0  # this thread's CPU seconds over the whole train_batch
+    process_cpu_s: float = 0.0  # the whole process's (communication threads included)
+    p2p_s: List[float] = field(default_factory=list)  # each send/receive instruction (posting)
+    other_s: Dict[str, float] = field(default_factory=dict)  # the rest, total per instruction name
+    other_cpu_s: Dict[str, float] = field(default_factory=dict)  # the same in this thread's CPU seconds
+    instructions: int = 0
+    parameter_bytes: int = 0
+    activation_peak_bytes: Optional[int] = None
+    memory_after_bytes: List[int] = field(default_factory=list)  # bytes in use after each instruction (see above)
+    device: str = "cpu"
+    cores: int = 1  # CPU cores this process may run on
+    local_ranks: int = 1  # ranks on this machine, sharing those cores
+
+    @property
+    def bubble(self) -> float:
+        return 1.0 - self.busy_s / self.step_s if self.step_s > 0 else 0.0
+
+
+def _key(op: Op) -> str:
+    if op.op == "FB":
+        return f"F{op.backward.op}:{op.forward.chunk}:{op.backward.chunk}"
+    return f"{op.op}:{op.chunk}"
+
+
+def _hidden(phases) -> float:
+    """All-to-all time overlapped by compute steps of another micro-batch (label ``F3.0`` vs ``B1.1``)."""
+    compute = [(start, end, label.rsplit(":", 1)[0]) for label, start, end in phases if label.endswith(":compute")]
+    hidden = 0.0
+    for label, start, end in phases:
+        if label.endswith(":compute"):
+            continue
+        owner = label.rsplit(":", 1)[0]
+        hidden += sum(max(0.0, min(end, e) - max(start, s)) for s, e, other in compute if other != owner)
+    return hidden
+
+
+def _a2a_per_computation(phases):
+    """In-flight all-to-all seconds and count of each phased computation, keyed ``"F:c"`` / ``"B:c"``."""
+    per_label: Dict[str, list] = {}
+    for label, start, end in phases:
+        owner = label.rsplit(":", 1)[0]  # "F3.0": the forward of micro-batch 3 on chunk 0
+        entry = per_label.setdefault(owner, [0.0, 0])
+        if not label.endswith(":compute"):
+            entry[0] += end - start
+            entry[1] += 1
+    seconds: Dict[str, List[float]] = {}
+    counts: Dict[str, List[int]] = {}
+    for owner, (total, count) in per_label.items():
+        key = f"{owner[0]}:{owner.rsplit('.', 1)[1]}"
+        seconds.setdefault(key, []).append(total)
+        counts.setdefault(key, []).append(count)
+    return seconds, counts
+
+
+def summarize(engine, trace, pair_phases, alone_phases, wall_s: float, cpu=None, cpu_s: float = 0.0) -> RankStep:
+    """The :class:`RankStep` of a recorded ``train_batch`` (``trace``: InstructionTime list; the phases of the
+    overlapped pairs and of the computations that ran alone, as ``(label, start, end)``; ``cpu``: the calling
+    thread's CPU seconds of each instruction, and ``cpu_s`` of the whole step)."""
+    from deepspeed_dualpipe.schedule import get_spec
+    P, M = engine.num_stages, engine.micro_batches
+    reader = EventReader(get_spec(engine.schedule_name).layout(P, M), engine.stage_id)
+    step = RankStep(engine.global_rank, engine.stage_id, engine.grid.get_data_parallel_id(), engine.schedule_name, P,
+                    M, wall_s, 0.0, 0.0, 0.0, _hidden(pair_phases))
+    if trace:
+        step.step_s = trace[-1].end - trace[0].start
+    step.cpu_s = cpu_s
+    for item, cpu_seconds in zip(trace, cpu if cpu is not None else [0.0] * len(trace)):
+        name, seconds = type(item.instruction).__name__, item.end - item.start
+        step.waited_s += item.waited
+        event = reader.event(item.instruction)
+        if isinstance(event, Op):
+            step.busy_s += seconds - item.waited
+            step.compute.setdefault(_key(event), []).append(seconds - item.waited)
+            step.compute_cpu.setdefault(_key(event), []).append(cpu_seconds)
+        elif name in _P2P:
+            step.p2p_s.append(seconds - item.waited)
+        else:
+            step.other_s[name] = step.other_s.get(name, 0.0) + seconds
+            step.other_cpu_s[name] = step.other_cpu_s.get(name, 0.0) + cpu_seconds
+    step.instructions = len(trace)
+    step.a2a, step.a2a_count = _a2a_per_computation(alone_phases)  # a pair's all-to-alls wait for the other half
+    step.parameter_bytes = parameter_bytes(engine.module)
+    step.device = torch.device(engine.device).type
+    step.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # ranks on this machine: what launchers export (DeepSpeed's LOCAL_SIZE, torchrun's LOCAL_WORLD_SIZE)
+    step.local_ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    return step
+
+
+def record_step(engine, run: Callable[[], object], memory: bool = False):
+    """``(run(), RankStep)``: one ``train_batch`` recorded through the instruction hook; with ``memory``, its
+    activation peak read by ``engine.memory_meter`` (default :class:`AllocatorPeak`). It nests inside a
+    recording already running (the demo's timeline), and leaves that one's phase events in place."""
+    meter = getattr(engine, "memory_meter", None) if memory else None
+    if memory and meter is None:
+        meter = AllocatorPeak(engine.module, engine.device, engine)
+    trace, started, cpu = [], [], []
+
+    def before(kind, kwargs):
+        engine._waited = 0.0  # the engine adds its waits on peers here (as trace.start_recording does)
+        started.append((time.perf_counter(), time.thread_time()))
+
+    def after(kind, kwargs):
+        start, cpu_start = started.pop()
+        trace.append(InstructionTime(instruction_from(kind, kwargs), start, time.perf_counter(), engine._waited))
+        cpu.append(time.thread_time() - cpu_start)
+
+    outer = engine.phase_events  # a list while another recording runs
+    engine.phase_events = [] if outer is None else outer
+    first_phase = len(engine.phase_events)
+    engine.run_events = []
+    start, cpu_start, process_start = time.perf_counter(), time.thread_time(), time.process_time()
+    try:
+        with around_each_instruction(engine, before, after):
+            result = meter.measure(run) if meter is not None else run()
+        wall, cpu_total = time.perf_counter() - start, time.thread_time() - cpu_start
+        process_cpu = time.process_time() - process_start
+        pairs, alone = engine.phase_events[first_phase:], engine.run_events
+    finally:
+        engine.phase_events, engine.run_events = outer, None
+    step = summarize(engine, trace, pairs, alone, wall, cpu, cpu_total)
+    step.process_cpu_s = process_cpu
+    if meter is not None:
+        step.memory_after_bytes = list(getattr(meter, "after", None) or [])
+        peak = getattr(meter, "peak", None)
+        step.activation_peak_bytes = peak if peak is not None else getattr(getattr(meter, "result", None), "peak",
+                                                                           None)
+    return result, step
+
+
+__all__ = ["AllocatorPeak", "RankStep", "record_step", "summarize", "parameter_bytes"]
