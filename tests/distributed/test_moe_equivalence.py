@@ -8,7 +8,8 @@ real all-to-alls between the replicas. Under dualpipe and dualpipev, with the al
 the overlapped pairs interleaved with the other micro-batch's compute (``overlap_moe_a2a``) and
 without, and with a planted serialisation of the interleaving ("serialised", tests/helpers/overlap.py), the
 per-step losses and every parameter after 3 SGD steps equal one process running
-the whole model (all 4 experts, no all-to-all) on the same global batches, to 1e-6 relative.
+the whole model (all 4 experts, no all-to-all) on the same global batches, to 1e-6 relative;
+and so they do with selected islands recomputed in the backward (``dualpipe.recompute_islands``).
 """
 
 import functools
@@ -35,9 +36,14 @@ def ds_config(schedule, overlap, P):
             "schedule": schedule
         },
         "dualpipe": {
-            "overlap_moe_a2a": overlap is not False
+            "overlap_moe_a2a": overlap is not False,
+            "recompute_islands": RECOMPUTED if overlap == "recompute" else []
         }
     }
+
+
+# Islands recomputed in the backward for the "recompute" runs: every kind the model has, the dense block too.
+RECOMPUTED = ["attention+gate", "shared_expert", "block", "decode+residual"]
 
 
 def _global_expert_names(named, ep_rank):
@@ -106,7 +112,8 @@ def _reference(P, results, clip=0.0):
 
 RUNS_P2 = (("dualpipe", True), ("dualpipe", False), ("dualpipe", "serialised"), ("dualpipev", True),
            ("dualpipev", False), ("interleaved-1f1b-overlap", True), ("interleaved-1f1b-overlap", False),
-           ("1f1b", True), ("dualpipe", "clipped"), ("1f1b", "clipped"))
+           ("1f1b", True), ("dualpipe", "clipped"), ("1f1b", "clipped"), ("dualpipe", "recompute"), ("dualpipev",
+                                                                                                     "recompute"))
 DEEPSPEED_CLIPS_DIFFERENTLY = pytest.mark.xfail(
     strict=True,
     reason=(
@@ -120,7 +127,8 @@ DEEPSPEED_CLIPS_DIFFERENTLY = pytest.mark.xfail(
     [pytest.param(*run, marks=DEEPSPEED_CLIPS_DIFFERENTLY) if run == ("1f1b", "clipped") else run for run in RUNS_P2])
 def test_moe_model_with_expert_parallelism_matches_one_process_at_P2(schedule, overlap):
     """overlap "clipped": overlap on and gradient clipping that clips every step (the norm spans
-    the experts of both expert-parallel ranks)."""
+    the experts of both expert-parallel ranks); "recompute": overlap on, and the islands in
+    ``RECOMPUTED`` run their forward again in the backward (``dualpipe.recompute_islands``)."""
     results = [r[schedule, overlap] for r in _launch(2, RUNS_P2)]
     reference = _reference(2, results, clip=CLIP if overlap == "clipped" else 0.0)
     harness.compare(results, reference)

@@ -24,10 +24,12 @@ import functools
 from typing import Any, Generator, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+from torch.autograd.graph import GradientEdge
 
 from deepspeed_dualpipe.runtime.autograd.clocks import clock_for
 from deepspeed_dualpipe.runtime.autograd.split_backward import SplitBackward, module_supports_split
-from deepspeed_dualpipe.runtime.autograd.tape import InlineTape, Pending, Tape, CommIsland, launch_all_to_all, flatten_tensors
+from deepspeed_dualpipe.runtime.autograd.tape import (InlineTape, Pending, Tape, CommIsland, RecomputedIsland,
+                                                      launch_all_to_all, flatten_tensors)
 
 __all__ = ["Tape", "InlineTape", "Pending", "DeferredWeights", "forward_steps", "backward_steps", "run", "interleave"]
 
@@ -88,67 +90,92 @@ class DeferredWeights:
             h.weight_part()
 
 
-def _add(grads: dict, t: torch.Tensor, g: Optional[torch.Tensor]) -> None:
-    if g is not None:
-        old = grads.get(id(t))
-        grads[id(t)] = g if old is None else old + g
+def _add(grads: dict, key: Optional[int], g: Optional[torch.Tensor]) -> None:
+    if key is not None and g is not None:
+        old = grads.get(key)
+        grads[key] = g if old is None else old + g
+
+
+def _roots(obj: Any) -> list:
+    """The tensors and ``GradientEdge``\\ s of ``obj`` (nested tuples/lists), in order."""
+    if isinstance(obj, (torch.Tensor, GradientEdge)):  # (a GradientEdge is a tuple)
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [r for item in obj for r in _roots(item)]
+    return []
 
 
 def _root_grads(tape: Tape, roots: Any, root_grads: Any) -> dict:
-    """Gradients of the roots w.r.t. every tensor an island returned (without entering islands)."""
-    outs = flatten_tensors(roots)
+    """Gradients of the roots w.r.t. every value an island returned (without entering islands), by key."""
+    outs = _roots(roots)
     grads_in = [None] * len(outs) if root_grads is None else flatten_tensors(root_grads)
     if len(grads_in) != len(outs):
         raise ValueError(f"backward_steps: {len(outs)} roots but {len(grads_in)} root grads")
-    pairs = [(o, g) for o, g in zip(outs, grads_in) if o.requires_grad and (g is not None or root_grads is None)]
-    targets = tape.known()
+    pairs = [(o, g) for o, g in zip(outs, grads_in)
+             if (isinstance(o, GradientEdge) or o.requires_grad) and (g is not None or root_grads is None)]
+    targets = tape.targets()
     if not pairs or not targets:
         return {}
-    found = torch.autograd.grad([o for o, _ in pairs], targets, [g for _, g in pairs], allow_unused=True)
+    found = torch.autograd.grad([o for o, _ in pairs], [edge for _, edge in targets], [g for _, g in pairs],
+                                allow_unused=True)
     grads: dict = {}
-    for t, g in zip(targets, found):
-        _add(grads, t, g)
+    for (key, _), g in zip(targets, found):
+        _add(grads, key, g)
     return grads
 
 
 def backward_steps(tape: Tape, roots: Any, root_grads: Any = None, split: bool = True) -> Steps:
     """A chunk's backward as steps, islands in reverse. Returns ``(input_grads, weights)``.
 
-    ``roots``: the chunk outputs with their received gradients as ``root_grads``, or a scalar loss
-    computed from them with ``root_grads=None``. ``input_grads`` is aligned with ``tape.inputs``
+    ``roots``: the chunk outputs (or their ``GradientEdge``\\ s) with their received gradients as
+    ``root_grads``, or a scalar loss computed from them with ``root_grads=None``. ``input_grads`` is aligned with ``tape.inputs``
     (``None`` where an input is not floating point or does not require grad); ``weights`` is a
-    :class:`DeferredWeights` (``weights.split`` False: nothing was deferred).
+    :class:`DeferredWeights` (``weights.split`` False: nothing was deferred). Each island is
+    dropped once its input part has run, and a gradient once it has been handed on: a pending
+    weight part keeps only what its weight gradients read.
     """
     if tape.islands is None:
         raise RuntimeError("backward_steps: this tape was already consumed by a backward")
     grads = _root_grads(tape, roots, root_grads)
+    roots = root_grads = None
     islands, inputs = tape.consume()
     handles = []
-    for island in reversed(islands):
+    while islands:
+        island = islands.pop()
         if isinstance(island, CommIsland):
-            if not island.input.requires_grad:
+            if island.input_key is None:
                 continue
             # Launched even without a gradient (zeros): the peers are waiting for this collective.
-            g = grads.pop(id(island.output), None)
-            g = torch.zeros_like(island.output) if g is None else g
+            g = grads.pop(island.output_key, None)
+            g = torch.zeros(island.shape, dtype=island.dtype, device=island.device) if g is None else g
             pending = launch_all_to_all(g, island.group, island.name + ".grad")
+            del g
             yield pending
-            _add(grads, island.input, pending.wait())
+            _add(grads, island.input_key, pending.wait())
+            del pending
             continue
-        out_grads = [grads.pop(id(a), None) for a in island.returned]
-        if all(g is None for g in out_grads):
+        outputs = [(where, grads.pop(key, None)) for key, where in island.outputs]
+        outputs = [(where, g) for where, g in outputs if g is not None]
+        if not outputs:
             continue  # nothing downstream needed this island
+        if isinstance(island, RecomputedIsland):
+            rerun = flatten_tensors(island.rerun())
+            outputs = [(rerun[at], g) for at, g in outputs if rerun[at].requires_grad]
+            leaves = island.leaves
+        else:
+            leaves = [leaf() for leaf in island.leaves]
         whole = island.params is None  # undeclared parameters: only a full backward reaches them
-        handle = SplitBackward.input_part(island.raw,
-                                          out_grads,
-                                          island.detached,
+        handle = SplitBackward.input_part([root for root, _ in outputs], [g for _, g in outputs],
+                                          leaves,
                                           island.params or (),
-                                          split=split and not whole)
-        for t, g in zip(island.originals, handle.input_grads):
-            if t.requires_grad:
-                _add(grads, t, g)
+                                          split=split and not whole,
+                                          set_input_grads=False)
+        del outputs, leaves
+        rerun = None  # a recomputed island's outputs: what its weight part needs is in the handle
+        for key, g in zip(island.input_keys, handle.take_input_grads()):
+            _add(grads, key, g)
         handles.append(handle)
-    input_grads = tuple(grads.get(id(t)) if t.is_floating_point() and t.requires_grad else None for t in inputs)
+    input_grads = tuple(grads.get(key) if wanted else None for key, wanted in inputs)
     return input_grads, DeferredWeights(handles)
 
 

@@ -4,7 +4,7 @@ import json
 import os
 import re
 import statistics
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from deepspeed_dualpipe.tools.bench import predict
 from deepspeed_dualpipe.schedule import get_spec
@@ -85,6 +85,12 @@ def add_parser(sub) -> None:
                    "time that costs no CPU, as over NVLink or RDMA; tools/bench/wire.py). Without TIME: (F+B)/4, "
                    f"so a layer's 4 all-to-alls take as long as its compute (1:1). Implies --a2a "
                    f"{WIRE_A2A_BYTES} unless --a2a is given")
+    p.add_argument("--memory-source",
+                   choices=("malloc", "profiler"),
+                   default=None,
+                   help="how the memory step reads the CPU allocator (deepspeed_dualpipe/tools/memory.py): "
+                   "malloc (glibc's mallinfo2: every thread, and small C++/Python objects too; the default where "
+                   "glibc has it) or profiler (torch's allocator events: tensors only, this thread only)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before the ranks are given up on")
     p.add_argument("--json", action="store_true")
@@ -132,7 +138,8 @@ def bench(args) -> dict:
                      args.width,
                      args.repeats,
                      a2a_bytes=a2a_bytes,
-                     a2a_wire_s=wire_s)
+                     a2a_wire_s=wire_s,
+                     memory_source=getattr(args, "memory_source", None))
     per_rank = run_ranks(bench_rank, spec.world_size, spec, timeout=args.timeout)
     alone = measure.all_to_all_alone(per_rank)
     # The simulator charges each all-to-all its time with every stage's at once: in a pipeline's
@@ -158,6 +165,7 @@ def bench(args) -> dict:
     for row in results.values():
         row["ratio_to_1f1b"] = row["step_s"] / base["step_s"] if base else None
         row["sim_ratio_to_1f1b"] = row["sim_step_s"] / base["sim_step_s"] if base else None
+        row.update(memory_targets(row, base, args.stages))
     plugin = [r["overhead_ms"] for r in results.values() if r["schedule"] in PLUGIN_SCHEDULES]
     plugin_mean = [r["overhead_mean_ms"] for r in results.values() if r["schedule"] in PLUGIN_SCHEDULES]
     result = {
@@ -191,12 +199,38 @@ def bench(args) -> dict:
                         micro_batches_per_rank=max(2, args.micro_batches // args.stages),
                         **costs)
     }
+    result["memory_source"] = next(iter(per_rank[0]["memory"].values()))["device"]
     if a2a_bytes:
         result["a2a_alone_s"] = alone.get("alone")
         result["a2a_concurrent_s"] = alone.get("concurrent")
         result["a2a_sim_s"] = a2a_s
         result["a2a_targets"] = _a2a_targets(results)
     return result
+
+
+# Memory targets: peak activation bytes per rank over 1F1B's rank 0 within this factor of Table 2's ratio;
+# bytes left after a step within this fraction of the rank's peak.
+ACTIVATION_SLACK = 1.10
+LEFT_FRACTION = 0.01
+
+
+def memory_targets(row: dict, base: Optional[dict], stages: int) -> dict:
+    """The memory figures of one run against 1F1B's in the same invocation, and the targets:
+    ``activation_ratio``: the busiest rank's peak over 1F1B's rank 0, beside ``table2_ratio`` (Table 2's
+    activation memory over 1F1B's); ``left_fraction``: the largest bytes-left-after-step over that rank's
+    peak; ``parameter_ratio``: the largest rank's parameter bytes over 1F1B's largest."""
+    from deepspeed_dualpipe.analysis.simulate import table2_activation_ratio
+    peaks, left = row["peak_activation_bytes"], row["left_after_step_bytes"]
+    out = {
+        "table2_ratio": table2_activation_ratio(row["schedule"], stages),
+        "left_fraction": max(max(lft, 0) / pk if pk > 0 else 0.0 for lft, pk in zip(left, peaks)),
+        "activation_ratio": None,
+        "parameter_ratio": None
+    }
+    if base is not None and base["peak_activation_bytes"][0] > 0:
+        out["activation_ratio"] = max(peaks) / base["peak_activation_bytes"][0]
+        out["parameter_ratio"] = max(row["parameter_bytes"]) / max(base["parameter_bytes"])
+    return out
 
 
 def _a2a_targets(results: dict) -> dict:
@@ -313,18 +347,7 @@ def render(result: dict) -> str:
                 out.append(f"  {name} vs {what}: {v['measured']:.3f} / {v['sim']:.3f}  (target {op} {target:g}: "
                            f"{'met' if met else 'missed'}; within {SIM_TOLERANCE} of the simulator: "
                            f"{'yes' if close else 'no'})")
-    out += [
-        "", "peak activation memory per rank: measured (bytes alive: kept for backward, or held by the engine "
-        "per micro-batch) / simulated (peak live chunk activations x unit)"
-    ]
-    rows = [[
-        name, " ".join(_size(b)
-                       for b in r["peak_activation_bytes"]), " ".join(str(n) for n in r["sim_peak_activations"]),
-        _size(r["activation_unit_bytes"]), " ".join(_size(b) for b in r["sim_peak_activation_bytes"]),
-        " ".join(f"{m / s:.2f}" if s else "-"
-                 for m, s in zip(r["peak_activation_bytes"], r["sim_peak_activation_bytes"]))
-    ] for name, r in result["schedules"].items()]
-    out.append(_grid(["schedule", "measured", "sim count", "unit", "sim bytes", "measured/sim"], rows))
+    out += ["", *render_memory(result)]
     out += [
         "", "simulated worst-rank bubble fraction as P grows (M = "
         f"{max(2, result['micro_batches'] // result['stages'])}P, {result['layers'] // result['stages']} layers "
@@ -334,6 +357,52 @@ def render(result: dict) -> str:
     out.append(_grid(["P"] + names,
                      [[P] + [_fraction(row[n]) for n in names] for P, row in result["scaling"].items()]))
     return "\n".join(out)
+
+
+def render_memory(result: dict) -> List[str]:
+    """The memory table and its targets (see :func:`memory_targets`)."""
+    out = [
+        f"memory per rank, at the allocator ({result.get('memory_source')}; deepspeed_dualpipe/tools/memory.py): "
+        "peak = the most bytes in use "
+        "after any instruction beyond parameters, gradients and optimizer state; high-water = the most within "
+        "an instruction (temporaries included); left = bytes still in use after the step; sim = the "
+        "simulator's peak count of live (chunk, micro-batch) units x the unit"
+    ]
+    rows = [[
+        name, " ".join(_size(b) for b in r["peak_activation_bytes"]),
+        _ratio(r["activation_ratio"]), "-" if r["table2_ratio"] is None else f"{r['table2_ratio']:.3f}",
+        " ".join(str(n) for n in r["sim_peak_activations"]),
+        _size(r["activation_unit_bytes"]),
+        " ".join(f"{m / s:.2f}" if s else "-"
+                 for m, s in zip(r["peak_activation_bytes"], r["sim_peak_activation_bytes"])),
+        " ".join("-" if b is None else _size(b)
+                 for b in r["high_water_bytes"]), " ".join(_size(b) for b in r["left_after_step_bytes"]),
+        _ratio(r["parameter_ratio"])
+    ] for name, r in result["schedules"].items()]
+    out.append(
+        _grid([
+            "schedule", "peak/rank", "max / 1f1b rank 0", "Table 2", "sim count", "unit", "peak/sim", "high-water",
+            "left", "params x 1f1b"
+        ], rows))
+    out += ["", "memory targets:"]
+    for name, r in result["schedules"].items():
+        if r["schedule"] == "1f1b":
+            continue
+        if r["activation_ratio"] is not None and r["table2_ratio"] is not None and r["schedule"] != "ds-dualpipev":
+            bound = ACTIVATION_SLACK * r["table2_ratio"]
+            out.append(f"  {name}: peak activations / 1f1b rank 0 = {r['activation_ratio']:.3f} (Table 2 "
+                       f"{r['table2_ratio']:.3f}, target <= {bound:.3f}: "
+                       f"{'met' if r['activation_ratio'] <= bound else 'missed'})")
+    for name, r in result["schedules"].items():
+        met = r["left_fraction"] <= LEFT_FRACTION
+        out.append(f"  {name}: left after the step <= {LEFT_FRACTION:.0%} of the peak on every rank: "
+                   f"{'met' if met else 'missed'} (largest {r['left_fraction']:.2%})")
+    for name, r in result["schedules"].items():
+        if r["parameter_ratio"] is not None:
+            want = 2.0 if r["schedule"] == "dualpipe" else 1.0
+            out.append(f"  {name}: parameters x 1f1b = {r['parameter_ratio']:.2f} (target {want:g}x: "
+                       f"{'met' if abs(r['parameter_ratio'] - want) < 1e-9 else 'missed'})")
+    return out
 
 
 def main(args) -> None:
