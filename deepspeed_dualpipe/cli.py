@@ -66,11 +66,18 @@ def cmd_simulate(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from deepspeed_dualpipe.analysis.verify import verify
+    from deepspeed_dualpipe.analysis.verify import verify, verify_table
+    if args.table:
+        stages = [int(p) for p in args.table_stages.split(",")]
+        print(verify_table(_names(args.schedules), stages, unbatched=args.unbatched))
+        return
+    if args.stages is None or args.micro_batches is None:
+        raise ValueError("verify needs --stages and --micro-batches (or --table)")
     for name in _names(args.schedules):
         result = verify(name, args.stages, args.micro_batches)
-        print(f"{name}: ok, P={args.stages} M={args.micro_batches}, "
-              f"peak live activations per rank {result.peak_activations}")
+        print(f"{name}: ok under NCCL's rules, P={args.stages} M={args.micro_batches} (first batch and steady state), "
+              f"groups posted {result.groups[0]}/{result.groups[1]}, peak live activations per rank "
+              f"{result.peak_activations}")
 
 
 def cmd_plot(args) -> None:
@@ -124,9 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("verify", help="symbolically execute every rank's instruction stream")
-    _add_shape(p, schedule=False)
+    p = sub.add_parser("verify",
+                       help="prove every rank's instruction stream deadlock-free under NCCL's point-to-point rules")
+    p.add_argument("--stages", "-P", type=int, help="pipeline ranks P")
+    p.add_argument("--micro-batches", "-M", type=int, help="micro-batches per batch M")
     p.add_argument("--schedules", default=",".join(SCHEDULES))
+    p.add_argument("--table", action="store_true", help="a table over P (--table-stages) and M in {2P, 2P+2, 4P}")
+    p.add_argument("--table-stages", default="2,4,8,16", help="the P of --table (default 2,4,8,16)")
+    p.add_argument("--unbatched",
+                   action="store_true",
+                   help="with --table: also each send and receive posted on its own (the engine before commits)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("plot", help="draw a schedule's timeline (PNG or SVG)")

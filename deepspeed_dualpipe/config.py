@@ -7,6 +7,7 @@ Two places in the DeepSpeed config dict matter::
       "dualpipe": {                              # optional; knobs of the plugin's engine
         "split_backward": true,
         "overlap_moe_a2a": true,
+        "recompute_islands": [],
         "p2p_timeout_s": 300,
         "verify_schedule": true,
         "monitor_interval": 1,                   # the plugin's figures in DeepSpeed's monitor
@@ -23,9 +24,9 @@ name the key path instead of a pydantic traceback.
 
 import difflib
 import math
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, StrictStr, ValidationError, field_validator
 
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 from deepspeed.utils import logger
@@ -45,11 +46,26 @@ class DualPipeSection(DeepSpeedConfigModel):
     overlap_moe_a2a: bool = True
     """Overlap MoE dispatch/combine all-to-all with the paired chunk's compute."""
 
+    recompute_islands: List[StrictStr] = Field(default_factory=list)
+    """Selective activation recomputation inside phased (MoE) chunks: the compute islands of these names
+    (``"attention+gate"`` of a ``MoETransformerBlock``, ...) keep only their inputs from the forward and
+    run their forward again in the backward, as DeepSeek-V3 recomputes RMSNorm and the MLA
+    up-projections. Names that no layer class of the model declares are refused at start-up."""
+
     p2p_timeout_s: float = Field(300.0, gt=0)
     """Longest any pipeline wait may block before the engine raises an error naming the peer."""
 
     verify_schedule: bool = True
     """Run the symbolic verifier on every rank's instruction stream once at start-up."""
+
+    @field_validator("recompute_islands")
+    @classmethod
+    def _names(cls, value):
+        if any(not name.strip() for name in value):
+            raise ValueError("island names must not be empty")
+        if len(set(value)) != len(value):
+            raise ValueError("names an island twice")
+        return value
 
     monitor_interval: int = Field(1, ge=1)
     """With a DeepSpeed ``monitor`` enabled: write the plugin's figures (bubble, waits, hidden all-to-all
@@ -98,6 +114,10 @@ class DualPipeConfig(DeepSpeedConfigModel):
     @property
     def overlap_moe_a2a(self) -> bool:
         return self.dualpipe.overlap_moe_a2a
+
+    @property
+    def recompute_islands(self) -> List[str]:
+        return self.dualpipe.recompute_islands
 
     @property
     def p2p_timeout_s(self) -> float:

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import deepspeed
+from deepspeed.accelerator import get_accelerator
 import deepspeed_dualpipe
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
@@ -68,7 +69,7 @@ def main():
     parser = deepspeed.add_config_arguments(parser)
     args = parser.parse_args()
 
-    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    deepspeed.init_distributed(dist_backend="nccl" if get_accelerator().device_name() == "cuda" else "gloo")
     with open(args.deepspeed_config) as f:
         schedule = json.load(f).get("pipeline", {}).get("schedule", "1f1b")
     torch.manual_seed(1234)

@@ -5,15 +5,21 @@ DeepSpeed's own (1F1B ``TrainSchedule``, built-in ``DualPipeVSchedule``) name on
 buffer and a phase; their micro-batches follow from the order in which each kind of
 instruction walks them, and their peers from the layout. Verification, simulation,
 printing and export all work on the events this module produces.
+
+Two readings of a stream: :func:`rank_events` lists its computations and messages in
+instruction order; :func:`rank_program` lists what the engine running it actually posts,
+:class:`Post` by :class:`Post` (one ``batch_isend_irecv`` or blocking send/receive each), with
+its computations between them. The verifier checks programs under NCCL's rules.
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from deepspeed.runtime.pipe import schedule as ds
 
 from deepspeed_dualpipe.schedule import instructions
-from deepspeed_dualpipe.schedule import get_spec, rank_steps
+from deepspeed_dualpipe.schedule import EngineKind, get_spec, rank_steps
+from deepspeed_dualpipe.schedule.commit import SHAPES, Handshakes
 from deepspeed_dualpipe.schedule.layout import Layout
 
 
@@ -48,7 +54,7 @@ class Comm:
     """A posted send or receive of an activation (``act``) or a gradient (``grad``)."""
 
     direction: str  # "send" | "recv"
-    payload: str  # "act" | "grad"
+    payload: str  # "act" | "grad" | "shapes" (the metadata before a channel's first activation)
     chunk: int
     micro_batch: int
     peer: int
@@ -57,6 +63,18 @@ class Comm:
     def __str__(self) -> str:
         arrow = "->" if self.direction == "send" else "<-"
         return f"{self.direction}_{self.payload}({self.chunk},{self.micro_batch}){arrow}{self.peer}"
+
+
+@dataclass(frozen=True)
+class Post:
+    """What an engine posts at once: one group of sends and receives (one ``batch_isend_irecv``, or one
+    blocking send or receive). ``wait``: the engine waits for the group before it goes on."""
+
+    comms: Tuple[Comm, ...]
+    wait: bool = False
+
+    def __str__(self) -> str:
+        return "[" + ", ".join(map(str, self.comms)) + "]" + (" (waited)" if self.wait else "")
 
 
 _COMM = {
@@ -131,3 +149,100 @@ def schedule_events(schedule: str, stages: int, micro_batches: int, forward_only
     layout = get_spec(schedule).layout(stages, micro_batches)
     steps = rank_steps(schedule, stages, micro_batches, forward_only)
     return layout, [rank_events(s, layout, r) for r, s in enumerate(steps)]
+
+
+class ProgramReader:
+    """Reads one rank's instructions as the program its engine runs: :class:`Op`\\ s and :class:`Post`\\ s.
+
+    - the plugin's engine queues its sends and receives and posts them at each ``CommitP2P`` as
+      :meth:`~deepspeed_dualpipe.schedule.commit.Handshakes.plan` says (the engine calls the same
+      function); a computation waits for the group holding its receive, the sends are waited at the
+      end of the batch;
+    - DeepSpeed's 1F1B engine sends and receives each tensor with a blocking ``send``/``recv``, the
+      shapes first on a channel's first message;
+    - DeepSpeed's DualPipeV engine exchanges a channel's shapes with blocking calls where it meets the
+      first send or receive, queues the rest and posts and waits for them at every ``CommitP2P``.
+
+    ``handshakes`` holds which channels have carried their shapes: pass the same one to read a later
+    batch of the same engine (the steady state).
+    """
+
+    def __init__(self, layout: Layout, rank: int, engine: EngineKind, handshakes: Optional[Handshakes] = None):
+        self.reader = EventReader(layout, rank)
+        self.engine = engine
+        self.handshakes = Handshakes() if handshakes is None else handshakes
+        self._queue = []  # (instruction, Comm) queued until the next commit
+
+    def program(self, steps: List[list]) -> List[object]:
+        flat = [ins for step in steps for ins in step]
+        queued = any(type(ins) is ds.CommitP2P for ins in flat)  # DeepSpeed's DualPipeV
+        out = []
+        for ins in flat:
+            event = self.reader.event(ins)
+            if isinstance(ins, ds.CommitP2P):
+                out += self._commit(ins)
+            elif isinstance(event, Comm):
+                out += self._p2p(ins, event, queued)
+            elif event is not None:
+                out.append(event)
+        if self._queue:
+            raise ValueError(f"rank {self.reader.rank}: {len(self._queue)} sends/receives are queued after the "
+                             f"last CommitP2P and never posted")
+        return out
+
+    def _p2p(self, ins, comm: Comm, queued: bool) -> List[Post]:
+        if self.engine is EngineKind.PLUGIN:
+            self._queue.append((ins, comm))
+            return []
+        out = []
+        seen = self.handshakes.announced if comm.direction == "send" else self.handshakes.shaped
+        if comm.payload == "act" and comm.chunk not in seen:  # DeepSpeed: blocking shapes, once per channel
+            seen.add(comm.chunk)
+            out.append(Post((_shapes_of(comm), ), wait=True))
+        if queued:
+            self._queue.append((ins, comm))
+        else:
+            out.append(Post((comm, ), wait=True))
+        return out
+
+    def _commit(self, ins) -> List[Post]:
+        queue, self._queue = self._queue, []
+        if self.engine is not EngineKind.PLUGIN:  # DeepSpeed's DualPipeV waits for every commit at once
+            return [Post(tuple(comm for _, comm in queue), wait=True)] if queue else []
+        comm_of = {id(i): comm for i, comm in queue}
+        return [
+            Post(tuple(_shapes_of(comm_of[id(i)]) if kind == SHAPES else comm_of[id(i)]
+                       for i, kind in posting.ops), posting.wait)
+            for posting in self.handshakes.plan([i for i, _ in queue])
+        ]
+
+
+def _shapes_of(comm: Comm) -> Comm:
+    return Comm(comm.direction, SHAPES, comm.chunk, comm.micro_batch, comm.peer, comm.buffer)
+
+
+def unbatched(program: List[object]) -> List[object]:
+    """``program`` with every send and receive posted as its own group, in the same order: how the plugin's
+    engine posted before it had commit points (each p2p instruction its own ``batch_isend_irecv``)."""
+    return [p for e in program for p in ([Post((c, ), e.wait) for c in e.comms] if isinstance(e, Post) else [e])]
+
+
+def rank_program(steps: List[list],
+                 layout: Layout,
+                 rank: int,
+                 engine: EngineKind,
+                 handshakes: Optional[Handshakes] = None) -> List[object]:
+    """What rank ``rank``'s engine posts and computes, in order (:class:`ProgramReader`)."""
+    return ProgramReader(layout, rank, engine, handshakes).program(steps)
+
+
+def schedule_program(schedule: str, stages: int, micro_batches: int, forward_only: bool = False, batches: int = 1):
+    """``(layout, programs)``: every rank's program for ``batches`` consecutive batches of one engine, each
+    batch a list (the first carries the shape handshakes, the later ones are the steady state)."""
+    spec = get_spec(schedule)
+    layout = spec.layout(stages, micro_batches)
+    steps = rank_steps(schedule, stages, micro_batches, forward_only)
+    handshakes = [Handshakes() for _ in range(stages)]
+    programs = [[rank_program(s, layout, r, spec.engine, handshakes[r]) for r, s in enumerate(steps)]
+                for _ in range(batches)]
+    return layout, programs

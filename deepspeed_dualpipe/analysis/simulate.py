@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from deepspeed_dualpipe.analysis.symbolic import Costs, Execution, execute_schedule
+from deepspeed_dualpipe.schedule import get_spec
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,18 @@ TABLE2: Dict[str, Table2Row] = {
     "dualpipev":
     Table2Row("(PP/2-1)(F&B+B-3W)", _dualpipe_bubble, "PP+1", "2x", lambda PP: PP + 1),
 }
+
+
+def table2_activation_ratio(schedule: str, stages: int) -> Optional[float]:
+    """Table 2's activation memory per device over 1F1B's on ``stages`` ranks (PP micro-batches of a 1F1B
+    stage): a schedule with PP model stages keeps its row's count of micro-batches of one model stage, each
+    ``stages / PP`` of a 1F1B stage. dualpipe: (P+1)/P; dualpipev: (2P+1)/(2P) (half-stage units); zb1p: 1.
+    DeepSpeed's ds-dualpipev is a DualPipeV. ``None`` for a schedule Table 2 has no row for."""
+    row = TABLE2.get("dualpipev" if schedule == "ds-dualpipev" else schedule)
+    if row is None:
+        return None
+    PP = get_spec(schedule).layout(stages, 2 * stages).model_stages
+    return row.activations_of(PP) / PP
 
 
 @dataclass

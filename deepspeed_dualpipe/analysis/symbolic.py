@@ -1,18 +1,34 @@
-"""Symbolic execution of all ranks' event streams together, with a cost per operation.
+"""Symbolic execution of all ranks' programs together, with a cost per operation.
 
-Semantics (those of the engine): sends and receives are posted without blocking; a
-compute operation starts once its inputs are there -- a received tensor once its
-send has been posted (plus ``latency``), a tensor from the same rank once the
-operation that makes it has run. The one blocking post is the first activation
-receive on a channel: the engine learns the tensor shapes from it. Every rank runs its stream in order. Run with any
-costs this finds deadlocks; run with the report's costs it is the simulator.
+A program (:func:`~deepspeed_dualpipe.analysis.events.rank_program`) is what one rank's engine
+does, in order: computations (:class:`~.events.Op`) and posted groups of sends and receives
+(:class:`~.events.Post`). The rules are NCCL's (``semantics=NCCL``, the default):
+
+- a rank's groups run one after the other, in posting order, on its communicator's stream (one
+  FIFO per rank: ``batch_isend_irecv`` uses the process group's communicator, which DeepSpeed binds
+  to the device, so all of a rank's peers share it);
+- a group starts once the previous group has completed and everything the rank computed or
+  waited for before posting it is done (the stream waits for the compute stream);
+- a send completes only once the matching receive's group has started, and vice versa
+  (rendezvous: no buffering, true of any message larger than NCCL's buffers); the k-th send from
+  a to b matches b's k-th receive from a; a group completes when all its operations have;
+- a computation starts after the previous one, after every group the rank waited for before it,
+  and after the group holding each tensor it receives (the wait where the data is used);
+- a posted group with ``wait`` holds back everything the rank does after it until it completes.
+
+``semantics=BUFFERED`` is the idealised model of the simulator: groups do not queue behind each
+other, sends never block, and a received tensor is there ``latency`` after its send was posted.
+Run with any costs, NCCL's rules find deadlocks; run with the report's costs, the simulator.
 """
 
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from deepspeed_dualpipe.analysis.events import Comm, Op, schedule_events
+from deepspeed_dualpipe.analysis.events import Comm, Op, Post, schedule_program
 from deepspeed_dualpipe.schedule.layout import Layout
+
+NCCL = "nccl"
+BUFFERED = "buffered"
 
 
 class ScheduleError(ValueError):
@@ -78,6 +94,7 @@ class Execution:
     live_peak: List[int]
     sent: Dict[Tuple[int, int], list] = field(default_factory=dict)  # (src, dst) -> message ids in post order
     received: Dict[Tuple[int, int], list] = field(default_factory=dict)
+    groups: int = 0  # groups posted, all ranks together
 
     @property
     def makespan(self) -> float:
@@ -94,41 +111,114 @@ def _message(payload: str, micro_batch: int, source, target):
     return (payload, micro_batch, source, target)
 
 
-class _Rank:
-
-    def __init__(self, rank: int, events: list):
-        self.rank = rank
-        self.events = events
-        self.next = 0
-        self.clock = 0.0
-        self.posted = set()
-        self.shaped = set()  # (peer, chunk) activation channels whose shapes are known
-        self.done: Dict[Tuple[str, int, int], float] = {}  # (op, chunk, micro_batch) -> end time
-        self.live = 0
-        self.peak = 0
-        self.timeline: List[Interval] = []
+def _describe_message(message) -> str:
+    payload, m, source, target = message
+    what = {"act": "activation", "grad": "gradient", "shapes": "activation shapes"}[payload]
+    return f"the {what} of micro-batch {m} ({source} -> {target})"
 
 
-def execute(streams: List[list], layout: Layout, costs: Costs = Costs(), forward_only: bool = False) -> Execution:
-    """Run every rank's events (from :func:`deepspeed_dualpipe.analysis.events.rank_events`) to the end."""
-    ranks = [_Rank(r, events) for r, events in enumerate(streams)]
-    arrival: Dict[tuple, float] = {}
-    execution = Execution(layout, [r.timeline for r in ranks], [0] * len(ranks))
-    progress = True
-    while progress:
-        progress = False
-        for rank in ranks:
-            while rank.next < len(rank.events):
-                if not _advance(rank, rank.events[rank.next], layout, costs, arrival, execution, forward_only):
-                    break
-                rank.next += 1
-                progress = True
-    stuck = [r for r in ranks if r.next < len(r.events)]
-    if stuck:
-        waits = "; ".join(f"rank {r.rank} waits at {r.events[r.next]} for "
-                          f"{_missing(r, r.events[r.next], layout, arrival)}" for r in stuck)
-        raise ScheduleError(f"deadlock: {waits}")
-    execution.live_peak = [r.peak for r in ranks]
+class _Graph:
+    """Times as the longest path through a dependency graph; a node in a cycle never resolves (a deadlock)."""
+
+    def __init__(self):
+        self.deps: List[List[Tuple[int, float]]] = []
+        self.duration: List[float] = []
+
+    def node(self, deps=(), duration: float = 0.0) -> int:
+        self.deps.append(list(deps))
+        self.duration.append(duration)
+        return len(self.deps) - 1
+
+    def solve(self) -> List[Optional[float]]:
+        n = len(self.deps)
+        waiting = [len(d) for d in self.deps]
+        dependents = [[] for _ in range(n)]
+        for node, deps in enumerate(self.deps):
+            for dep, _ in deps:
+                dependents[dep].append(node)
+        value: List[Optional[float]] = [None] * n
+        ready = [node for node in range(n) if waiting[node] == 0]
+        while ready:
+            node = ready.pop()
+            value[node] = max((value[d] + w for d, w in self.deps[node]), default=0.0) + self.duration[node]
+            for nxt in dependents[node]:
+                waiting[nxt] -= 1
+                if waiting[nxt] == 0:
+                    ready.append(nxt)
+        return value
+
+
+@dataclass
+class _Group:
+    rank: int
+    post: Post
+    start: int = -1  # graph nodes
+    end: int = -1
+    matches: List[Tuple[Comm, Optional["_Group"]]] = field(default_factory=list)
+
+
+@dataclass
+class _Item:
+    """One entry of a rank's program and the graph nodes that say when it can run."""
+
+    event: object
+    group: Optional[_Group] = None
+    start: int = -1  # compute: start and end; a waited group: the node after which the rank goes on
+    end: int = -1
+    waits: List[_Group] = field(default_factory=list)  # the groups a computation waits for (NCCL)
+    arrivals: List[tuple] = field(default_factory=list)  # the receives it waits for (BUFFERED)
+
+
+def execute(programs: List[list],
+            layout: Layout,
+            costs: Costs = Costs(),
+            forward_only: bool = False,
+            semantics: str = NCCL) -> Execution:
+    """Run every rank's program (:func:`~deepspeed_dualpipe.analysis.events.rank_program`) to the end.
+
+    Raises :class:`ScheduleError` naming the first broken rule: a message sent and received differently,
+    a computation before its inputs, or a deadlock (with what each stuck rank waits for).
+    """
+    if semantics not in (NCCL, BUFFERED):
+        raise ValueError(f"semantics must be {NCCL!r} or {BUFFERED!r}, got {semantics!r}")
+    execution = Execution(layout, [[] for _ in programs], [0] * len(programs))
+    items = [_read(rank, program, layout, forward_only, execution) for rank, program in enumerate(programs)]
+    _match(execution)
+    graph = _Graph()
+    zero = graph.node()
+    arrivals = {}  # id(recv Comm in a group) -> node: when it is there (BUFFERED)
+    for rank_items in items:
+        floor, previous = zero, None
+        for item in rank_items:
+            group = item.group
+            if group is not None:
+                fifo = [(previous.end, 0.0)] if previous is not None and semantics == NCCL else []
+                group.start = graph.node([(floor, 0.0)] + fifo)
+                group.end = graph.node()
+                previous = group
+                if item.event.wait:
+                    floor = item.start = graph.node([(floor, 0.0), (group.end, 0.0)])
+            else:
+                waits = [(g.end, 0.0) for g in item.waits] if semantics == NCCL else []
+                item.start = graph.node([(floor, 0.0)] + waits)
+                item.end = floor = graph.node([(item.start, 0.0)], costs.of(item.event))
+    for rank_items in items:
+        for item in rank_items:
+            if item.group is not None:
+                _connect(graph, item.group, costs, semantics, arrivals)
+    if semantics == BUFFERED:
+        for rank_items in items:
+            for item in rank_items:
+                if item.group is None:
+                    graph.deps[item.start] += [(arrivals[key], 0.0) for key in item.arrivals]
+    value = graph.solve()
+    if any(v is None for v in value):
+        raise ScheduleError(_deadlock(items, value))
+    for rank, rank_items in enumerate(items):
+        for item in rank_items:
+            if item.group is None:
+                execution.timelines[rank].append(Interval(value[item.start], value[item.end], item.event))
+    execution.groups = sum(1 for rank_items in items for item in rank_items if item.group is not None)
     return execution
 
 
@@ -136,63 +226,152 @@ def execute_schedule(schedule: str,
                      stages: int,
                      micro_batches: int,
                      costs: Costs = Costs(),
-                     forward_only: bool = False) -> Execution:
-    """Build the named schedule's streams and execute them: the one path of the verifier, the simulator
-    and the renderer."""
-    layout, streams = schedule_events(schedule, stages, micro_batches, forward_only)
-    return execute(streams, layout, costs, forward_only)
+                     forward_only: bool = False,
+                     semantics: str = BUFFERED) -> Execution:
+    """Build the named schedule's programs in the steady state (the shapes known) and execute them: the path of
+    the simulator and the renderer (idealised communication by default)."""
+    layout, batches = schedule_program(schedule, stages, micro_batches, forward_only, batches=2)
+    return execute(batches[-1], layout, costs, forward_only, semantics)
 
 
-def _advance(rank, event, layout, costs, arrival, execution, forward_only) -> bool:
-    """Run one event if it can run now; False if it must wait for another rank."""
-    if isinstance(event, Comm):
-        source, target = _endpoints(layout, (rank.rank, event.chunk), event)
-        if (source if event.direction == "send" else target)[0] != rank.rank or \
-                (target if event.direction == "send" else source)[0] != event.peer:
-            raise ScheduleError(f"rank {rank.rank}: {event} names peer {event.peer}, but that message runs "
-                                f"{source} -> {target}")
-        message = _message(event.payload, event.micro_batch, source, target)
-        channel = (rank.rank, event.peer) if event.direction == "send" else (event.peer, rank.rank)
-        if event.direction == "send":
-            producer = ("F", ) if event.payload == "act" else ("B", "I")
-            if not any((op, event.chunk, event.micro_batch) in rank.done for op in producer):
-                raise ScheduleError(f"rank {rank.rank}: {event} is posted before the tensor it sends is computed")
-            if message in arrival:
-                raise ScheduleError(f"rank {rank.rank}: {event} is sent twice")
-            arrival[message] = rank.clock + costs.latency
-            execution.sent.setdefault(channel, []).append(message)
+def _connect(graph, group: _Group, costs: Costs, semantics: str, arrivals) -> None:
+    """A group ends when each of its operations has met its match (NCCL), or when its receives have arrived."""
+    deps = [(group.start, 0.0)]
+    for comm, other in group.matches:
+        if semantics == NCCL:
+            deps.append((other.start, costs.latency))
+        elif comm.direction == "recv":
+            arrival = graph.node([(other.start, costs.latency), (group.start, 0.0)])
+            arrivals[id(comm), id(group)] = arrival
+            deps.append((arrival, 0.0))
+    graph.deps[group.end] = deps
+
+
+def _read(rank: int, program: list, layout: Layout, forward_only: bool, execution: Execution) -> List[_Item]:
+    """Check one rank's program in its own order; returns its items with the groups each computation waits for."""
+    items, done, live, peak = [], {}, 0, 0
+    posted = {}  # message -> group holding its receive
+    for event in program:
+        if isinstance(event, Post):
+            group = _Group(rank, event)
+            for comm in event.comms:
+                message, channel = _post(rank, comm, layout, done)
+                (execution.sent if comm.direction == "send" else execution.received).setdefault(channel, []).append(
+                    (message, comm, group))
+                if comm.direction == "recv":
+                    posted[message] = group
+            items.append(_Item(event, group))
+            continue
+        if not isinstance(event, Op):
+            raise ScheduleError(f"rank {rank}: {event!r} is neither a computation nor a posted group")
+        item = _Item(event)
+        for part in event.parts():
+            wait = _needs(rank, part, layout, done, forward_only)
+            if wait is not None:
+                if wait not in posted:
+                    raise ScheduleError(f"rank {rank}: {part} runs without a posted receive of its "
+                                        f"{'input' if wait[0] == 'act' else 'output gradient'} from rank "
+                                        f"{wait[2][0]}")
+                group = posted[wait]
+                item.waits.append(group)
+                comm = next(c for c in group.post.comms if c.direction == "recv" and _is(c, wait))
+                item.arrivals.append((id(comm), id(group)))
+        for part in event.parts():
+            key = (part.op, part.chunk, part.micro_batch)
+            if key in done or (part.op in "BI" and any((o, part.chunk, part.micro_batch) in done for o in "BI")):
+                raise ScheduleError(f"rank {rank}: {part} runs twice")
+            if part.op == "F":
+                live += 1
+                peak = max(peak, live)
+            done[key] = True
+        for part in event.parts():
+            if part.op in ("B", "W") or (forward_only and part.op == "F"):
+                live -= 1
+        items.append(item)
+    execution.live_peak[rank] = peak
+    return items
+
+
+def _is(comm: Comm, message) -> bool:
+    return comm.payload == message[0] and comm.micro_batch == message[1]
+
+
+def _post(rank: int, comm: Comm, layout: Layout, done) -> tuple:
+    """(message, channel) of a posted send or receive, checked against the layout and this rank's progress."""
+    payload = "act" if comm.payload == "shapes" else comm.payload
+    source, target = _endpoints(layout, (rank, comm.chunk),
+                                Comm(comm.direction, payload, comm.chunk, comm.micro_batch, comm.peer))
+    if (source if comm.direction == "send" else target)[0] != rank or \
+            (target if comm.direction == "send" else source)[0] != comm.peer:
+        raise ScheduleError(f"rank {rank}: {comm} names peer {comm.peer}, but that message runs "
+                            f"{source} -> {target}")
+    if comm.direction == "send":
+        producer = ("F", ) if payload == "act" else ("B", "I")
+        if not any((op, comm.chunk, comm.micro_batch) in done for op in producer):
+            raise ScheduleError(f"rank {rank}: {comm} is posted before the tensor it sends is computed")
+    channel = (rank, comm.peer) if comm.direction == "send" else (comm.peer, rank)
+    return _message(comm.payload, comm.micro_batch, source, target), channel
+
+
+def _match(execution: Execution) -> None:
+    """Pair the k-th send from a to b with b's k-th receive from a (NCCL matches in posting order)."""
+    for channel in sorted(set(execution.sent) | set(execution.received)):
+        sent, received = execution.sent.get(channel, []), execution.received.get(channel, [])
+        sent_ids, received_ids = [m for m, _, _ in sent], [m for m, _, _ in received]
+        if len(set(sent_ids)) != len(sent_ids):
+            twice = next(m for m in sent_ids if sent_ids.count(m) > 1)
+            raise ScheduleError(f"rank {channel[0]}: {_describe_message(twice)} is sent twice")
+        if sorted(sent_ids) != sorted(received_ids):
+            never_received = [m for m in sent_ids if m not in received_ids]
+            never_sent = [m for m in received_ids if m not in sent_ids]
+            problem = (f"{_describe_message(never_sent[0])} is received but never sent"
+                       if never_sent else f"{_describe_message(never_received[0])} is sent but never received")
+            raise ScheduleError(f"ranks {channel[0]} -> {channel[1]}: {problem}")
+        if sent_ids != received_ids:
+            at = next(i for i, (s, r) in enumerate(zip(sent_ids, received_ids)) if s != r)
+            raise ScheduleError(f"ranks {channel[0]} -> {channel[1]}: message {at} is sent as {sent_ids[at]} but "
+                                f"received as {received_ids[at]}; point-to-point messages match in posting order")
+        for (_, send, send_group), (_, recv, recv_group) in zip(sent, received):
+            send_group.matches.append((send, recv_group))
+            recv_group.matches.append((recv, send_group))
+        execution.sent[channel], execution.received[channel] = sent_ids, received_ids
+
+
+def _deadlock(items, value) -> str:
+    """Where each stuck rank stands, and the chain of groups that holds it."""
+    lines = []
+    for rank, rank_items in enumerate(items):
+        stuck = next((i for i in rank_items if (i.group is None or i.event.wait) and value[i.start] is None), None)
+        if stuck is None:
+            stuck = next((i for i in rank_items if i.group is not None and value[i.group.end] is None), None)
+            if stuck is None:
+                continue
+        if stuck.group is not None:
+            blocked = stuck.group
+            where = f"its group {stuck.event}"
         else:
-            if event.payload == "act" and (event.peer, event.chunk) not in rank.shaped:
-                # The engine learns a channel's tensor shapes from the first message's metadata,
-                # so the first activation receive on a channel waits for its send.
-                if message not in arrival:
-                    return False
-                rank.shaped.add((event.peer, event.chunk))
-            rank.posted.add(message)
-            execution.received.setdefault(channel, []).append(message)
-        return True
+            blocked = next((g for g in stuck.waits if value[g.end] is None), None)
+            where = f"{stuck.event}"
+            if blocked is None:
+                lines.append(f"rank {rank} is stuck at {where}")
+                continue
+        lines.append(f"rank {rank} is stuck at {where}: {_why(blocked, rank_items, value)}")
+    return ("deadlock under NCCL's rules (one stream per communicator, groups in posting order, a send waits "
+            "for its receive): " + "; ".join(lines))
 
-    ready = rank.clock
-    for part in event.parts():
-        needs = _needs(rank, part, layout, arrival, forward_only)
-        if needs is None:
-            return False
-        ready = max(ready, needs)
-    start, end = ready, ready + costs.of(event)
-    for part in event.parts():
-        key = (part.op, part.chunk, part.micro_batch)
-        if key in rank.done or (part.op in "BI" and any((o, part.chunk, part.micro_batch) in rank.done for o in "BI")):
-            raise ScheduleError(f"rank {rank.rank}: {part} runs twice")
-        if part.op == "F":
-            rank.live += 1
-            rank.peak = max(rank.peak, rank.live)
-        rank.done[key] = end
-    for part in event.parts():
-        if part.op in ("B", "W") or (forward_only and part.op == "F"):
-            rank.live -= 1
-    rank.timeline.append(Interval(start, end, event))
-    rank.clock = end
-    return True
+
+def _why(group: _Group, rank_items, value) -> str:
+    if value[group.start] is None:
+        ahead = next((i.group for i in rank_items if i.group is not None and value[i.group.end] is None), None)
+        if ahead is not None and ahead is not group:
+            return (f"it waits for {group.post} to run, which queues behind {ahead.post}, " + _unmet(ahead, value))
+        return f"{group.post} cannot start before an earlier computation"
+    return f"it waits for {group.post}, " + _unmet(group, value)
+
+
+def _unmet(group: _Group, value) -> str:
+    unmet = [(comm, other) for comm, other in group.matches if value[other.start] is None]
+    return "; ".join(f"whose {comm} needs rank {other.rank}'s group {other.post} to start" for comm, other in unmet)
 
 
 def _endpoints(layout, here, comm):
@@ -204,47 +383,29 @@ def _endpoints(layout, here, comm):
     return pair
 
 
-def _needs(rank, part: Op, layout, arrival, forward_only) -> Optional[float]:
-    """When ``part``'s inputs are ready, or None if another rank has yet to send one."""
-    here, m = (rank.rank, part.chunk), part.micro_batch
+def _needs(rank, part: Op, layout, done, forward_only):
+    """The message ``part`` receives (None if none), after checking what it needs from this rank has run."""
+    here, m = (rank, part.chunk), part.micro_batch
     path = layout.path(m)
     if here not in path:
-        raise ScheduleError(f"rank {rank.rank}: {part} runs on a chunk that micro-batch {m} does not visit")
+        raise ScheduleError(f"rank {rank}: {part} runs on a chunk that micro-batch {m} does not visit")
     if part.op == "W":
-        if ("I", part.chunk, m) not in rank.done:
-            raise ScheduleError(f"rank {rank.rank}: {part} runs before its input-gradient pass {part.chunk}I{m}")
-        return 0.0
+        if ("I", part.chunk, m) not in done:
+            raise ScheduleError(f"rank {rank}: {part} runs before its input-gradient pass {part.chunk}I{m}")
+        return None
     if part.op == "F":
         source, payload = layout.upstream(*here, m), "act"
     else:
         if forward_only:
-            raise ScheduleError(f"rank {rank.rank}: {part} in a forward-only schedule")
-        if ("F", part.chunk, m) not in rank.done:
-            raise ScheduleError(f"rank {rank.rank}: {part} runs before its forward {part.chunk}F{m}")
+            raise ScheduleError(f"rank {rank}: {part} in a forward-only schedule")
+        if ("F", part.chunk, m) not in done:
+            raise ScheduleError(f"rank {rank}: {part} runs before its forward {part.chunk}F{m}")
         source, payload = layout.downstream(*here, m), "grad"
     if source is None:
-        return 0.0
-    if source[0] == rank.rank:  # the neighbouring stage is on this rank: it must have run already
+        return None
+    if source[0] == rank:  # the neighbouring stage is on this rank: it must have run already
         wanted = ("F", ) if payload == "act" else ("B", "I")
-        if not any((op, source[1], m) in rank.done for op in wanted):
-            raise ScheduleError(f"rank {rank.rank}: {part} runs before {source[1]}{wanted[0]}{m} on the same rank")
-        return 0.0
-    message = _message(payload, m, source, here)
-    if message not in rank.posted:
-        raise ScheduleError(f"rank {rank.rank}: {part} runs without a posted receive of its "
-                            f"{'input' if payload == 'act' else 'output gradient'} from rank {source[0]}")
-    return arrival.get(message)
-
-
-def _missing(rank, event, layout, arrival) -> str:
-    if isinstance(event, Comm):
-        return f"the activation of micro-batch {event.micro_batch} from rank {event.peer}, which is never sent"
-    for part in event.parts():
-        here, m = (rank.rank, part.chunk), part.micro_batch
-        source = layout.upstream(*here, m) if part.op == "F" else layout.downstream(*here, m)
-        if source is not None and source[0] != rank.rank:
-            payload = "act" if part.op == "F" else "grad"
-            if _message(payload, m, source, here) not in arrival:
-                what = "activation" if payload == "act" else "gradient"
-                return f"the {what} of micro-batch {m} from rank {source[0]}, which is never sent"
-    return "an unknown dependency"
+        if not any((op, source[1], m) in done for op in wanted):
+            raise ScheduleError(f"rank {rank}: {part} runs before {source[1]}{wanted[0]}{m} on the same rank")
+        return None
+    return _message(payload, m, source, here)

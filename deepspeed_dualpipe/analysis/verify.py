@@ -1,8 +1,11 @@
 """The verifier: symbolic execution of all ranks' instruction streams, no processes.
 
 It proves, for one (schedule, P, M), that:
-- the streams cannot deadlock when a computation blocks until its received inputs
-  were sent (sends and receives are posted without blocking, as in the engine);
+- the programs the engines post (:func:`~.events.rank_program`: groups of sends and receives
+  as posted, shape handshakes included, and the computations between them) cannot deadlock
+  under NCCL's rules (:mod:`.symbolic`: one stream per communicator running groups in posting
+  order, a send that waits for its receive, a computation that waits for what it receives), in
+  the first batch of an engine (with the handshakes) and in the steady state;
 - every send has exactly one matching receive (same micro-batch, chunk pair and
   peer), and between any two ranks messages are received in the order they are
   sent (NCCL and gloo match point-to-point messages in posting order);
@@ -13,10 +16,11 @@ It reports the peak number of live activations per rank.
 """
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
-from deepspeed_dualpipe.analysis.events import Comm, Op, schedule_events
-from deepspeed_dualpipe.analysis.symbolic import Costs, ScheduleError, execute
+from deepspeed_dualpipe.analysis.events import Comm, Op, Post, rank_events, schedule_program
+from deepspeed_dualpipe.analysis.symbolic import NCCL, Costs, ScheduleError, execute
+from deepspeed_dualpipe.schedule import rank_steps
 from deepspeed_dualpipe.schedule.layout import Layout
 
 
@@ -26,24 +30,84 @@ class Verified:
     stages: int
     micro_batches: int
     peak_activations: List[int]  # live (chunk, micro-batch) activations, per rank
+    groups: List[int]  # groups posted per batch, all ranks together: [first batch, steady state]
 
 
 def verify(schedule: str, stages: int, micro_batches: int, forward_only: bool = False) -> Verified:
-    """Verify the named schedule; raises :class:`ScheduleError` naming the first violation."""
-    layout, streams = schedule_events(schedule, stages, micro_batches, forward_only)
-    peaks = verify_streams(streams, layout, forward_only)
-    return Verified(schedule, stages, micro_batches, peaks)
+    """Verify the named schedule (an engine's first batch and the steady state after it); raises
+    :class:`ScheduleError` naming the first violation and the batch."""
+    layout, batches = schedule_program(schedule, stages, micro_batches, forward_only, batches=2)
+    steps = rank_steps(schedule, stages, micro_batches, forward_only)
+    in_order = [rank_events(s, layout, r) for r, s in enumerate(steps)]
+    peaks, groups = None, []
+    for name, programs in zip(("first batch", "steady state"), batches):
+        try:
+            peaks = verify_streams(programs, layout, forward_only, instruction_order=in_order)
+        except ScheduleError as error:
+            raise ScheduleError(f"{schedule} P={stages} M={micro_batches} ({name}): {error}") from None
+        groups.append(sum(isinstance(e, Post) for program in programs for e in program))
+    return Verified(schedule, stages, micro_batches, peaks, groups)
 
 
-def verify_streams(streams: List[list], layout: Layout, forward_only: bool = False) -> List[int]:
-    """Verify per-rank event streams; returns the peak live activations per rank."""
-    if len(streams) != layout.ranks:
-        raise ScheduleError(f"expected {layout.ranks} rank streams, got {len(streams)}")
-    execution = execute(streams, layout, Costs(), forward_only)
-    for rank, events in enumerate(streams):
+def verify_table(schedules: List[str], stages: List[int], unbatched: bool = False) -> str:
+    """A text table: each schedule at each P and M in {2P, 2P+2, 4P}, proven or not under NCCL's rules.
+
+    ``unbatched`` adds a column for the same streams with every send and receive posted on its own.
+    """
+    from deepspeed_dualpipe.analysis.events import unbatched as split
+    from deepspeed_dualpipe.schedule import get_spec
+    width = max(len("schedule"), *map(len, schedules))
+    header = f"{'schedule':<{width}} {'P':>3} {'M':>3}  {'first batch':<12} {'steady':<8} {'groups':>11}"
+    lines = [
+        "NCCL's rules: one stream per communicator, groups in posting order, a send waits for its receive",
+        header + ("  each send/recv alone" if unbatched else "")
+    ]
+    for name in schedules:
+        for P in stages:
+            for M in sorted({2 * P, 2 * P + 2, 4 * P}):
+                try:
+                    get_spec(name).validate(P, M)
+                except ValueError:
+                    continue
+                try:
+                    result = verify(name, P, M)
+                    cells = ["proven", "proven", f"{result.groups[0]}/{result.groups[1]}"]
+                except ScheduleError as error:
+                    first = "(first batch)" in str(error)
+                    cells = ["DEADLOCK" if first else "proven", "-" if first else "DEADLOCK", "-"]
+                row = f"{name:<{width}} {P:>3} {M:>3}  {cells[0]:<12} {cells[1]:<8} {cells[2]:>11}"
+                if unbatched:
+                    layout, batches = schedule_program(name, P, M, batches=2)
+                    outcome = []
+                    for programs in batches:
+                        try:
+                            verify_streams([split(p) for p in programs], layout)
+                            outcome.append("proven")
+                        except ScheduleError:
+                            outcome.append("DEADLOCK")
+                    row += f"  {'/'.join(outcome)}"
+                lines.append(row)
+    return "\n".join(lines)
+
+
+def verify_streams(programs: List[list],
+                   layout: Layout,
+                   forward_only: bool = False,
+                   semantics: str = NCCL,
+                   instruction_order: Optional[List[list]] = None) -> List[int]:
+    """Verify per-rank programs (:func:`~.events.rank_program`); returns the peak live activations per rank.
+
+    Buffer slots are checked in ``instruction_order`` (:func:`~.events.rank_events`), where the engine takes
+    and releases them (a queued send holds its tensors, not its slot), by default in the programs' order."""
+    if len(programs) != layout.ranks:
+        raise ScheduleError(f"expected {layout.ranks} rank streams, got {len(programs)}")
+    execution = execute(programs, layout, Costs(), forward_only, semantics)
+    for rank, events in enumerate(programs):
         _check_complete(rank, [e for e in events if isinstance(e, Op)], layout, forward_only)
-        _check_buffers(rank, events)
-    _check_channels(execution)
+        if instruction_order is None:
+            _check_buffers(rank, [c for e in events for c in (e.comms if isinstance(e, Post) else [e])])
+        else:
+            _check_buffers(rank, instruction_order[rank])
     return execution.live_peak
 
 
@@ -87,16 +151,4 @@ def _check_buffers(rank: int, events: list) -> None:
                                     f"{key_b[1]} while chunk {key_a[0]} micro-batch {key_a[1]} still needs it")
 
 
-def _check_channels(execution) -> None:
-    for channel in sorted(set(execution.sent) | set(execution.received)):
-        sent, received = execution.sent.get(channel, []), execution.received.get(channel, [])
-        if sorted(sent) != sorted(received):
-            unmatched = set(sent) ^ set(received)
-            raise ScheduleError(f"ranks {channel[0]} -> {channel[1]}: unmatched messages {sorted(unmatched)[:3]}")
-        if sent != received:
-            at = next(i for i, (s, r) in enumerate(zip(sent, received)) if s != r)
-            raise ScheduleError(f"ranks {channel[0]} -> {channel[1]}: message {at} is sent as {sent[at]} but "
-                                f"received as {received[at]}; point-to-point messages match in posting order")
-
-
-__all__ = ["verify", "verify_streams", "Verified", "ScheduleError", "Comm"]
+__all__ = ["verify", "verify_table", "verify_streams", "Verified", "ScheduleError", "Comm", "Post"]

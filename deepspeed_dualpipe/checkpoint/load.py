@@ -1,12 +1,14 @@
 """Loading: resolve ``latest``, explain a missing or unfinished tag, check the manifest, refuse optimizer
 state saved for another pipeline placement."""
 
+import contextlib
 import glob
 import os
 from typing import Optional
 
 from deepspeed.utils import logger
 
+from deepspeed_dualpipe.checkpoint import moe
 from deepspeed_dualpipe.checkpoint.files import (CheckpointError, MANIFEST, describe_layout, same_placement, layout_of,
                                                  read_latest, read_manifest, replaced_dir, staging_dir)
 
@@ -59,18 +61,7 @@ def prepare_load(engine, load_dir, tag=None, load_optimizer_states=True, load_mo
         raise CheckpointError(f"{path} has no mp_rank_XX_model_states.pt files: it is not a complete DeepSpeed "
                               f"checkpoint")
     if load_optimizer_states and not load_module_only and engine.optimizer is not None:
-        mine = layout_of(engine)
-        if manifest is not None:
-            saved, source = manifest["layout"], ""
-        else:  # written by DeepSpeed's own save: its 1F1B placement, one mp_rank file per pipeline x tensor rank
-            tensor = mine["tensor_parallel_size"]
-            saved = {
-                "schedule": "1f1b (DeepSpeed's save, assumed)",
-                "layout": "linear",
-                "pipe_parallel_size": len(rank_files) // tensor,
-                "tensor_parallel_size": tensor
-            }
-            source = ", as far as its files tell"
+        saved, mine, source = _layouts(engine, path)
         if not same_placement(saved, mine):
             raise CheckpointError(
                 f"checkpoint {path} was written by {describe_layout(saved)}{source}; this engine runs "
@@ -81,6 +72,29 @@ def prepare_load(engine, load_dir, tag=None, load_optimizer_states=True, load_mo
                 f"(SGD without momentum); Adam's moments or SGD's momentum restart from zero. Or resume with the "
                 f"schedule placement and pipeline depth it was saved with.")
     return tag
+
+
+def _layouts(engine, path):
+    """(the layout ``path`` was saved from, ``engine``'s, and how sure the first is: "" or a caveat)."""
+    mine, manifest = layout_of(engine), read_manifest(path)
+    if manifest is not None:
+        return manifest["layout"], mine, ""
+    # Written by DeepSpeed's own save: its 1F1B placement, one mp_rank file per pipeline x tensor rank.
+    tensor = mine["tensor_parallel_size"]
+    saved = {
+        "schedule":
+        "1f1b (DeepSpeed's save, assumed)",
+        "layout":
+        "linear",
+        "pipe_parallel_size":
+        len([
+            f for f in glob.glob(os.path.join(path, "*mp_rank_*_model_states.pt"))
+            if not os.path.basename(f).startswith("layer_")  # MoE expert files
+        ]) // tensor,
+        "tensor_parallel_size":
+        tensor
+    }
+    return saved, mine, ", as far as its files tell"
 
 
 def load_checkpoint(engine,
@@ -98,11 +112,19 @@ def load_checkpoint(engine,
     from deepspeed.runtime.pipe.engine import PipelineEngine
     with torch.no_grad():
         tag = prepare_load(engine, load_dir, tag, load_optimizer_states, load_module_only)
-        return PipelineEngine.load_checkpoint(engine,
-                                              load_dir,
-                                              tag,
-                                              load_module_strict=load_module_strict,
-                                              load_optimizer_states=load_optimizer_states,
-                                              load_lr_scheduler_states=load_lr_scheduler_states,
-                                              load_module_only=load_module_only,
-                                              custom_load_fn=custom_load_fn)
+        across = contextlib.nullcontext()
+        if tag is not None and engine.has_moe_layers:  # DeepSpeed's MoE files are read by placement (checkpoint/moe.py)
+            path = os.path.join(load_dir, tag)
+            saved, mine, source = _layouts(engine, path)
+            if not same_placement(saved, mine):
+                moe.check_loadable(path, describe_layout(saved) + source, describe_layout(mine))
+                across = moe.loading_across_placements(engine, path)
+        with across:
+            return PipelineEngine.load_checkpoint(engine,
+                                                  load_dir,
+                                                  tag,
+                                                  load_module_strict=load_module_strict,
+                                                  load_optimizer_states=load_optimizer_states,
+                                                  load_lr_scheduler_states=load_lr_scheduler_states,
+                                                  load_module_only=load_module_only,
+                                                  custom_load_fn=custom_load_fn)

@@ -10,6 +10,7 @@ from deepspeed.utils import logger
 from deepspeed_dualpipe.checkpoint.files import (DEFAULT_TIMEOUT_S, FORMAT_VERSION, MANIFEST, REPLACED_PREFIX,
                                                  STAGING_PREFIX, fsync_dir, fsync_file, manifest_files, check_tag,
                                                  layout_of, replaced_dir, staging_dir, write_latest)
+from deepspeed_dualpipe.checkpoint import moe
 from deepspeed_dualpipe.checkpoint.rendezvous import SaveRendezvous
 
 
@@ -93,6 +94,7 @@ def _write_files(engine, save_dir, staging_tag, client_state, exclude_frozen_par
                                             staging_tag,
                                             client_state=state,
                                             exclude_frozen_parameters=exclude_frozen_parameters)
+            moe.write_map(engine, os.path.join(save_dir, staging_tag))  # expert files, readable by any placement
         else:
             engine._save_checkpoint(save_dir,
                                     staging_tag,

@@ -18,7 +18,7 @@ import inspect
 import deepspeed
 
 from deepspeed_dualpipe.config import dualpipe_config
-from deepspeed_dualpipe.integration import convert
+from deepspeed_dualpipe.integration import convert, megatron
 from deepspeed_dualpipe.integration.optimizer import check_optimizer
 from deepspeed_dualpipe.integration.recording import record_pipeline_module_args
 
@@ -102,10 +102,9 @@ def initialize(args=None, model=None, *positional, **kwargs):
             return _weigh_aux_losses_by_gas(ds_initialize(args=args, model=rebuilt, **kwargs))
         DualPipeModule, DualPipeEngine = _plugin_classes()
         rebuilt = convert.as_chunked(model, schedule, DualPipeModule)
-        if type(rebuilt).__module__.startswith("megatron"):  # Megatron-DeepSpeed's MoE layers, as phases
-            from deepspeed_dualpipe.integration import megatron_moe
-            megatron_moe.adapt(rebuilt)
         kwargs = convert.carry_over(kwargs, model, rebuilt)
+        if megatron.is_megatron_model(rebuilt):
+            megatron.adapt(rebuilt, schedule)
         check_optimizer(kwargs.get("optimizer"), rebuilt)
         with _pipeline_engine(DualPipeEngine):
             return ds_initialize(args=args, model=rebuilt, **kwargs)

@@ -9,7 +9,8 @@
 
 The MoE's ``l_aux`` is attached to the block's output with
 :func:`~deepspeed_dualpipe.runtime.autograd.aux_loss.attach_aux_loss`, so a pipeline that passes only the
-hidden states on still trains the router's load balance.
+hidden states on still trains the router's load balance. ``block.moe.deepspeed_moe.l_aux`` keeps the
+last value, detached (for logging).
 
 As phases (:meth:`MoETransformerBlock.forward_steps`), the islands are::
 
@@ -42,6 +43,9 @@ __all__ = ["MoETransformerBlock", "RMSNorm"]
 
 class MoETransformerBlock(nn.Module):
     """Pre-norm decoder block with a dense SwiGLU MLP or a DualPipeMoE (+ shared expert)."""
+
+    # The islands of forward_steps, by name (``dualpipe.recompute_islands`` may name them): "block" when dense.
+    ISLANDS = ("block", "attention+gate", "experts", "shared_expert", "decode+residual")
 
     def __init__(self,
                  hidden_size: int,
@@ -143,5 +147,7 @@ class MoETransformerBlock(nn.Module):
                            l_aux,
                            params=(),
                            name="decode+residual")
-        moe.deepspeed_moe.l_aux, moe.deepspeed_moe.exp_counts = l_aux, exp_counts
+        # Stored detached: with its graph it would keep this micro-batch's attention and gate island alive
+        # until the next forward. The gradient reaches l_aux through attach_aux_loss.
+        moe.deepspeed_moe.l_aux, moe.deepspeed_moe.exp_counts = l_aux.detach(), exp_counts
         return out

@@ -1,7 +1,8 @@
 """``DualPipeMoE``: DeepSpeed's MoE layer, with its forward cut into phases.
 
 Drop-in for ``deepspeed.moe.layer.MoE``: same constructor, same submodules (so the same
-``state_dict`` keys, loadable either way), same gate (DeepSpeed's ``TopKGate`` and its gating
+``state_dict`` keys, loadable either way), the same return value (``l_aux`` with its graph; the
+copy left in ``deepspeed_moe.l_aux`` is detached), same gate (DeepSpeed's ``TopKGate`` and its gating
 functions: capacity, token dropping, random token selection, ``l_aux``), same expert-parallel
 groups (``set_deepspeed_parallelism``, which ``deepspeed.initialize`` calls on every MoE), same
 expert parameter attributes (``allreduce=False``, ``group_name``), so DeepSpeed's engine and
@@ -28,6 +29,7 @@ timers (``wall_clock_breakdown``) are not updated by the phased path.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -42,8 +44,26 @@ from deepspeed_dualpipe.runtime.autograd.steps import InlineTape, run
 __all__ = ["DualPipeMoE"]
 
 
+@contextmanager
+def _capacity_of_every_token(gate, tokens: int):
+    """For a gate with ``drop_tokens=False``: route with DeepSpeed's token-dropping path at capacity ``tokens``
+    (``capacity_factor`` 0 and ``min_capacity`` = tokens), which drops nothing and needs no all-reduce."""
+    if gate.drop_tokens:
+        yield
+        return
+    saved = gate.capacity_factor, gate.eval_capacity_factor, gate.min_capacity
+    gate.drop_tokens, gate.capacity_factor, gate.eval_capacity_factor, gate.min_capacity = True, 0.0, 0.0, tokens
+    try:
+        yield
+    finally:
+        gate.drop_tokens = False
+        gate.capacity_factor, gate.eval_capacity_factor, gate.min_capacity = saved
+
+
 class DualPipeMoE(MoE):
     """``deepspeed.moe.layer.MoE`` whose forward can run as overlappable phases."""
+
+    ISLANDS = ("gate", "experts", "residual", "decode")  # the compute islands of forward_steps, by name
 
     # ----- what DeepSpeed's MoE offers ---------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
@@ -75,13 +95,20 @@ class DualPipeMoE(MoE):
     def gate_phase(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
         """Route the tokens and lay them out per expert.
 
-        Returns ``(dispatched [E, C, M], l_aux, slots, gates, exp_counts)``. ``int(capacity)`` is a
-        host sync (as in DeepSpeed); it happens here, before the dispatch is launched.
+        Returns ``(dispatched [E, C, M], l_aux, slots, gates, exp_counts)``. No device sync: DeepSpeed's
+        gate computes the capacity on the host from the shapes. With ``drop_tokens=False`` DeepSpeed
+        takes the largest expert load over the expert-parallel group instead (an all-reduce, then
+        ``int()`` of a device tensor: a host sync, queued behind the other micro-batch's all-to-all);
+        here the capacity is the token count, which no expert can exceed, so the same tokens reach the
+        same experts in the same places and nothing waits, at the price of dispatch buffers of ``C = T``
+        rows per expert.
         """
         moe = self.deepspeed_moe
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
-        l_aux, capacity, num_experts, indices, locations, gates, exp_counts = moe.gate(tokens, used_token, True, False)
-        capacity = int(capacity)
+        with _capacity_of_every_token(moe.gate, tokens.shape[0]):
+            l_aux, capacity, num_experts, indices, locations, gates, exp_counts = moe.gate(
+                tokens, used_token, True, False)
+        capacity = int(capacity)  # a host tensor (see above)
         slots = _route_slots(indices, locations, num_experts, capacity)
         return _sparse_encode(tokens, slots, num_experts, capacity), l_aux, slots, gates, exp_counts
 
@@ -136,5 +163,7 @@ class DualPipeMoE(MoE):
             residual = tape.compute(self.residual_phase, hidden_states, params=params, name="residual")
         decode = (lambda c, s, g, r: self.decode_phase(c, s, g, hidden_states.shape, r))
         output = tape.compute(decode, pending.wait(), slots, gates, residual, params=(), name="decode")
-        moe.l_aux, moe.exp_counts = l_aux, exp_counts  # where DeepSpeed's MOELayer leaves them
+        # Where DeepSpeed's MOELayer leaves them, but l_aux detached: with its graph it would keep the last
+        # micro-batch's gate island alive until the next forward. The returned l_aux carries the graph.
+        moe.l_aux, moe.exp_counts = l_aux.detach(), exp_counts
         return output, l_aux, exp_counts

@@ -1,5 +1,10 @@
 """Gradient work of :class:`~deepspeed_dualpipe.runtime.engine.DualPipeEngine` around the optimizer step.
 
+- weight gradients handed to DeepSpeed's gradient path as each chunk finishes them: a deferred
+  weight pass (torch's ``stage_backward_weight``) adds into ``.grad`` by hand, bypassing
+  post-accumulate-grad hooks, so the engine does the bf16 optimizer's ``immediate_grad_update``
+  itself and turns the split off (loudly) for any other hook (ZeRO's, a user's); bf16 gradients
+  move into fp32 chunk by chunk;
 - the mirror reduction: under DualPipe both copies of a stage saw half the batch;
 - gradient clipping by a global norm that counts each parameter once (mirror copies, tied
   modules) and every expert of every expert-parallel rank;
@@ -10,47 +15,148 @@ import torch
 from deepspeed import comm as dist
 from deepspeed.runtime.base_optimizer import ZeROOptimizer
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE
 from deepspeed.runtime.pipe.engine import PipelineEngine
-from deepspeed.utils import groups
+from deepspeed.utils import groups, logger
 
 
 class GradientReductions:
-    """Mirror reduction, clipping and fp16 loss scaling (a mixin of the engine)."""
+    """Weight gradients into DeepSpeed's path, mirror reduction, clipping and fp16 loss scaling (a mixin of the
+    engine)."""
+
+    # ----- weight gradients, as each chunk finishes them -------------------------------------------
+    def _immediate_bf16(self) -> bool:
+        return self.using_bf16_optimizer and self._config.bfloat16_config.immediate_grad_update
+
+    def _check_gradient_hooks(self):
+        """Before each training batch: a post-accumulate-grad hook fires inside autograd's accumulation into
+        ``.grad``, which a deferred weight pass (torch's ``stage_backward_weight``) bypasses. The engine stands
+        in for the bf16 optimizer's own (``bf16.immediate_grad_update``); with any other hook (ZeRO's gradient
+        hooks, a user's), it turns the split off, loudly: every backward then runs whole, the same numbers."""
+        if not self._split:
+            return
+        own = {h.id for h in getattr(self.optimizer, "_grad_acc_hooks", [])} if self._immediate_bf16() else set()
+        foreign = [(n, p) for n, p in self.module.named_parameters() if set(_post_accumulate_hooks(p)) - own]
+        if not foreign:
+            return
+        if isinstance(self.optimizer, ZeROOptimizer):
+            cause = ("DeepSpeed's ZeRO gradient hooks (zero_optimization.stage with data_types.grad_accum_dtype "
+                     "other than the parameters' dtype, or zero_optimization.overlap_comm)")
+        else:
+            cause = f"post-accumulate-grad hooks on {len(foreign)} parameter(s), e.g. {foreign[0][0]}"
+        logger.warning(f"deepspeed_dualpipe: {cause} run only inside autograd's own accumulation into .grad, which "
+                       f"a deferred weight pass bypasses; dualpipe.split_backward is turned off for this engine: "
+                       f"every backward runs whole (same numbers, no zero-bubble weight deferral)")
+        self._split = False
+
+    def _grad_versions(self, chunk):
+        """What a weight pass changes (bf16 ``immediate_grad_update``): each parameter's gradient and its version."""
+        if not self._immediate_bf16():
+            return None
+        return [(p, i, j, p.grad, None if p.grad is None else p.grad._version) for p, i, j in self._hp_slots(chunk)]
+
+    def _weight_gradients_done(self, chunk, before=None):
+        """``chunk`` finished one micro-batch's weight gradients (a B, a pair's B, an I that fell back to a full
+        backward, or a W), into the optimizer's fp32 gradients, this chunk's parameters only:
+
+        - bf16 with ``immediate_grad_update``: autograd ran the optimizer's hooks for a B; a W (``before``, from
+          :meth:`_grad_versions`) added into ``.grad`` by hand, so the engine does what those hooks do for every
+          parameter the W changed;
+        - bf16 otherwise: as DeepSpeed's 1F1B after every backward, so micro-batches accumulate in fp32.
+        """
+        if not self.using_bf16_optimizer:
+            return
+        if self._immediate_bf16():
+            for p, i, j, grad, version in before or ():
+                if p.grad is not None and (p.grad is not grad or p.grad._version != version):
+                    self.optimizer.accumulate_hp_grads_and_remove_lp(p, i, j)
+            return
+        update = self.optimizer._update_hp_grad
+        for p, i, j in self._hp_slots(chunk):
+            update(p, i, j, clear_lp_grads=True)
+
+    def _hp_slots(self, chunk):
+        """``(parameter, group, index)`` in the bf16 optimizer's groups, for ``chunk``'s parameters."""
+        if chunk not in self._hp_slot_cache:
+            where = {id(p): (i, j) for i, group in enumerate(self.optimizer.bf16_groups) for j, p in enumerate(group)}
+            self._hp_slot_cache[chunk] = [(p, *where[id(p)]) for p in self.module.chunk_parameters(chunk)
+                                          if id(p) in where]
+        return self._hp_slot_cache[chunk]
 
     @torch.no_grad()  # gradients a custom Function accumulated by hand may be views made without grad mode
     def _exec_reduce_mirror_grads(self):
-        """Sum every gradient across the mirror pair (r, P-1-r): both copies of a stage see half the batch."""
+        """Reduce DualPipe's two copies of every stage: both saw half the batch.
+
+        Without ZeRO, each gradient is reduced once over all its holders (the mirror pair in every data-parallel
+        replica: sum, then DeepSpeed's data-parallel averaging) in one canonical order, the parameters' names,
+        in DeepSpeed's buckets, so every copy gets the same bits, and DeepSpeed's own data-parallel reduction
+        skips them (:meth:`_reduce_non_expert_gradients`). With ZeRO (whose reduction partitions by data-parallel
+        rank) and for MoE experts (reduced over their expert-data-parallel group), the sum is over the mirror
+        pair, and DeepSpeed reduces over data parallelism afterwards.
+        """
         self._drain_sends()
         params = [
             p for _, p in self.module.named_mirror_tensors() if isinstance(p, torch.nn.Parameter) and p.requires_grad
         ]
-        grads = [self._gradient(p) for p in params]
-        flat = torch.cat([
-            g.reshape(-1) if g is not None else torch.zeros(p.numel(), dtype=self._grad_dtype(), device=p.device)
-            for p, g in zip(params, grads)
-        ])
-        dist.all_reduce(flat, group=self.module.mirror_group)
-        offset = 0
-        for p, g in zip(params, grads):
-            reduced = flat[offset:offset + p.numel()]
-            offset += p.numel()
-            if g is not None:
-                g.copy_(reduced.view_as(g))
-            elif not self.using_bf16_optimizer:
-                p.grad = reduced.view_as(p).clone()
+        holders = not isinstance(self.optimizer, ZeROOptimizer)
+        dense = [p for p in params if holders and getattr(p, "allreduce", True)]
+        rest = [p for p in params if not (holders and getattr(p, "allreduce", True))]
+        if dense:
+            self._reduce_buckets(dense, self.module.holder_group, self.dp_world_size)
+        if rest:
+            self._reduce_buckets(rest, self.module.mirror_group, 1)
+        self._dense_reduced = bool(dense)
 
-    def _gradient(self, p):
-        """Where ``p``'s accumulated gradient lives: the bf16 optimizer's fp32 copy, else ``p.grad``."""
-        return getattr(p, "_hp_grad", None) if self.using_bf16_optimizer else p.grad
+    def _reduce_buckets(self, params, group, averaged_over):
+        """All-reduce the gradients of ``params`` over ``group`` in DeepSpeed's buckets (``allreduce_no_retain``: the
+        sum divided by ``averaged_over``, as its data-parallel reduction), one dtype at a time, in this order."""
+        grads = [self._gradient(p, create=True) for p in params]
+        for dtype in sorted({g.dtype for g in grads}, key=str):
+            self.allreduce_no_retain([g for g in grads if g.dtype == dtype],
+                                     dp_group=group,
+                                     numel_per_bucket=MEMORY_OPT_ALLREDUCE_SIZE,
+                                     dp_world_size=averaged_over)
 
-    def _grad_dtype(self):
-        return torch.float32 if self.using_bf16_optimizer else next(self.module.parameters()).dtype
+    def _reduce_non_expert_gradients(self, grads, elements_per_buffer):
+        """DeepSpeed's data-parallel reduction of dense gradients, skipped when the mirror reduction has reduced
+        them over all their holders already."""
+        if getattr(self, "_dense_reduced", False):
+            return
+        PipelineEngine._reduce_non_expert_gradients(self, grads, elements_per_buffer)
+
+    def _exec_reduce_grads(self):
+        try:
+            PipelineEngine._exec_reduce_grads(self)
+        finally:
+            self._dense_reduced = False
+
+    def _gradient(self, p, create=False):
+        """Where ``p``'s accumulated gradient lives: the bf16 optimizer's fp32 copy, ZeRO's ``grad_accum`` when it
+        accumulates in another dtype (``data_types.grad_accum_dtype``), else ``p.grad``. ``create``: a zero gradient
+        where there is none yet, as DeepSpeed's own reduction makes (every holder reduces the same tensors)."""
+        if self.using_bf16_optimizer:
+            if create and getattr(p, "_hp_grad", None) is None:
+                for q, i, j in self._hp_slots_all():
+                    if q is p:
+                        p._hp_grad = self.optimizer.fp32_groups_gradients[i][j]
+                        self.optimizer.fp32_groups_has_gradients[i][j] = True
+            return getattr(p, "_hp_grad", None)
+        attribute = "grad_accum" if getattr(self.optimizer, "use_grad_accum_attribute", False) else "grad"
+        if create and getattr(p, attribute, None) is None:
+            dtype = self.optimizer.gradient_accumulation_dtype if attribute == "grad_accum" else p.dtype
+            setattr(p, attribute, torch.zeros(p.shape, dtype=dtype, device=p.device))
+        return getattr(p, attribute, None)
+
+    def _hp_slots_all(self):
+        return [slot for chunk in range(len(self.module.chunk_funcs)) for slot in self._hp_slots(chunk)]
 
     def clip_fp32_gradients(self):
         """Clip to ``gradient_clipping`` by the global norm, counting every parameter once.
 
         A stage held twice (DualPipe's mirror copies) or a tied module held by several ranks
-        is marked ``ds_pipe_replicated`` on all but one holder and left out of the norm.
+        is marked ``ds_pipe_replicated`` on all but one holder and left out of the norm. No host
+        sync: the norms are computed with ``torch._foreach_norm`` and the gradients multiplied by
+        the coefficient clamped to 1, instead of branching on it (``clip_grad_norm_``'s own way).
         """
         params = [p for p in self.module.parameters() if p.grad is not None]
         owned = [p for p in params if not getattr(p, "ds_pipe_replicated", False)]
@@ -67,13 +173,14 @@ class GradientReductions:
             total += share
         dist.all_reduce(total, group=self.grid.get_pipe_parallel_group())
         coefficient = self.gradient_clipping() / (total.sqrt() + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
-        if coefficient < 1:
-            for p in params:
-                p.grad.mul_(coefficient)
+        if params:
+            torch._foreach_mul_([p.grad for p in params], coefficient.clamp(max=1.0))
 
     def _squared_norm(self, params):
-        squares = [p.grad.detach().float().pow(2).sum() for p in params]
-        return torch.stack(squares).sum() if squares else torch.zeros((), device=self.device)
+        if not params:
+            return torch.zeros((), device=self.device)
+        norms = torch._foreach_norm([p.grad.detach() for p in params], 2, dtype=torch.float32)
+        return torch.stack(norms).pow(2).sum()
 
     # ----- fp16 loss scaling ---------------------------------------------------------------------
     def _scale_loss(self, loss):
@@ -109,4 +216,17 @@ class GradientReductions:
 
     def _exec_reduce_tied_grads(self):
         self._drain_sends()
-        PipelineEngine._exec_reduce_tied_grads(self)
+        if not getattr(self.optimizer, "use_grad_accum_attribute", False):
+            return PipelineEngine._exec_reduce_tied_grads(self)
+        # ZeRO accumulating in another dtype keeps the gradients in grad_accum, where DeepSpeed's own tied
+        # reduction (which reads .grad) does not look
+        for weight, group in self.module.get_tied_weights_and_groups():
+            grad = self._gradient(weight)
+            if grad is not None:
+                dist.all_reduce(grad, group=group)
+
+
+def _post_accumulate_hooks(p):
+    """The post-accumulate-grad hooks registered on ``p`` (``Tensor.register_post_accumulate_grad_hook``, which
+    DeepSpeed's ``register_grad_hook`` uses): torch keeps them in this private dict, empty if none."""
+    return getattr(p, "_post_accumulate_grad_hooks", None) or {}

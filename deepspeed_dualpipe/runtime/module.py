@@ -12,6 +12,7 @@ Layers keep DeepSpeed's names (``str(layer_index)``), so a stage's parameters ha
 same names on both ranks of a mirror pair and in DeepSpeed's checkpoint layout.
 """
 
+import functools
 import inspect
 from contextlib import contextmanager
 from typing import List, Tuple
@@ -41,7 +42,7 @@ class DualPipeModule(PipelineModule):
         # Explicitly PipelineModule's: as the base of a user's class rebuilt in chunks (integration.chunked),
         # super() would reach the user's own __init__.
         PipelineModule.__init__(self, layers, num_stages, topology, loss_fn, *args, **kwargs)
-        self.mirror_group = self._mirror_groups()
+        self.mirror_group, self.holder_group = self._mirror_groups()
         self._synchronize_mirrors()
 
     @property
@@ -147,6 +148,20 @@ class DualPipeModule(PipelineModule):
             x = self.activation_checkpoint_func(run, *x) if checkpointable else run(*x)
         return x
 
+    def compile(self, *args, **kwargs):
+        """``torch.compile`` the layers of every chunk (``PipelineModule.compile`` reaches the active chunk only).
+        A tied layer's forward (a ``functools.partial`` of its module) stays a partial of that module, so the
+        chunk's parameters are still found (:meth:`chunk_parameters`)."""
+        for funcs in self.chunk_funcs:
+            for index, layer in enumerate(funcs):
+                if isinstance(layer, torch.nn.Module):
+                    layer.compile(*args, **kwargs)
+                elif isinstance(layer, functools.partial):
+                    funcs[index] = functools.partial(torch.compile(layer.func, *args, **kwargs), *layer.args,
+                                                     **layer.keywords)
+                else:
+                    funcs[index] = torch.compile(layer, *args, **kwargs)
+
     @contextmanager
     def chunk(self, chunk: int):
         previous = self.active_chunk
@@ -206,17 +221,23 @@ class DualPipeModule(PipelineModule):
             super()._synchronize_tied_weights()
 
     def _mirror_groups(self):
-        """The process group of this rank and its mirror (same data-parallel index), for DualPipe."""
+        """For DualPipe: the process group of this rank and its mirror (same data-parallel index), and the group of
+        every holder of this rank's two stages (the mirror pair in every data-parallel replica); else ``None``s."""
         if self.layout_kind is not LayoutKind.BIDIRECTIONAL:
-            return None
-        P, mine = self.num_stages, None
-        for dp in range(self._grid.data_parallel_size):
+            return None, None
+        P, dp, mirror, holders = self.num_stages, self._grid.data_parallel_size, None, None
+        for d in range(dp):  # every rank creates every group, in the same order
             for r in range(P // 2):
-                ranks = [self._grid.stage_to_global(stage_id=s, data=dp) for s in (r, P - 1 - r)]
-                group = dist.new_group(ranks=ranks)  # every rank creates every group, in the same order
+                ranks = [self._grid.stage_to_global(stage_id=s, data=d) for s in (r, P - 1 - r)]
+                group = dist.new_group(ranks=ranks)
                 if self.global_rank in ranks:
-                    mine = group
-        return mine
+                    mirror = group
+        for r in range(P // 2):
+            ranks = sorted(self._grid.stage_to_global(stage_id=s, data=d) for s in (r, P - 1 - r) for d in range(dp))
+            group = dist.new_group(ranks=ranks) if dp > 1 else None
+            if self.global_rank in ranks:
+                holders = group if dp > 1 else mirror
+        return mirror, holders
 
     def mirror_peer(self) -> int:
         return self._grid.stage_to_global(stage_id=self.num_stages - 1 - self.stage_id)

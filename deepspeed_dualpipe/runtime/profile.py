@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from deepspeed_dualpipe.analysis.events import EventReader, Op
+from deepspeed_dualpipe.runtime.overlap import hidden_seconds
 from deepspeed_dualpipe.runtime.trace import InstructionTime, around_each_instruction, instruction_from
 
 _P2P = ("SendActivation", "RecvActivation", "SendGrad", "RecvGrad")
@@ -159,18 +160,6 @@ def _key(op: Op) -> str:
     return f"{op.op}:{op.chunk}"
 
 
-def _hidden(phases) -> float:
-    """All-to-all time overlapped by compute steps of another micro-batch (label ``F3.0`` vs ``B1.1``)."""
-    compute = [(start, end, label.rsplit(":", 1)[0]) for label, start, end in phases if label.endswith(":compute")]
-    hidden = 0.0
-    for label, start, end in phases:
-        if label.endswith(":compute"):
-            continue
-        owner = label.rsplit(":", 1)[0]
-        hidden += sum(max(0.0, min(end, e) - max(start, s)) for s, e, other in compute if other != owner)
-    return hidden
-
-
 def _a2a_per_computation(phases):
     """In-flight all-to-all seconds and count of each phased computation, keyed ``"F:c"`` / ``"B:c"``."""
     per_label: Dict[str, list] = {}
@@ -197,7 +186,7 @@ def summarize(engine, trace, pair_phases, alone_phases, wall_s: float, cpu=None,
     P, M = engine.num_stages, engine.micro_batches
     reader = EventReader(get_spec(engine.schedule_name).layout(P, M), engine.stage_id)
     step = RankStep(engine.global_rank, engine.stage_id, engine.grid.get_data_parallel_id(), engine.schedule_name, P,
-                    M, wall_s, 0.0, 0.0, 0.0, _hidden(pair_phases))
+                    M, wall_s, 0.0, 0.0, 0.0, hidden_seconds(pair_phases))
     if trace:
         step.step_s = trace[-1].end - trace[0].start
     step.cpu_s = cpu_s

@@ -15,7 +15,8 @@ class Slot:
 
     inputs: Any = None  # stage inputs: loaded, received or handed over by the other chunk; until the backward
     labels: Any = None  # at a loss stage, until the forward computes the loss
-    outputs: Any = None  # stage outputs, until the backward
+    outputs: Any = None  # stage outputs, until the backward; once sent or handed on, one-element shells of their shapes
+    output_edges: Any = None  # once the outputs are handed on: where their gradients enter the graph, until the backward
     loss: Any = None  # at a loss stage, until the backward
     activation_recv: Any = None  # the posted receive of ``inputs``, waited when the forward starts
     output_grads: Any = None  # gradients of ``outputs`` received from downstream, until the backward

@@ -7,6 +7,7 @@ Nothing here starts a process or touches a tensor: a schedule is a pure function
 from deepspeed_dualpipe.schedule.layout import Layout, LayoutKind  # noqa: F401
 from deepspeed_dualpipe.schedule.registry import (
     DEEPSPEED_SCHEDULES,
+    PAIRED_SCHEDULES,
     PLUGIN_SCHEDULES,
     SCHEDULES,  # noqa: F401
     EngineKind,
@@ -16,6 +17,6 @@ from deepspeed_dualpipe.schedule.registry import (
     rank_steps)
 
 __all__ = [
-    "SCHEDULES", "PLUGIN_SCHEDULES", "DEEPSPEED_SCHEDULES", "EngineKind", "Layout", "LayoutKind", "ScheduleSpec",
-    "build_schedule", "get_spec", "rank_steps"
+    "SCHEDULES", "PLUGIN_SCHEDULES", "DEEPSPEED_SCHEDULES", "PAIRED_SCHEDULES", "EngineKind", "Layout", "LayoutKind",
+    "ScheduleSpec", "build_schedule", "get_spec", "rank_steps"
 ]

@@ -1,16 +1,21 @@
 """The base of the plugin's schedules: a DeepSpeed ``PipeSchedule`` built from a program."""
 
+import copy
 from abc import abstractmethod
 
 from deepspeed.runtime.pipe.schedule import PipeSchedule
 
 from deepspeed_dualpipe.schedule.layout import Layout, LayoutKind
 from deepspeed_dualpipe.schedule.builder import ProgramBuilder, assign_buffers
+from deepspeed_dualpipe.schedule.lockstep import lockstep
 
 
 def require_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+_LOCKSTEP_CACHE = {}
 
 
 class ProgramSchedule(PipeSchedule):
@@ -25,6 +30,9 @@ class ProgramSchedule(PipeSchedule):
 
     name = ""
     layout_kind = LayoutKind.LINEAR
+    # True: the program places receives and sends only around each computation, and groups NCCL can complete
+    # come from :func:`~.lockstep.lockstep` over every rank's program instead (interleaved 1F1B, ZB-V)
+    lockstep_p2p = False
 
     def __init__(self, micro_batches: int, stages: int, stage_id: int, forward_only: bool = False):
         self.validate(stages, micro_batches)
@@ -33,10 +41,29 @@ class ProgramSchedule(PipeSchedule):
         super().__init__(micro_batches, stages, stage_id)
         self.forward_only = forward_only
         self.layout = Layout(self.layout_kind, stages, micro_batches)
-        builder = ProgramBuilder(self.layout, stage_id, forward_only)
-        self.program(builder)
-        self._steps = builder.finish(reduce_mirror=self.layout.param_copies > 1)
+        if self.lockstep_p2p:
+            self._steps = copy.deepcopy(self._lockstep_programs()[stage_id])  # buffers are assigned in place
+        else:
+            self._steps = self._program_of(stage_id)
         self._buffers = assign_buffers(self._steps)
+
+    def _lockstep_programs(self):
+        """Every rank's steps placed by :func:`~.lockstep.lockstep`, computed once per shape (each rank's
+        schedule, and the verifier's, needs them all)."""
+        key = (type(self), self.micro_batches, self.stages, self.forward_only)
+        if key not in _LOCKSTEP_CACHE:
+            if len(_LOCKSTEP_CACHE) > 64:
+                _LOCKSTEP_CACHE.clear()
+            _LOCKSTEP_CACHE[key] = lockstep([self._program_of(rank, commits=False) for rank in range(self.stages)])
+        return _LOCKSTEP_CACHE[key]
+
+    def _program_of(self, rank: int, commits: bool = True):
+        """Rank ``rank``'s steps, written by :meth:`program` as that rank's schedule would."""
+        schedule = self if rank == self.stage_id else copy.copy(self)
+        PipeSchedule.__init__(schedule, self.micro_batches, self.stages, rank)
+        builder = ProgramBuilder(self.layout, rank, self.forward_only)
+        schedule.program(builder)
+        return builder.finish(reduce_mirror=self.layout.param_copies > 1, commits=commits)
 
     @classmethod
     def validate(cls, stages: int, micro_batches: int) -> None:

@@ -12,6 +12,7 @@ from collections import deque
 from typing import Dict, List, Optional, Tuple
 
 from deepspeed_dualpipe.schedule import instructions
+from deepspeed_dualpipe.schedule.commit import insert_commits
 from deepspeed_dualpipe.schedule.layout import Layout
 
 Key = Tuple[int, int]  # (chunk, micro_batch): a buffer before slots are assigned
@@ -155,8 +156,10 @@ class ProgramBuilder:
     def pending_weights(self, chunk: Optional[int] = None) -> int:
         return sum(1 for key in self._weights if chunk is None or key[0] == chunk)
 
-    def finish(self, reduce_mirror: bool = False) -> List[List]:
-        """Close the batch with the gradient reductions and the optimizer step."""
+    def finish(self, reduce_mirror: bool = False, commits: bool = True) -> List[List]:
+        """Close the batch with the gradient reductions and the optimizer step, and add the commit points
+        (:func:`~.commit.insert_commits`): the p2p between two computations is posted as one batch.
+        ``commits=False`` leaves them out (:mod:`.lockstep` places its own)."""
         if self._weights:
             raise AssertionError(f"rank {self.rank}: weight passes left pending: {list(self._weights)}")
         if not self.forward_only:
@@ -165,7 +168,8 @@ class ProgramBuilder:
                 tail + [instructions.ReduceTiedGrads(),
                         instructions.ReduceGrads(),
                         instructions.OptimizerStep()])
-        return [step for step in self.steps if step]
+        steps = [step for step in self.steps if step]
+        return insert_commits(steps) if commits else steps
 
 
 def assign_buffers(steps: List[List]) -> int:

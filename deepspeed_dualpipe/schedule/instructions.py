@@ -98,6 +98,16 @@ class RecvGrad(_P2P, ds.RecvGrad):
     """
 
 
+class CommitP2P(ds.CommitP2P):
+    """Post the sends and receives queued since the last commit as one ``batch_isend_irecv`` (one NCCL group).
+
+    The plugin's send and receive instructions only queue; :func:`~.commit.Handshakes.plan` decides
+    how a commit is posted (the shapes of a channel's first message go first). Unlike DeepSpeed's own
+    ``CommitP2P``, nothing is waited here: a receive is waited by the computation that needs it, and
+    the sends at the end of the batch.
+    """
+
+
 class ReduceMirrorGrads(ds.PipeInstruction):
     """Sum gradients across the mirror pair of ranks (r, P-1-r) that hold copies of the same stages."""
 
@@ -107,5 +117,6 @@ ReduceGrads = ds.ReduceGrads
 ReduceTiedGrads = ds.ReduceTiedGrads
 OptimizerStep = ds.OptimizerStep
 
+P2P = (SendActivation, RecvActivation, SendGrad, RecvGrad)
 COMPUTE = (ForwardPass, BackwardPass, BackwardInput, BackwardWeight, OverlappedForwardBackward)
 OP_OF = {ForwardPass: "F", BackwardPass: "B", BackwardInput: "I", BackwardWeight: "W", OverlappedForwardBackward: "FB"}

@@ -30,6 +30,7 @@ class Interleaved1F1BSchedule(ProgramSchedule):
     """Interleaved 1F1B as a DeepSpeed ``PipeSchedule``: any P >= 1, M a multiple of max(1, M // P)."""
 
     name = "interleaved-1f1b"
+    lockstep_p2p = True
     layout_kind = LayoutKind.INTERLEAVED
 
     @classmethod

@@ -11,6 +11,7 @@ from deepspeed_dualpipe.schedule.base import ProgramSchedule, require_int
 from deepspeed_dualpipe.schedule.dualpipe import DualPipeSchedule
 from deepspeed_dualpipe.schedule.dualpipev import DualPipeVSchedule
 from deepspeed_dualpipe.schedule.interleaved import Interleaved1F1BSchedule
+from deepspeed_dualpipe.schedule.interleaved_overlap import OverlappedInterleaved1F1BSchedule
 from deepspeed_dualpipe.schedule.zb1p import ZeroBubbleH1Schedule
 from deepspeed_dualpipe.schedule.zbv import ZeroBubbleVSchedule
 
@@ -31,6 +32,7 @@ class ScheduleSpec:
     inference: Callable
     validate: Callable  # (stages, micro_batches) -> None, raises ValueError
     summary: str
+    overlapped_pairs: bool = False  # runs OverlappedForwardBackward pairs, where dualpipe.overlap_moe_a2a applies
 
     def layout(self, stages: int, micro_batches: int) -> Layout:
         return Layout(self.layout_kind, stages, micro_batches)
@@ -40,9 +42,9 @@ class ScheduleSpec:
         return self.engine is EngineKind.PLUGIN
 
 
-def _plugin(cls, summary):
+def _plugin(cls, summary, overlapped_pairs=False):
     return ScheduleSpec(cls.name, cls.layout_kind, EngineKind.PLUGIN, cls, lambda *a: cls(*a, forward_only=True),
-                        cls.validate, summary)
+                        cls.validate, summary, overlapped_pairs)
 
 
 def _validate_1f1b(stages, micro_batches):
@@ -63,9 +65,12 @@ SCHEDULES: Dict[str, ScheduleSpec] = {
         _plugin(
             Interleaved1F1BSchedule, "Interleaved 1F1B: two virtual stages per rank (r and P+r), as Megatron "
             "and torch.distributed.pipelining"),
+        _plugin(OverlappedInterleaved1F1BSchedule, "Interleaved 1F1B whose steady state runs overlapped F&B pairs "
+                "(Megatron-core's combined 1F1B for MoE all-to-all overlap; for ablations)",
+                overlapped_pairs=True),
         _plugin(ZeroBubbleVSchedule, "ZB-V: zero-bubble V (stages r and 2P-1-r), backward split into I and W"),
-        _plugin(DualPipeSchedule, "DualPipe: bidirectional, mirrored chunks, overlapped F&B pairs"),
-        _plugin(DualPipeVSchedule, "DualPipeV: DualPipe cut in half, V-shaped, no duplicated parameters"),
+        _plugin(DualPipeSchedule, "DualPipe: bidirectional, mirrored chunks, overlapped F&B pairs", True),
+        _plugin(DualPipeVSchedule, "DualPipeV: DualPipe cut in half, V-shaped, no duplicated parameters", True),
         ScheduleSpec("ds-dualpipev", LayoutKind.V, EngineKind.DEEPSPEED, ds.DualPipeVSchedule,
                      lambda m, s, i: ds.DualPipeVSchedule(m, s, i, forward_only=True), _validate_ds_dualpipev,
                      "DeepSpeed 0.19.8's built-in DualPipeV (baseline: no W split, no overlap)"),
@@ -75,6 +80,8 @@ SCHEDULES: Dict[str, ScheduleSpec] = {
 # Names by engine, derived from the registry.
 PLUGIN_SCHEDULES = tuple(name for name, spec in SCHEDULES.items() if spec.runs_on_plugin_engine)
 DEEPSPEED_SCHEDULES = tuple(name for name, spec in SCHEDULES.items() if not spec.runs_on_plugin_engine)
+# Those whose overlapped pairs interleave MoE all-to-alls with the other micro-batch (dualpipe.overlap_moe_a2a).
+PAIRED_SCHEDULES = tuple(name for name, spec in SCHEDULES.items() if spec.overlapped_pairs)
 
 
 def get_spec(name: str) -> ScheduleSpec:
@@ -97,6 +104,6 @@ def rank_steps(name: str, stages: int, micro_batches: int, forward_only: bool = 
 
 
 __all__ = [
-    "SCHEDULES", "PLUGIN_SCHEDULES", "DEEPSPEED_SCHEDULES", "EngineKind", "ScheduleSpec", "build_schedule", "get_spec",
-    "rank_steps", "ProgramSchedule"
+    "SCHEDULES", "PLUGIN_SCHEDULES", "DEEPSPEED_SCHEDULES", "PAIRED_SCHEDULES", "EngineKind", "ScheduleSpec",
+    "build_schedule", "get_spec", "rank_steps", "ProgramSchedule"
 ]

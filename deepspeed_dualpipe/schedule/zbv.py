@@ -98,6 +98,7 @@ class ZeroBubbleVSchedule(ProgramSchedule):
     """ZB-V as a DeepSpeed ``PipeSchedule``: any P >= 1, M >= 1."""
 
     name = "zbv"
+    lockstep_p2p = True
     layout_kind = LayoutKind.V
 
     def program(self, b: ProgramBuilder) -> None:

@@ -16,6 +16,7 @@ import traceback
 import torch
 
 from deepspeed_dualpipe.testing.shm import release_shared_memory
+from deepspeed_dualpipe.testing.strict_p2p import ENV as STRICT_P2P_ENV, install_from_env
 
 
 class RankFailure(AssertionError):
@@ -51,6 +52,7 @@ def _worker(rank, env, fn, args, results):
         torch.set_num_threads(1)
         import deepspeed
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        install_from_env()  # strict mode (NCCL's point-to-point rules) when the caller asked for it
         result = fn(*args)
         pickle.dumps(result)  # fail here (reported) rather than in the queue's feeder thread (silent)
         results.put((rank, "ok", result))
@@ -65,10 +67,11 @@ def _worker(rank, env, fn, args, results):
         pass
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 180.0, dies=()):
+def run_ranks(fn, world_size: int, *args, timeout: float = 180.0, dies=(), strict_p2p=None):
     """``[fn(*args) on rank r for r in range(world_size)]``, each rank in its own spawned process.
 
-    ``fn`` and ``args`` must be picklable. Ranks listed in ``dies`` are expected to exit without a
+    ``fn`` and ``args`` must be picklable. ``strict_p2p`` (seconds) runs the ranks in strict mode, NCCL's
+    point-to-point rules emulated on gloo (:mod:`.strict_p2p`), with that timeout. Ranks listed in ``dies`` are expected to exit without a
     result (a test that kills them); then ``(results of the others by rank, exit codes of those)``
     is returned instead. Raises :class:`RankFailure` naming the rank that failed or hung.
     """
@@ -78,6 +81,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 180.0, dies=()):
     try:
         for rank in range(world_size):
             env = rank_env(rank, world_size, port)
+            env[STRICT_P2P_ENV] = "" if strict_p2p is None else str(strict_p2p)
             os.environ.update(env)  # spawned children copy os.environ before they import torch
             procs.append(ctx.Process(target=_worker, args=(rank, env, fn, args, results), daemon=True))
             procs[-1].start()

@@ -23,10 +23,10 @@ from typing import Dict, List, Optional, Sequence
 
 from deepspeed_dualpipe.analysis.simulate import simulate
 from deepspeed_dualpipe.analysis.symbolic import Costs
-from deepspeed_dualpipe.schedule import SCHEDULES, get_spec
+from deepspeed_dualpipe.schedule import PAIRED_SCHEDULES, SCHEDULES, get_spec
 
 FORMAT = "deepspeed-dualpipe-profile/1"
-OVERLAPPING = ("dualpipe", "dualpipev")
+OVERLAPPING = PAIRED_SCHEDULES
 TIE = 0.01  # predictions this close (relative) are equally fast  # their pairs interleave MoE all-to-alls (overlap_moe_a2a: true)
 # Once per step whatever M: gradient reductions and the optimizer step (both grow with the parameters a rank holds)
 _FIXED = ("ReduceMirrorGrads", "ReduceTiedGrads", "ReduceGrads", "OptimizerStep")

@@ -14,10 +14,17 @@ import pytest
 from tests.helpers import harness
 from tests.helpers import models
 
-SCHEDULES = ["1f1b", "zb1p", "interleaved-1f1b", "zbv", "dualpipe", "dualpipev", "ds-dualpipev"]
+SCHEDULES = [
+    "1f1b", "zb1p", "interleaved-1f1b", "interleaved-1f1b-overlap", "zbv", "dualpipe", "dualpipev", "ds-dualpipev"
+]
 MBS, STEPS, SEED = 2, 3, 0
 
-MODELS = {"tied": models.tied_specs, "untied": models.untied_specs, "tuple": models.tuple_specs}
+MODELS = {
+    "tied": models.tied_specs,
+    "untied": models.untied_specs,
+    "tuple": models.tuple_specs,
+    "mask": models.mask_specs
+}
 
 
 def micro_batches(P):
@@ -57,6 +64,7 @@ RUNS = {  # name -> (schedule, model, dualpipe settings, other config keys)
     "dualpipev-zero1": ("dualpipev", "tied", None, {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}),
     **{f"{s}-bf16": (s, "tied", None, {"bf16": {"enabled": True}}) for s in ("zb1p", "dualpipe", "dualpipev")},
     **{f"{s}-tuple": (s, "tuple", None, {}) for s in SCHEDULES},
+    **{f"{s}-mask": (s, "mask", None, {}) for s in ("zb1p", "dualpipe", "dualpipev")},
 }
 
 
@@ -136,6 +144,11 @@ def test_eval_batch_returns_the_mean_loss_of_the_trained_model_on_every_rank(P, 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_stages_that_exchange_tuples_with_integer_tensors_train_to_the_same_numbers(schedule):
     _check(2, 1, f"{schedule}-tuple")
+
+
+@pytest.mark.parametrize("schedule", ["zb1p", "dualpipe", "dualpipev"])
+def test_stages_that_exchange_bool_tensors_train_to_the_same_numbers(schedule):
+    _check(2, 1, f"{schedule}-mask")  # NCCL has no bool type: the engine sends their bytes
 
 
 @pytest.mark.slow

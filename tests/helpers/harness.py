@@ -34,13 +34,15 @@ SEQ_LEN = 6
 # --------------------------------------------------------------------------
 
 
-def run_distributed(fn, world_size, *args, timeout=180):
+def run_distributed(fn, world_size, *args, timeout=180, strict_p2p=None):
     """Run ``fn(*args)`` on ``world_size`` spawned gloo ranks; return results by rank.
 
     ``fn`` and ``args`` must be picklable (module-level functions, partials). A rank that raises,
     dies or hangs fails the test (``RankFailure``, an AssertionError) naming the rank.
+    ``strict_p2p`` (a timeout in seconds): NCCL's point-to-point rules, emulated on gloo
+    (``deepspeed_dualpipe.testing.strict_p2p``).
     """
-    return run_ranks(fn, world_size, *args, timeout=timeout)
+    return run_ranks(fn, world_size, *args, timeout=timeout, strict_p2p=strict_p2p)
 
 
 # --------------------------------------------------------------------------

@@ -115,6 +115,45 @@ def tuple_specs(num_layers=8, hidden=16, vocab=32):
 # --- a small DeepSeek-V3-style MoE model ---------------------------------------------------------
 
 
+class EmbedWithMask(nn.Module):
+    """tokens -> (hidden, mask): a float tensor and a bool one (which NCCL cannot send as such)."""
+
+    def __init__(self, vocab, hidden):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+
+    def forward(self, tokens):
+        return self.embed(tokens), tokens % 3 != 0
+
+
+class MaskBlock(nn.Module):
+    """A block whose output depends on the mask it passes on."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.mlp = ResidualMLP(hidden)
+
+    def forward(self, inputs):
+        h, mask = inputs
+        return self.mlp(h) * torch.where(mask, 1.0, 0.5).unsqueeze(-1), mask
+
+
+class MaskHead(nn.Module):
+
+    def __init__(self, hidden, vocab):
+        super().__init__()
+        self.out = nn.Linear(hidden, vocab)
+
+    def forward(self, inputs):
+        return self.out(inputs[0])
+
+
+def mask_specs(num_layers=8, hidden=16, vocab=32):
+    """Stages exchange (float, bool) tuples."""
+    return ([LayerSpec(EmbedWithMask, vocab, hidden)] + [LayerSpec(MaskBlock, hidden) for _ in range(num_layers - 2)] +
+            [LayerSpec(MaskHead, hidden, vocab)])
+
+
 def moe_specs(ep_size=1, num_layers=8, hidden=16, vocab=32, num_experts=4):
     """Embedding + a dense block + (num_layers - 3) MoE blocks (top-2 of ``num_experts`` routed
     experts, a shared expert, token dropping) + tied head = num_layers specs.

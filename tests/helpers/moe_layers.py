@@ -12,19 +12,25 @@ MOE_CONFIGS = [
 ]
 
 
-def expert():
+def expert(dropout=True):
     # Dropout: random numbers must be drawn in DeepSpeed's order too.
+    if not dropout:
+        return nn.Sequential(nn.Linear(H, 16), nn.GELU(), nn.Linear(16, H))
     return nn.Sequential(nn.Linear(H, 16), nn.GELU(), nn.Dropout(0.1), nn.Linear(16, H))
 
 
 def moe_pair(k, drop_tokens, use_residual, ep_size=1, rank=0):
-    """DeepSpeed's MoE and a DualPipeMoE holding the same weights (experts differ per rank)."""
+    """DeepSpeed's MoE and a DualPipeMoE holding the same weights (experts differ per rank).
+
+    With ``drop_tokens=False`` the experts have no dropout: DualPipeMoE's dispatch buffers then hold one
+    row per token for every expert (no host sync), DeepSpeed's the largest load, so a random layer inside
+    the experts would draw its numbers over another shape (the same tokens still meet the same weights)."""
     from deepspeed.moe.layer import MoE
     from deepspeed_dualpipe.moe import DualPipeMoE
 
     def kw():
         return dict(hidden_size=H,
-                    expert=expert(),
+                    expert=expert(dropout=drop_tokens),
                     num_experts=E,
                     ep_size=ep_size,
                     k=k,

@@ -36,3 +36,12 @@ def test_the_deepspeed_launcher_trains_with_the_schedule_its_config_names(tmp_pa
     result = json.loads(out.read_text())
     assert result["engine"] == engine
     assert len(result["losses"]) == 6 and result["losses"][-1] < result["losses"][0]
+
+
+def test_demo_and_ablate_run_on_gpus_when_there_is_one_per_rank_else_on_cpu():
+    from deepspeed_dualpipe.tools.lm.launch import accelerator_env
+    assert "DS_ACCELERATOR" not in accelerator_env({}, ranks=4, gpus=4)  # DeepSpeed finds CUDA, the script NCCL
+    assert accelerator_env({}, ranks=4, gpus=8).get("OMP_NUM_THREADS") is None
+    assert accelerator_env({}, ranks=4, gpus=2) == {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    assert accelerator_env({}, ranks=2, gpus=0)["DS_ACCELERATOR"] == "cpu"
+    assert accelerator_env({"DS_ACCELERATOR": "cuda"}, ranks=4, gpus=0) == {"DS_ACCELERATOR": "cuda"}  # left alone

@@ -63,9 +63,42 @@ def test_misspelt_dualpipe_key_names_the_key_path_and_valid_keys():
                                        ("p2p_timeout_s", float("inf")), ("split_backward", "maybe"),
                                        ("verify_schedule", [1]), ("overlap_moe_a2a", {}), ("monitor_interval", 0),
                                        ("monitor_interval", 1.5), ("monitor_memory", "maybe"), ("profile_step", -1),
-                                       ("profile_step", "soon"), ("profile_path", 3)])
+                                       ("profile_step", "soon"), ("profile_path", 3),
+                                       ("recompute_islands", "attention+gate"), ("recompute_islands", [""]),
+                                       ("recompute_islands", ["experts", "experts"])])
 def test_bad_dualpipe_values_name_the_key_path(key, value):
     expect_error(cfg("dualpipev", dualpipe={key: value}), f"dualpipe.{key}=")
+
+
+def test_recompute_islands_default_to_none_and_are_read():
+    assert dualpipe_config(cfg("dualpipe")).recompute_islands == []
+    c = dualpipe_config(cfg("dualpipe", dualpipe={"recompute_islands": ["attention+gate", "shared_expert"]}))
+    assert c.recompute_islands == ["attention+gate", "shared_expert"]
+    expect_error(cfg("dualpipe", dualpipe={"recompute_islands": ["experts", 1]}), "dualpipe.recompute_islands.1=1",
+                 "valid string")
+
+
+def test_recompute_islands_are_checked_against_the_islands_the_models_layers_declare():
+    from types import SimpleNamespace
+
+    from deepspeed.pipe import LayerSpec
+    from torch import nn
+
+    from deepspeed_dualpipe.moe import MoETransformerBlock
+    from deepspeed_dualpipe.runtime.engine import check_recompute_islands
+
+    model = SimpleNamespace(
+        _layer_specs=[nn.Embedding(3, 4), LayerSpec(MoETransformerBlock, 4, 2, 4),
+                      nn.Linear(4, 4)])
+    assert check_recompute_islands(["attention+gate", "Linear"], model) == {"attention+gate", "Linear"}
+    assert check_recompute_islands([], model) == frozenset()
+    with pytest.raises(ValueError,
+                       match=r"dualpipe.recompute_islands names \['attention'\], which no layer .* "
+                       r"attention\+gate"):
+        check_recompute_islands(["attention"], model)
+    plain = SimpleNamespace(_layer_specs=[nn.Linear(4, 4)])
+    with pytest.raises(ValueError, match="no layer of this model runs as phases .* activation_checkpoint_interval"):
+        check_recompute_islands(["Linear"], plain)
 
 
 def test_monitor_and_profile_keys_default_off_and_are_read():

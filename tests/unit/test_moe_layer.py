@@ -27,6 +27,26 @@ def test_dualpipe_moe_is_bit_equal_to_deepspeed_moe_on_one_rank(cfg):
     assert moe_equivalence([cfg], ep_size=1, rank=0) == []
 
 
+def test_without_token_dropping_the_capacity_needs_no_all_reduce_and_no_device_sync(monkeypatch):
+    # DeepSpeed's gate all-reduces the largest expert load over the expert-parallel group and the layer
+    # then reads it with int(): a host sync, queued behind the other micro-batch's all-to-all. DualPipeMoE
+    # dispatches one row per token to every expert instead, a capacity known from the shapes.
+    from deepspeed.moe import sharded_moe
+    reduced = []
+    monkeypatch.setattr(sharded_moe.dist, "all_reduce", lambda tensor, **kw: reduced.append(tensor.device))
+    monkeypatch.setattr(sharded_moe.pg_utils, "is_parallel", lambda group: True)  # as with ep_size > 1
+    ref, ours = moe_pair(k=2, drop_tokens=False, use_residual=False)
+    x = torch.randn(B, T, H)
+    ref(x)
+    assert len(reduced) == 1  # DeepSpeed's
+    reduced.clear()
+    dispatched = ours.gate_phase(x)[0]
+    assert reduced == [] and dispatched.shape[1] == B * T  # capacity: every token
+    gate = ours.deepspeed_moe.gate
+    assert (gate.drop_tokens, gate.capacity_factor, gate.eval_capacity_factor, gate.min_capacity) == (False, 1.0, 1.0,
+                                                                                                      2)
+
+
 def test_dualpipe_moe_keeps_deepspeeds_expert_parameter_attributes():
     _, ours = moe_pair(k=2, drop_tokens=True, use_residual=True)
     experts = list(ours.deepspeed_moe.experts.parameters())
@@ -45,10 +65,14 @@ CHUNKS = {
              nn.Linear(H, H)],
 }
 
+RECOMPUTE_ALL = ("block", "attention+gate", "experts", "shared_expert", "decode+residual", "Linear", "Embedding")
 
+
+@pytest.mark.parametrize("recompute", [(), RECOMPUTE_ALL, ("attention+gate", )],
+                         ids=["stored", "recompute-all", "recompute-attention"])
 @pytest.mark.parametrize("loss_root", [False, True], ids=["output-grads", "scalar-loss"])
 @pytest.mark.parametrize("chunk", list(CHUNKS))
-def test_phases_with_split_backward_give_the_gradients_of_a_plain_backward(chunk, loss_root):
+def test_phases_with_split_backward_give_the_gradients_of_a_plain_backward(chunk, loss_root, recompute):
     from deepspeed_dualpipe.runtime.autograd.steps import Tape, backward_steps, forward_steps, run
 
     torch.manual_seed(0)
@@ -62,7 +86,7 @@ def test_phases_with_split_backward_give_the_gradients_of_a_plain_backward(chunk
     (y * w).sum().backward()
 
     x2 = x.clone() if ints else x.detach().clone().requires_grad_()
-    tape = Tape()
+    tape = Tape(recompute=recompute)
     y2 = run(forward_steps(list(phased), x2, tape))
     assert torch.equal(y2, y)
     roots, root_grads = ((y2 * w).sum(), None) if loss_root else (y2, w)
@@ -75,6 +99,24 @@ def test_phases_with_split_backward_give_the_gradients_of_a_plain_backward(chunk
 
     assert input_grads == (None, ) if ints else torch.allclose(input_grads[0], x.grad, RTOL, ATOL)
     assert mismatches(grads(phased), grads(plain), exact=False) == []
+
+
+def test_a_recomputed_island_keeps_only_its_inputs_until_the_backward():
+    """Attention's q, k, v and probabilities (saved by its ops) are gone after the forward of a recomputed
+    attention+gate island; stored, they live until the backward."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from deepspeed_dualpipe.runtime.autograd.steps import Tape, backward_steps, forward_steps, run
+
+    for recompute, kept in ((("attention+gate", ), False), ((), True)):
+        torch.manual_seed(0)
+        block = moe_block()
+        seen = []
+        hook = block.attn.qkv.register_forward_hook(lambda m, i, o: seen.append(StorageWeakRef(o.untyped_storage())))
+        tape, x = Tape(recompute=recompute), torch.randn(B, T, H, requires_grad=True)
+        y = run(forward_steps([block], x, tape))
+        hook.remove()
+        assert (not seen[0].expired()) is kept, recompute
+        run(backward_steps(tape, y, torch.ones_like(y)))[1].weight_part()
 
 
 def test_dualpipe_moe_phases_carry_the_aux_loss_gradient_back_to_the_gate():
@@ -151,6 +193,30 @@ def test_attach_aux_loss_returns_the_output_and_gives_l_aux_coefficient_times_sc
     assert get_aux_loss_scale() == 1.0
 
 
+def _block_and_l_aux(block, x):
+    """What a single-process script with DeepSpeed's MoE computes: the block by hand, and the MoE's returned l_aux."""
+    x = x + block.attn(block.norm1(x))
+    h = block.norm2(x)
+    out, l_aux, _ = block.moe(h)
+    return x + (out + block.shared_expert(h)), l_aux
+
+
+def test_the_block_by_hand_is_the_block():
+    block, x = moe_block(), torch.randn(B, T, H)
+    assert torch.equal(_block_and_l_aux(block, x)[0], block(x))
+
+
+def test_the_l_aux_a_layer_leaves_behind_holds_no_graph():
+    from tests.helpers.moe_layers import moe_pair
+    block, x = moe_block(), torch.randn(B, T, H, requires_grad=True)
+    block(x)
+    assert block.moe.deepspeed_moe.l_aux.grad_fn is None  # it would keep this micro-batch's graph alive
+    _, layer = moe_pair(k=2, drop_tokens=True, use_residual=True)
+    out, l_aux, _ = layer(torch.randn(B * T, H, requires_grad=True))
+    assert l_aux.grad_fn is not None and layer.deepspeed_moe.l_aux.grad_fn is None
+    assert torch.equal(layer.deepspeed_moe.l_aux, l_aux.detach())
+
+
 def test_aux_loss_scale_one_over_m_gives_the_gradient_of_the_mean_of_loss_plus_coef_l_aux():
     from deepspeed_dualpipe.moe import aux_loss_scale
 
@@ -163,11 +229,11 @@ def test_aux_loss_scale_one_over_m_gives_the_gradient_of_the_mean_of_loss_plus_c
     with aux_loss_scale(1 / M):  # what the engine does: each micro-batch's loss divided by M
         for x, w in batch:
             ((block(x) * w).sum() / M).backward()
-    with aux_loss_scale(0.0):  # attached aux loss silent; add coef * l_aux by hand
+    with aux_loss_scale(0.0):  # attached aux loss silent; add coef * l_aux by hand, the l_aux the MoE returns
         total = 0
         for x, w in batch:
-            y = reference(x)
-            total = total + ((y * w).sum() + coef * reference.moe.deepspeed_moe.l_aux) / M
+            y, l_aux = _block_and_l_aux(reference, x)
+            total = total + ((y * w).sum() + coef * l_aux) / M
         total.backward()
         sum((no_aux(x) * w).sum() / M for x, w in batch).backward()
 

@@ -94,8 +94,10 @@ def test_invalid_shapes_raise_value_errors_that_name_the_value(schedule, stages,
 
 
 def test_unknown_schedule_names_the_valid_ones():
-    with pytest.raises(ValueError,
-                       match="valid schedules: 1f1b, zb1p, interleaved-1f1b, zbv, dualpipe, dualpipev, ds-dualpipev"):
+    with pytest.raises(
+            ValueError,
+            match=("valid schedules: 1f1b, zb1p, interleaved-1f1b, interleaved-1f1b-overlap, zbv, dualpipe, "
+                   "dualpipev, ds-dualpipev")):
         get_spec("gpipe")
 
 
@@ -118,3 +120,27 @@ def test_zbv_turns_on_the_last_rank_and_computes_the_loss_on_rank_0():
 def test_rank_outside_the_pipeline_is_rejected():
     with pytest.raises(ValueError, match="stage_id must be a pipeline rank in 0..3"):
         build_schedule("dualpipe", micro_batches=8, stages=4, stage_id=4)
+
+
+def _compute_ops(schedule, P, M, rank):
+    layout = get_spec(schedule).layout(P, M)
+    return [e for e in rank_events(rank_steps(schedule, P, M)[rank], layout, rank) if isinstance(e, Op)]
+
+
+@pytest.mark.parametrize("P, M", [(1, 2), (2, 4), (4, 8), (4, 16), (3, 9)])
+def test_overlapped_interleaved_1f1b_is_interleaved_1f1b_with_its_steady_state_in_pairs(P, M):
+    """The same forwards and backwards, each in interleaved 1F1B's order; one more warm-up forward per rank, so
+    that each steady-state pair joins a forward and a backward of different micro-batches (Megatron-core's
+    combined 1F1B)."""
+    for rank in range(P):
+        plain = _compute_ops("interleaved-1f1b", P, M, rank)
+        ours = _compute_ops("interleaved-1f1b-overlap", P, M, rank)
+        parts = [part for op in ours for part in op.parts()]
+        assert [p for p in parts if p.op == "F"] == [p for p in plain if p.op == "F"]
+        assert [p for p in parts if p.op == "B"] == [p for p in plain if p.op == "B"]
+        pairs = [op for op in ours if op.op == "FB"]
+        warmup = next(i for i, op in enumerate(ours) if op.op != "F")
+        # interleaved 1F1B's steady state starts with a forward: its leading forwards are the warm-up plus one
+        assert warmup == next(i for i, op in enumerate(plain) if op.op != "F")
+        assert len(pairs) == 2 * M - warmup and all(op.op == "FB" for op in ours[warmup:warmup + len(pairs)])
+        assert all(p.forward.micro_batch != p.backward.micro_batch for p in pairs)

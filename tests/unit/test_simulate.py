@@ -149,3 +149,13 @@ def test_bad_command_line_input_exits_with_a_message_not_a_traceback(capsys):
         main(["schedule", "--schedule", "dualpipe", "-P", "3", "-M", "8"])
     assert code.value.code == 2
     assert "error: dualpipe needs an even number of pipeline stages" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("P, M", [(2, 4), (4, 8), (4, 16), (8, 32)])
+def test_overlapped_interleaved_1f1b_loses_nothing_to_pairing_and_gains_what_the_pairs_gain(P, M):
+    plain = simulate("interleaved-1f1b", P, M, Costs(F=1, B=2, W=1))
+    paired = simulate("interleaved-1f1b-overlap", P, M, Costs(F=1, B=2, W=1))  # a pair costs F + B
+    assert paired.makespan == pytest.approx(plain.makespan)
+    assert paired.peak_activations == [n + 1 for n in plain.peak_activations]  # one more warm-up forward
+    faster = simulate("interleaved-1f1b-overlap", P, M, Costs(F=1, B=2, W=1, FB=2))
+    assert faster.makespan < plain.makespan

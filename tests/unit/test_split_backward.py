@@ -1,11 +1,15 @@
+import contextlib
 import gc
 import weakref
 
 import pytest
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from deepspeed_dualpipe.runtime.autograd import split_backward as sb
+from deepspeed_dualpipe.runtime.autograd.saved import releasable
 from deepspeed_dualpipe.runtime.autograd.split_backward import SplitBackward, full_backward, module_supports_split
 
 D, V, B = 8, 11, 5
@@ -179,9 +183,9 @@ def test_output_independent_of_inputs_falls_back():
     torch.testing.assert_close(bias.grad, torch.full((D, ), 2.0))
 
 
-def test_missing_torch_helpers_fall_back(monkeypatch):
+def test_a_torch_without_gradient_edges_falls_back(monkeypatch):
     _, ref = reference(4)
-    monkeypatch.setattr(sb, "_torch_helpers", lambda: None)
+    monkeypatch.setattr(sb, "split_available", lambda: False)
     m, x, ids, gy = make(4)
     h = SplitBackward.input_part(m(x, ids), gy, (x, ids), params_of(m))
     assert not h.split
@@ -189,17 +193,15 @@ def test_missing_torch_helpers_fall_back(monkeypatch):
     assert_grads_equal(m, ref)
 
 
-def test_helper_failure_falls_back_without_double_counting(monkeypatch):
+def test_a_failed_input_pass_falls_back_without_double_counting(monkeypatch):
     _, ref = reference(5)
-    real = sb._torch_helpers()
 
-    def failing_input(outputs, output_grads, input_values, weights):
-        for t in input_values:  # scribbles on the input grads, then "fails"
-            if t.requires_grad:
-                t.grad = torch.full_like(t, 123.0)
+    def failing_input(roots, inputs, grads):
+        for t in inputs:  # scribbles on the input grads, then "fails"
+            t.grad = torch.full_like(t, 123.0)
         raise RuntimeError("unsupported graph")
 
-    monkeypatch.setattr(sb, "_torch_helpers", lambda: (failing_input, real[1]))
+    monkeypatch.setattr(sb, "_input_pass", failing_input)
     m, x, ids, gy = make(5)
     h = SplitBackward.input_part(m(x, ids), gy, (x, ids), params_of(m))
     assert not h.split and "unsupported graph" in h.reason
@@ -210,20 +212,93 @@ def test_helper_failure_falls_back_without_double_counting(monkeypatch):
 
 
 def test_weight_part_releases_graph_state_and_refuses_a_second_call():
+    """``h`` is kept only by the linear layer, for its weight gradient: alive after the input part, which needs
+    it no more but must leave it for the weight part, and freed by the weight part."""
     lin = nn.Linear(D, D)
     x = torch.randn(B, D, requires_grad=True)
-    mid = torch.tanh(lin(x))  # saved by the next op
-    ref = weakref.ref(mid)
-    out = mid * mid
-    del mid
-    h = SplitBackward.input_part(out, torch.ones(B, D), x, list(lin.parameters()))
+    h = x * 2.0  # a scalar multiply saves nothing: only the linear keeps h
+    ref = weakref.ref(h)
+    out = torch.sigmoid(lin(h))
+    del h
+    handle = SplitBackward.input_part(out, torch.ones(B, D), x, list(lin.parameters()))
     del out
     gc.collect()
-    h.weight_part()
+    assert handle.split and ref() is not None, "the input part freed what the weight part needs"
+    handle.weight_part()
     gc.collect()
-    assert ref() is None
+    assert ref() is None, "the weight part left the layer's saved input alive"
+    assert lin.weight.grad is not None
     with pytest.raises(RuntimeError, match="already called"):
-        h.weight_part()
+        handle.weight_part()
+
+
+def _gelu_mlp(record=True):
+    """x -> lin1 -> gelu -> lin2. gelu keeps its input h for the input gradient only; lin2 keeps gelu's
+    output g for its weight gradient. Returns the output and storage weak references to h and g."""
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(D, 64 * D), nn.Linear(64 * D, D)
+    x = torch.randn(B, D, requires_grad=True)
+    with (releasable() if record else contextlib.nullcontext()):
+        h = lin1(x)
+        g = torch.nn.functional.gelu(h)
+        y = lin2(g)
+    refs = StorageWeakRef(h.untyped_storage()), StorageWeakRef(g.untyped_storage())
+    return y, x, [*lin1.parameters(), *lin2.parameters()], refs
+
+
+def test_the_input_part_frees_what_only_the_input_gradients_read_and_the_weight_part_frees_the_rest():
+    y, x, params, (h, g) = _gelu_mlp()
+    handle = SplitBackward.input_part(y, torch.ones_like(y), x, params)
+    del y
+    gc.collect()
+    assert handle.split and handle.released >= B * 64 * D * 4
+    assert h.expired()  # gelu's input: read by the input gradient only
+    assert not g.expired()  # lin2's input: its weight gradient needs it
+    handle.weight_part()
+    gc.collect()
+    assert g.expired()
+    with pytest.raises(RuntimeError, match="already called"):
+        handle.weight_part()
+
+
+def test_the_weight_part_frees_the_whole_graph_and_without_a_recorded_forward_nothing_goes_before():
+    y, x, params, (h, g) = _gelu_mlp(record=False)
+    handle = SplitBackward.input_part(y, torch.ones_like(y), x, params)
+    del y
+    gc.collect()
+    assert handle.released == 0 and not h.expired() and not g.expired()
+    handle.weight_part()
+    gc.collect()
+    assert h.expired() and g.expired()
+
+
+def test_released_saved_tensors_do_not_change_the_numbers():
+    y, x, params, _ = _gelu_mlp()
+    ref_y, ref_x, ref_params, _ = _gelu_mlp(record=False)
+    ref_y.sum().backward()
+    handle = SplitBackward.input_part(y, torch.ones_like(y), x, params)
+    handle.weight_part()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p.grad, r.grad)
+
+
+def test_outputs_may_be_given_as_gradient_edges_so_the_caller_need_not_keep_them():
+    y, x, params, _ = _gelu_mlp()
+    ref_y, ref_x, ref_params, _ = _gelu_mlp(record=False)
+    ref_y.sum().backward()
+    edge, ones = get_gradient_edge(y), torch.ones_like(y)
+    out = StorageWeakRef(y.untyped_storage())
+    del y
+    gc.collect()
+    assert out.expired()
+    handle = SplitBackward.input_part(edge, ones, x, params, set_input_grads=False)
+    assert x.grad is None
+    torch.testing.assert_close(handle.take_input_grads()[0], ref_x.grad)
+    assert handle.input_grads is None
+    handle.weight_part()
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p.grad, r.grad)
 
 
 def test_module_supports_split_finds_opt_out_in_submodules():
@@ -234,3 +309,44 @@ def test_module_supports_split_finds_opt_out_in_submodules():
     assert module_supports_split(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
     assert not module_supports_split(nn.Sequential(nn.Linear(2, 2), nn.Sequential(Custom(2, 2))))
     assert not module_supports_split([nn.Linear(2, 2), Custom(2, 2)])
+
+
+# --- custom autograd Functions: one backward, weight gradients deferred through the weight store ----------------
+
+
+def _custom_model():
+    from tests.helpers.client import CustomLinearBlock
+    torch.manual_seed(0)
+    return CustomLinearBlock(6)
+
+
+def test_a_custom_function_runs_its_backward_once_and_its_deferred_weight_gradient_in_the_weight_part():
+    from tests.helpers.client import CALLS
+    model, reference = _custom_model(), _custom_model()
+    x = torch.randn(3, 6)
+    reference(x.clone().requires_grad_()).sum().backward()
+    CALLS.update(forward=0, backward=0)
+    inp = x.clone().requires_grad_()
+    out = model(inp)
+    handle = sb.SplitBackward.input_part(out, torch.ones_like(out), [inp], list(model.parameters()))
+    assert "custom autograd Function CountingLinear" in handle.reason and handle.split
+    assert CALLS == {"forward": 2, "backward": 2}
+    assert model.w1.grad is None and model.w2.grad is None  # deferred
+    assert model.norm.weight.grad is not None  # a built-in op's weight gradient came with the one backward
+    handle.weight_part()
+    assert CALLS["backward"] == 2
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_a_function_marked_split_safe_is_split_like_builtin_ops():
+    from tests.helpers import client
+
+    class Safe(client.CountingLinear):
+        dualpipe_split_safe = True
+
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    inp = torch.randn(2, 4, requires_grad=True)
+    out = torch.tanh(Safe.apply(inp, w) + inp @ w)  # w also reaches the output through a built-in matmul
+    handle = sb.SplitBackward.input_part(out, torch.ones_like(out), [inp], [w])
+    assert handle.split and handle.reason is None

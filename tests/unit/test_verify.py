@@ -1,4 +1,4 @@
-"""The verifier proves schedules sound, and catches each kind of broken stream."""
+"""The verifier proves schedules sound under NCCL's rules, and catches each kind of broken stream."""
 
 import dataclasses
 
@@ -6,20 +6,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepspeed_dualpipe.analysis.events import Comm, Op, rank_events
-from deepspeed_dualpipe.analysis.symbolic import ScheduleError
-from deepspeed_dualpipe.schedule import SCHEDULES, get_spec, rank_steps
+from deepspeed_dualpipe.analysis.events import Op, Post, schedule_program, unbatched
+from deepspeed_dualpipe.analysis.symbolic import BUFFERED, ScheduleError
+from deepspeed_dualpipe.schedule import SCHEDULES, get_spec
 from deepspeed_dualpipe.analysis.verify import verify, verify_streams
 from tests.helpers.shapes import valid_shapes
 
 
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
 def test_every_registered_schedule_verifies_for_every_valid_shape(schedule):
-    max_stages = 16 if schedule in ("dualpipe", "dualpipev", "interleaved-1f1b", "zbv") else 8
-    shapes = list(valid_shapes(schedule, max_stages))
+    shapes = list(valid_shapes(schedule, 16))
     for P, M in shapes:
         verify(schedule, P, M)
     assert len(shapes) >= 8
+    assert {P for P, _ in shapes} >= {2, 4, 8, 16}
 
 
 @settings(max_examples=40, deadline=None)
@@ -50,14 +50,28 @@ def test_peak_live_activations_are_those_of_table_2():
 # ----- mutations: each one breaks a promise, and the verifier names it --------------------------
 
 
-def streams_of(schedule="dualpipe", stages=4, micro_batches=8):
-    layout = get_spec(schedule).layout(stages, micro_batches)
-    steps = rank_steps(schedule, stages, micro_batches)
-    return [rank_events(s, layout, r) for r, s in enumerate(steps)], layout
+def streams_of(schedule="dualpipe", stages=4, micro_batches=8, batch=1):
+    """Every rank's program (what its engine posts), in the steady state (``batch=1``) or the first batch."""
+    layout, batches = schedule_program(schedule, stages, micro_batches, batches=2)
+    return batches[batch], layout
+
+
+def comms(program):
+    return [(i, c) for i, e in enumerate(program) if isinstance(e, Post) for c in e.comms]
 
 
 def index_of(events, predicate):
     return next(i for i, e in enumerate(events) if predicate(e))
+
+
+def drop_comm(program, predicate):
+    """Remove the first posted send or receive that matches (and its group, if it empties)."""
+    i, comm = next((i, c) for i, c in comms(program) if predicate(c))
+    rest = tuple(c for c in program[i].comms if c is not comm)
+    if rest:
+        program[i] = dataclasses.replace(program[i], comms=rest)
+    else:
+        del program[i]
 
 
 def test_intact_streams_pass():
@@ -65,19 +79,18 @@ def test_intact_streams_pass():
     assert verify_streams(streams, layout) == [5, 5, 5, 5]
 
 
-def test_a_dropped_send_is_a_deadlock_that_names_the_waiting_rank():
+def test_a_dropped_send_is_named_as_a_message_received_but_never_sent():
     streams, layout = streams_of()
-    del streams[0][index_of(streams[0], lambda e: isinstance(e, Comm) and e.direction == "send")]
-    with pytest.raises(
-            ScheduleError,
-            match=
-            "rank 1 waits at recv_act.0,0.<-0 for the activation of micro-batch 0 from rank 0, which is never sent"):
+    drop_comm(streams[0], lambda c: c.direction == "send")
+    with pytest.raises(ScheduleError,
+                       match=r"ranks 0 -> 1: the activation of micro-batch 0 \(\(0, 0\) -> \(1, 0\)\) is received but "
+                       "never sent"):
         verify_streams(streams, layout)
 
 
 def test_sends_reordered_between_two_ranks_break_posting_order_matching():
     streams, layout = streams_of("1f1b")
-    sends = [i for i, e in enumerate(streams[0]) if isinstance(e, Comm) and e.direction == "send"]
+    sends = [i for i, c in comms(streams[0]) if c.direction == "send"]
     # post the activation of micro-batch 1 before that of micro-batch 0 (both after their forwards)
     first, second = sends[0], sends[1]
     event = streams[0].pop(first)
@@ -88,8 +101,10 @@ def test_sends_reordered_between_two_ranks_break_posting_order_matching():
 
 def test_a_send_to_the_wrong_peer_is_named():
     streams, layout = streams_of()
-    i = index_of(streams[1], lambda e: isinstance(e, Comm) and e.direction == "send")
-    streams[1][i] = dataclasses.replace(streams[1][i], peer=3)
+    i, comm = next((i, c) for i, c in comms(streams[1]) if c.direction == "send")
+    wrong = dataclasses.replace(comm, peer=3)
+    streams[1][i] = dataclasses.replace(streams[1][i],
+                                        comms=tuple(wrong if c is comm else c for c in streams[1][i].comms))
     with pytest.raises(ScheduleError, match="rank 1: .* names peer 3"):
         verify_streams(streams, layout)
 
@@ -138,26 +153,72 @@ def test_a_buffer_reused_while_still_needed_is_caught():
         verify_streams(streams, layout)
 
 
-def test_zbv_posts_receives_in_the_order_its_neighbours_send():
-    """ZB-V's warm-up runs a rank's forwards ahead of its first backward, so its neighbour needs them in
-    another order than it sends them; receiving each just before use would mismatch messages."""
-    streams, layout = streams_of("zbv", 2, 4)
-    rank1 = streams[1]
-    receives = [i for i, e in enumerate(rank1) if isinstance(e, Comm) and e.direction == "recv"]
-    naive = [e for e in rank1 if not (isinstance(e, Comm) and e.direction == "recv")]
-    for i in receives:  # move every receive to just before the computation that needs it
-        event = rank1[i]
-        user = next(k for k, e in enumerate(naive) if isinstance(e, Op) and any(
-            p.chunk == event.chunk and p.micro_batch == event.micro_batch and (p.op == "F") == (event.payload == "act")
-            for p in e.parts()))
-        naive.insert(user, event)
-    streams[1] = naive
-    with pytest.raises(ScheduleError, match="point-to-point messages match in posting order"):
-        verify_streams(streams, layout)
-
-
 def test_a_forward_without_a_posted_receive_is_caught():
     streams, layout = streams_of()
-    del streams[1][index_of(streams[1], lambda e: isinstance(e, Comm) and e.direction == "recv")]
+    drop_comm(streams[1], lambda c: c.direction == "recv" and c.payload == "act")
     with pytest.raises(ScheduleError, match="without a posted receive"):
         verify_streams(streams, layout)
+
+
+# ----- NCCL's rules: what the engine posts, and what it used to post ---------------------------
+
+
+def test_posting_each_send_and_receive_on_its_own_deadlocks_zb1p_at_p2_m4_under_nccl_rules():
+    streams, layout = streams_of("zb1p", 2, 4)
+    verify_streams(streams, layout)  # one batch per commit: proven
+    with pytest.raises(ScheduleError,
+                       match=r"rank 0 is stuck at 0B0: it waits for \[recv_grad\(0,0\)<-1\] to run, which queues "
+                       r"behind \[send_act\(0,1\)->1\], whose send_act\(0,1\)->1 needs rank 1's group "
+                       r"\[recv_act\(0,1\)<-0\] to start; rank 1 is stuck"):
+        verify_streams([unbatched(p) for p in streams], layout)
+    # gloo-like buffered sends hide it: the rendezvous is what deadlocks
+    verify_streams([unbatched(p) for p in streams], layout, semantics=BUFFERED)
+
+
+@pytest.mark.parametrize("schedule", ["zb1p", "dualpipe", "dualpipev"])
+@pytest.mark.parametrize("P", [2, 4, 8])
+def test_unbatched_posting_deadlocks_every_plugin_schedule(schedule, P):
+    for batch in (0, 1):
+        streams, layout = streams_of(schedule, P, 2 * P, batch)
+        with pytest.raises(ScheduleError, match="deadlock under NCCL's rules"):
+            verify_streams([unbatched(p) for p in streams], layout)
+
+
+def test_splitting_the_first_two_way_commit_of_each_rank_into_its_sends_then_its_receives_deadlocks():
+    streams, layout = streams_of("zb1p", 2, 4)
+    verify_streams(streams, layout)
+    for program in streams:
+        i = index_of(program, lambda e: isinstance(e, Post) and {c.direction for c in e.comms} == {"send", "recv"})
+        sends = tuple(c for c in program[i].comms if c.direction == "send")
+        recvs = tuple(c for c in program[i].comms if c.direction == "recv")
+        program[i:i + 1] = [Post(sends), Post(recvs)]  # two groups: the send first, then the receive
+    with pytest.raises(ScheduleError, match="deadlock under NCCL's rules"):
+        verify_streams(streams, layout)
+
+
+def test_the_first_batch_exchanges_each_channels_shapes_once_and_the_steady_state_waits_for_no_group():
+    layout, (first, steady) = schedule_program("dualpipe", 4, 8, batches=2)
+    shapes = [c for program in first for e in program if isinstance(e, Post) for c in e.comms if c.payload == "shapes"]
+    # every rank sends and receives the shapes of each chunk's activations once (the end ranks of a chunk do not)
+    assert sorted(
+        (c.direction, c.chunk)
+        for c in shapes) == sorted([("send", 0)] * 3 + [("recv", 0)] * 3 + [("send", 1)] * 3 + [("recv", 1)] * 3)
+    assert all(not e.wait for program in steady for e in program if isinstance(e, Post))
+    assert not any(c.payload == "shapes" for program in steady for e in program if isinstance(e, Post)
+                   for c in e.comms)
+
+
+def test_every_plugin_commit_is_one_group_in_the_steady_state_and_deepspeeds_dualpipev_posts_as_many():
+    plugin, deepspeed = verify("dualpipev", 4, 12), verify("ds-dualpipev", 4, 12)
+    assert plugin.groups[1] == deepspeed.groups[1]
+    assert plugin.groups[0] > plugin.groups[1]  # the handshakes of the first batch
+
+
+@pytest.mark.parametrize("schedule", ["interleaved-1f1b", "zbv"])
+@pytest.mark.parametrize("P", [2, 4])
+def test_interleaved_and_zbv_need_lockstep_groups_to_complete_under_nccl(schedule, P, monkeypatch):
+    """Their programs place p2p around each computation; only the lockstep pass makes NCCL's groups line up."""
+    verify(schedule, P, 2 * P)
+    monkeypatch.setattr(get_spec(schedule).train, "lockstep_p2p", False)  # train: the schedule class
+    with pytest.raises(ScheduleError, match="deadlock under NCCL's rules"):
+        verify(schedule, P, 2 * P)

@@ -27,13 +27,11 @@ Only a few floats of each all-to-all's tensor carry data (the activation, at the
 rank's share); the rest is left uninitialised, so no layer spends CPU time on anything but the
 all-to-all itself. The data makes the round trip dispatch -> experts -> combine unchanged.
 
-Activation memory: every tensor autograd keeps for a backward of these layers is registered in
-:data:`SAVED` (a saved-tensor hook), so the bench can count what is alive at any moment.
+Activation memory is what the allocator holds (``deepspeed_dualpipe/tools/memory.py``): these
+layers keep their inputs for the weight gradients as real tensors, and nothing else.
 """
 
-import contextlib
 import time
-import weakref
 
 import torch
 
@@ -47,43 +45,6 @@ def _sleep(seconds: float) -> None:
         start = time.perf_counter()
         time.sleep(seconds)
         SLEEPS.append((start, time.perf_counter(), seconds))
-
-
-# ----- activation memory: what autograd keeps for these layers' backward ------------------------
-class _Saved:
-    """One tensor autograd saved for a backward; alive exactly as long as autograd keeps it."""
-
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor):
-        self.tensor = tensor
-
-
-SAVED = weakref.WeakSet()  # the _Saved objects autograd still holds
-ON_SAVE = []  # callbacks run after each save (the bench samples memory there); empty when timing
-
-
-def _pack(tensor):
-    saved = _Saved(tensor)
-    SAVED.add(saved)
-    for callback in ON_SAVE:
-        callback()
-    return saved
-
-
-def _unpack(saved):
-    return saved.tensor
-
-
-def saved_tensors():
-    """The tensors autograd currently keeps for the backward of these layers."""
-    return [s.tensor for s in list(SAVED)]
-
-
-def _tracked():
-    if not torch.is_grad_enabled():
-        return contextlib.nullcontext()
-    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
 
 
 # ----- the sleeping pieces ---------------------------------------------------------------------
@@ -141,9 +102,8 @@ class SleepLayer(torch.nn.Module):
             # The model's first layer: its input needs no gradient, so autograd would skip its
             # input-gradient sleep. The simulator charges every chunk a full B; so do we.
             x = x.detach().requires_grad_()
-        with _tracked():
-            return InputSleep.apply(x, self.forward_s, self.input_s) + \
-                WeightSleep.apply(self.weight, self.weight_s, x.detach())
+        return InputSleep.apply(x, self.forward_s, self.input_s) + \
+            WeightSleep.apply(self.weight, self.weight_s, x.detach())
 
 
 # ----- the MoE variant -------------------------------------------------------------------------
@@ -247,6 +207,8 @@ class SleepMoELayer(torch.nn.Module):
     are identities.
     """
 
+    ISLANDS = ("pre", "experts", "decode")  # the compute islands of forward_steps, by name
+
     def __init__(self, forward_s: float, backward_s: float, weight_s: float, a2a_bytes: int, ep_size: int = 2):
         super().__init__()
         if not 0 <= weight_s <= backward_s:
@@ -283,22 +245,19 @@ class SleepMoELayer(torch.nn.Module):
         if x.numel() > self.numel // self.ep_size:
             raise ValueError(f"an activation of {x.numel()} floats does not fit in a share of the all-to-all "
                              f"({self.numel // self.ep_size} floats); use a larger --a2a or a smaller --width")
-        with _tracked():
-            y = InputSleep.apply(x, self.forward_s, self.input_s) + \
-                WeightSleep.apply(self.weight_pre, self.weight_s, x.detach())
-            return _Spread.apply(y, self.numel)
+        y = InputSleep.apply(x, self.forward_s, self.input_s) + \
+            WeightSleep.apply(self.weight_pre, self.weight_s, x.detach())
+        return _Spread.apply(y, self.numel)
 
     def _experts(self, received, used):
-        with _tracked():
-            z = WeightSleep.apply(self.weight_experts, self.weight_s, received.detach())
-            parts = self.ep_size if self.group is not None else 1  # no group: the all-to-alls are identities
-            out = _Experts.apply(received, parts, used, self.forward_s, self.input_s)
-            return _Join.apply(out, z, _shares(received.numel(), parts, used))
+        z = WeightSleep.apply(self.weight_experts, self.weight_s, received.detach())
+        parts = self.ep_size if self.group is not None else 1  # no group: the all-to-alls are identities
+        out = _Experts.apply(received, parts, used, self.forward_s, self.input_s)
+        return _Join.apply(out, z, _shares(received.numel(), parts, used))
 
     @staticmethod
     def _decode(combined, shape):
-        with _tracked():
-            return _Decode.apply(combined, shape)
+        return _Decode.apply(combined, shape)
 
     def forward_steps(self, tape, x):
         shape, used = tuple(x.shape), x.numel()

@@ -14,6 +14,14 @@ from typing import Dict, List
 # so their time shows up as bubble.
 COMPUTE = {"ForwardPass", "BackwardPass", "BackwardInput", "BackwardWeight", "OverlappedForwardBackward"}
 
+# The allocator-level memory of each rank (tools/memory.py), as ``<key>_bytes`` per pipeline rank.
+MEMORY_FIELDS = {
+    "peak_activation": "peak",
+    "high_water": "high_water",
+    "left_after_step": "left",
+    "parameter": "parameters"
+}
+
 
 def step_time(ranks: List[dict]) -> float:
     """From the first rank leaving the barrier to the last rank finishing ``train_batch``."""
@@ -82,8 +90,16 @@ def summarize(per_rank: List[dict], label: str, plugin: bool) -> dict:
         "overhead_ms": 1e3 * statistics.median(over) if over else None,
         "overhead_mean_ms": 1e3 * statistics.mean(over) if over else None,
         "instructions": sum(len(r["records"]) for r in steps[0]),
-        "peak_activation_bytes": _by_stage([r["memory"][label] for r in per_rank], stages, reduce=max)
+        **{
+            f"{key}_bytes": _by_stage([r["memory"][label][field] for r in per_rank], stages, reduce=_max)
+            for key, field in MEMORY_FIELDS.items()
+        }
     }
+
+
+def _max(values):
+    """The largest value; ``None`` if any is (a figure the meter does not read there)."""
+    return None if any(v is None for v in values) else max(values)
 
 
 def all_to_all_alone(per_rank: List[dict]) -> Dict[str, float]:

@@ -30,10 +30,10 @@ bench's layers keeps for one micro-batch (:func:`activation_unit_bytes`).
 from typing import Dict, List, Sequence
 
 from deepspeed_dualpipe.analysis.symbolic import Costs
-from deepspeed_dualpipe.schedule import get_spec
+from deepspeed_dualpipe.schedule import PAIRED_SCHEDULES, get_spec
 from deepspeed_dualpipe.analysis.simulate import simulate
 
-OVERLAPPING = {"dualpipe", "dualpipev"}  # the schedules whose pairs interleave a2a with the other micro-batch
+OVERLAPPING = set(PAIRED_SCHEDULES)  # the schedules whose pairs interleave a2a with the other micro-batch
 
 
 def layers_per_chunk(schedule: str, stages: int, layers: int) -> int:

@@ -9,12 +9,13 @@ import itertools
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from deepspeed_dualpipe.tools.bench import layers as L
-from deepspeed_dualpipe.runtime.trace import around_each_instruction, start_recording
+from deepspeed_dualpipe.runtime.trace import start_recording
+from deepspeed_dualpipe.tools.memory import MemoryMeter, parameter_bytes
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,9 @@ class BenchSpec:
     repeats: int
     warmup: int = 1
     a2a_bytes: int = 0  # > 0: SleepMoELayers, expert parallelism 2 inside data parallelism 2
+    a2a_wire_s: float = 0.0  # > 0: every all-to-all on the emulated wire of tools/bench/wire.py
     calibration_repeats: int = 20
+    memory_source: Optional[str] = None  # MemoryMeter's cpu= (None: its default)
 
     @property
     def data_parallel(self) -> int:
@@ -178,60 +181,13 @@ def _step(engine, data) -> dict:
 
 
 # ----- activation memory ---------------------------------------------------------------------
-_TAPE_FIELDS = ("originals", "detached", "raw", "returned", "input", "output")
-
-
-def _tensors(obj, out: list) -> None:
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            _tensors(item, out)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            _tensors(item, out)
-    elif hasattr(obj, "islands"):  # a phases.Tape: every island's tensors, until the backward consumes it
-        _tensors(obj.inputs, out)
-        for island in obj.islands or ():
-            for field in _TAPE_FIELDS:
-                _tensors(getattr(island, field, None), out)
-
-
-def activation_bytes(engine) -> int:
-    """Bytes of activations alive on this rank now: the distinct storages of the tensors autograd
-    keeps for the bench layers' backward and of those the engine holds per micro-batch (its
-    ``inputs``/``outputs`` buffers, DeepSpeed's ``output_tensors``, the plugin's tapes and the
-    tensors it hands from one chunk to the next). Gradients and labels are not counted."""
-    tensors = L.saved_tensors()
-    for key in ("inputs", "outputs", "output_tensors"):
-        _tensors(engine.pipe_buffers.get(key, ()), tensors)
-    for slot in getattr(engine, "slots", ()):
-        _tensors([slot.inputs, slot.outputs, slot.tape], tensors)
-    handoffs = getattr(engine, "handoffs", None)
-    _tensors([handoffs.activations, handoffs.grads] if handoffs else [], tensors)
-    storages = {}
-    for t in tensors:
-        if t.is_floating_point():
-            storage = t.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
-
-
-def _memory_step(engine, data) -> int:
-    """One untimed step that samples :func:`activation_bytes` after every instruction and whenever a
-    layer saves a tensor (inside an instruction); returns the peak."""
-    peak = [0]
-
-    def sample():
-        peak[0] = max(peak[0], activation_bytes(engine))
-
-    L.ON_SAVE.append(sample)
-    try:
-        with around_each_instruction(engine, after=lambda kind, kwargs: sample()):
-            _step(engine, data)
-    finally:
-        L.ON_SAVE.remove(sample)
-    return peak[0]
+def _memory_step(engine, data, source: Optional[str] = None) -> dict:
+    """Two untimed steps, the second measured at the allocator (the first primes the meter) (:class:`~deepspeed_dualpipe.tools.memory.MemoryMeter`):
+    peak activation bytes at instruction boundaries, the high-water mark within instructions, the bytes
+    left after the step, and the rank's parameter bytes."""
+    meter = MemoryMeter(engine, cpu=source)
+    meter.measure(lambda: _step(engine, data), prime=lambda: _step(engine, data))
+    return {**meter.result.as_dict(), "parameters": parameter_bytes(engine.module)}
 
 
 # ----- one all-to-all alone ------------------------------------------------------------------
@@ -263,8 +219,8 @@ def _calibrate(spec: BenchSpec, stage: int) -> Dict[str, float]:
 
 
 def bench_rank(spec: BenchSpec) -> dict:
-    """This rank's measured steps per run (warm-up steps left out), its peak activation bytes per
-    run, where it sits (pipeline stage, data-parallel replica) and, with ``a2a_bytes``, the time of
+    """This rank's measured steps per run (warm-up steps left out), its memory per run (see
+    :func:`_memory_step`), where it sits (pipeline stage, data-parallel replica) and, with ``a2a_bytes``, the time of
     one all-to-all alone."""
     torch.manual_seed(0)
     sample = (torch.randn(1, spec.width), torch.zeros(1))
@@ -272,6 +228,9 @@ def bench_rank(spec: BenchSpec) -> dict:
     engines = {run.label: _engine(spec, run) for run in spec.runs}
     first = next(iter(engines.values()))
     stage, replica = first.grid.get_stage_id(), first.grid.get_data_parallel_id()
+    if spec.a2a_wire_s:
+        from deepspeed_dualpipe.tools.bench import wire
+        wire.install(spec.a2a_wire_s)
     calibration = _calibrate(spec, stage) if spec.a2a_bytes else None
     if spec.a2a_bytes:
         _time_all_to_alls()
@@ -281,5 +240,5 @@ def bench_rank(spec: BenchSpec) -> dict:
             step = _step(engine, data)
             if round_ >= spec.warmup:
                 steps[label].append(step)
-    memory = {label: _memory_step(engine, data) for label, engine in engines.items()}
+    memory = {label: _memory_step(engine, data, spec.memory_source) for label, engine in engines.items()}
     return {"steps": steps, "memory": memory, "stage": stage, "replica": replica, "a2a": calibration}

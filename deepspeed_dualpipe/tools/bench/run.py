@@ -4,18 +4,20 @@ import json
 import os
 import re
 import statistics
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from deepspeed_dualpipe.tools.bench import predict
 from deepspeed_dualpipe.schedule import get_spec
 
-DEFAULT_SCHEDULES = "1f1b,zb1p,interleaved-1f1b,zbv,ds-dualpipev,dualpipev,dualpipe"
+DEFAULT_SCHEDULES = "1f1b,zb1p,interleaved-1f1b,interleaved-1f1b-overlap,zbv,ds-dualpipev,dualpipev,dualpipe"
 # ``--a2a`` without a size. On the 2 shared cores this was written on, one all-to-all of 1 MiB over
 # gloo between two ranks took 3.2-5 ms with every stage's at once (1.2-4 ms alone), about
 # (F + B) / 4 = 3.75 ms of the default costs: a layer's four all-to-alls (dispatch, combine and their
 # gradients) then take as long as its computation F + B, the report's 1:1. The bench prints the
 # time measured on yours.
 DEFAULT_A2A_BYTES = 1 << 20
+# ``--a2a-wire`` without ``--a2a``: small enough that gloo moves it well within the wire time.
+WIRE_A2A_BYTES = 64 << 10
 _UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
 _BYTES = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 10**6, "mb": 10**6, "mib": 1 << 20}
 
@@ -34,6 +36,14 @@ def parse_costs(text: str) -> Dict[str, float]:
     if costs["W"] > costs["B"]:
         raise ValueError("--cost: W (the weight part of the backward) must not exceed B")
     return costs
+
+
+def parse_time(text: str) -> float:
+    """``"3.75ms"``, ``"0.004"`` -> seconds (units s, ms, us; none means seconds)."""
+    match = re.fullmatch(r"\s*([0-9.]+(?:e-?[0-9]+)?)\s*(s|ms|us)?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"bad time {text!r}: expected a time such as 3.75ms")
+    return float(match[1]) * _UNITS[(match[2] or "").lower()]
 
 
 def parse_bytes(text: str) -> int:
@@ -64,6 +74,23 @@ def add_parser(sub) -> None:
                    help="MoE layers: a dispatch and a combine all-to-all of BYTES per rank in every layer, over "
                    "expert parallelism 2 inside data parallelism 2 (2P ranks); dualpipe and dualpipev also run "
                    f"without overlap. Without BYTES: {DEFAULT_A2A_BYTES} (1 MiB)")
+    p.add_argument("--a2a-wire",
+                   type=parse_time,
+                   nargs="?",
+                   const=-1.0,
+                   default=0.0,
+                   metavar="TIME",
+                   help="MoE layers whose all-to-alls run on an emulated interconnect: gloo still moves the bytes, "
+                   "but each all-to-all completes only TIME after its launch, released by a sleeping timer (wire "
+                   "time that costs no CPU, as over NVLink or RDMA; tools/bench/wire.py). Without TIME: (F+B)/4, "
+                   f"so a layer's 4 all-to-alls take as long as its compute (1:1). Implies --a2a "
+                   f"{WIRE_A2A_BYTES} unless --a2a is given")
+    p.add_argument("--memory-source",
+                   choices=("malloc", "profiler"),
+                   default=None,
+                   help="how the memory step reads the CPU allocator (deepspeed_dualpipe/tools/memory.py): "
+                   "malloc (glibc's mallinfo2: every thread, and small C++/Python objects too; the default where "
+                   "glibc has it) or profiler (torch's allocator events: tensors only, this thread only)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before the ranks are given up on")
     p.add_argument("--json", action="store_true")
@@ -92,6 +119,11 @@ def bench(args) -> dict:
         get_spec(name).validate(args.stages, args.micro_batches)
         predict.layers_per_chunk(name, args.stages, args.layers)
     a2a_bytes = getattr(args, "a2a", 0) or 0
+    wire_s = getattr(args, "a2a_wire", 0.0) or 0.0
+    if wire_s < 0:  # --a2a-wire without a time: 1:1 comm:compute
+        wire_s = (costs["F"] + costs["B"]) / 4
+    if wire_s and not a2a_bytes:
+        a2a_bytes = max(WIRE_A2A_BYTES, 8 * args.width)
     if a2a_bytes and 4 * args.width > a2a_bytes // 2:
         raise ValueError(f"--a2a {a2a_bytes}: each rank's share ({a2a_bytes // 2} bytes) must hold an activation "
                          f"({4 * args.width} bytes, --width {args.width}); use --a2a >= {8 * args.width}")
@@ -105,11 +137,14 @@ def bench(args) -> dict:
                      costs["W"],
                      args.width,
                      args.repeats,
-                     a2a_bytes=a2a_bytes)
+                     a2a_bytes=a2a_bytes,
+                     a2a_wire_s=wire_s,
+                     memory_source=getattr(args, "memory_source", None))
     per_rank = run_ranks(bench_rank, spec.world_size, spec, timeout=args.timeout)
     alone = measure.all_to_all_alone(per_rank)
     # The simulator charges each all-to-all its time with every stage's at once: in a pipeline's
-    # steady state all stages run their layers, and so their all-to-alls, at the same time.
+    # steady state all stages run their layers, and so their all-to-alls, at the same time. On the
+    # emulated wire that is the wire time plus what the timer adds, as measured.
     a2a_s = alone.get("concurrent", 0.0)
     results = {}
     for run in runs:
@@ -130,6 +165,7 @@ def bench(args) -> dict:
     for row in results.values():
         row["ratio_to_1f1b"] = row["step_s"] / base["step_s"] if base else None
         row["sim_ratio_to_1f1b"] = row["sim_step_s"] / base["sim_step_s"] if base else None
+        row.update(memory_targets(row, base, args.stages))
     plugin = [r["overhead_ms"] for r in results.values() if r["schedule"] in PLUGIN_SCHEDULES]
     plugin_mean = [r["overhead_mean_ms"] for r in results.values() if r["schedule"] in PLUGIN_SCHEDULES]
     result = {
@@ -149,6 +185,8 @@ def bench(args) -> dict:
         spec.data_parallel,
         "a2a_bytes":
         a2a_bytes,
+        "a2a_wire_s":
+        wire_s or None,
         "schedules":
         results,
         "plugin_overhead_ms":
@@ -161,12 +199,38 @@ def bench(args) -> dict:
                         micro_batches_per_rank=max(2, args.micro_batches // args.stages),
                         **costs)
     }
+    result["memory_source"] = next(iter(per_rank[0]["memory"].values()))["device"]
     if a2a_bytes:
         result["a2a_alone_s"] = alone.get("alone")
         result["a2a_concurrent_s"] = alone.get("concurrent")
         result["a2a_sim_s"] = a2a_s
         result["a2a_targets"] = _a2a_targets(results)
     return result
+
+
+# Memory targets: peak activation bytes per rank over 1F1B's rank 0 within this factor of Table 2's ratio;
+# bytes left after a step within this fraction of the rank's peak.
+ACTIVATION_SLACK = 1.10
+LEFT_FRACTION = 0.01
+
+
+def memory_targets(row: dict, base: Optional[dict], stages: int) -> dict:
+    """The memory figures of one run against 1F1B's in the same invocation, and the targets:
+    ``activation_ratio``: the busiest rank's peak over 1F1B's rank 0, beside ``table2_ratio`` (Table 2's
+    activation memory over 1F1B's); ``left_fraction``: the largest bytes-left-after-step over that rank's
+    peak; ``parameter_ratio``: the largest rank's parameter bytes over 1F1B's largest."""
+    from deepspeed_dualpipe.analysis.simulate import table2_activation_ratio
+    peaks, left = row["peak_activation_bytes"], row["left_after_step_bytes"]
+    out = {
+        "table2_ratio": table2_activation_ratio(row["schedule"], stages),
+        "left_fraction": max(max(lft, 0) / pk if pk > 0 else 0.0 for lft, pk in zip(left, peaks)),
+        "activation_ratio": None,
+        "parameter_ratio": None
+    }
+    if base is not None and base["peak_activation_bytes"][0] > 0:
+        out["activation_ratio"] = max(peaks) / base["peak_activation_bytes"][0]
+        out["parameter_ratio"] = max(row["parameter_bytes"]) / max(base["parameter_bytes"])
+    return out
 
 
 def _a2a_targets(results: dict) -> dict:
@@ -212,6 +276,7 @@ def _grid(header, rows) -> str:
     return "\n".join(lines)
 
 
+SIM_TOLERANCE = 0.05  # the issue's: every measured ratio within 0.05 of the simulator's
 _TARGETS = {
     "vs_no_overlap": ("the same run without overlap", 0.75),
     "vs_1f1b": ("DeepSpeed 1F1B", 0.70),
@@ -229,6 +294,9 @@ def render(result: dict) -> str:
         f"P={result['stages']} ranks, M={result['micro_batches']} micro-batches, {result['layers']} layers, per "
         f"layer F={_ms(c['F'])}ms B={_ms(c['B'])}ms W={_ms(c['W'])}ms{moe}, median of {result['repeats']} steps"
     ]
+    if result.get("a2a_wire_s"):
+        out.append(f"all-to-alls on an emulated wire (--a2a-wire): gloo moves the bytes, and each all-to-all "
+                   f"completes {_ms(result['a2a_wire_s'])} ms after its launch, released by a sleeping timer (no CPU)")
     if result.get("a2a_bytes"):
         a, c_a2a = result["a2a_alone_s"], result["a2a_sim_s"]
         out.append(f"one all-to-all of {result['a2a_bytes']} bytes: {_ms(a)} ms alone, {_ms(c_a2a)} ms with every "
@@ -275,20 +343,11 @@ def render(result: dict) -> str:
                 what, target = _TARGETS[key]
                 op = "<" if key == "vs_ds-dualpipev" else "<="
                 met = (v["measured"] < target) if op == "<" else (v["measured"] <= target)
+                close = abs(v["measured"] - v["sim"]) <= SIM_TOLERANCE
                 out.append(f"  {name} vs {what}: {v['measured']:.3f} / {v['sim']:.3f}  (target {op} {target:g}: "
-                           f"{'met' if met else 'missed'})")
-    out += [
-        "", "peak activation memory per rank: measured (bytes alive: kept for backward, or held by the engine "
-        "per micro-batch) / simulated (peak live chunk activations x unit)"
-    ]
-    rows = [[
-        name, " ".join(_size(b)
-                       for b in r["peak_activation_bytes"]), " ".join(str(n) for n in r["sim_peak_activations"]),
-        _size(r["activation_unit_bytes"]), " ".join(_size(b) for b in r["sim_peak_activation_bytes"]),
-        " ".join(f"{m / s:.2f}" if s else "-"
-                 for m, s in zip(r["peak_activation_bytes"], r["sim_peak_activation_bytes"]))
-    ] for name, r in result["schedules"].items()]
-    out.append(_grid(["schedule", "measured", "sim count", "unit", "sim bytes", "measured/sim"], rows))
+                           f"{'met' if met else 'missed'}; within {SIM_TOLERANCE} of the simulator: "
+                           f"{'yes' if close else 'no'})")
+    out += ["", *render_memory(result)]
     out += [
         "", "simulated worst-rank bubble fraction as P grows (M = "
         f"{max(2, result['micro_batches'] // result['stages'])}P, {result['layers'] // result['stages']} layers "
@@ -298,6 +357,52 @@ def render(result: dict) -> str:
     out.append(_grid(["P"] + names,
                      [[P] + [_fraction(row[n]) for n in names] for P, row in result["scaling"].items()]))
     return "\n".join(out)
+
+
+def render_memory(result: dict) -> List[str]:
+    """The memory table and its targets (see :func:`memory_targets`)."""
+    out = [
+        f"memory per rank, at the allocator ({result.get('memory_source')}; deepspeed_dualpipe/tools/memory.py): "
+        "peak = the most bytes in use "
+        "after any instruction beyond parameters, gradients and optimizer state; high-water = the most within "
+        "an instruction (temporaries included); left = bytes still in use after the step; sim = the "
+        "simulator's peak count of live (chunk, micro-batch) units x the unit"
+    ]
+    rows = [[
+        name, " ".join(_size(b) for b in r["peak_activation_bytes"]),
+        _ratio(r["activation_ratio"]), "-" if r["table2_ratio"] is None else f"{r['table2_ratio']:.3f}",
+        " ".join(str(n) for n in r["sim_peak_activations"]),
+        _size(r["activation_unit_bytes"]),
+        " ".join(f"{m / s:.2f}" if s else "-"
+                 for m, s in zip(r["peak_activation_bytes"], r["sim_peak_activation_bytes"])),
+        " ".join("-" if b is None else _size(b)
+                 for b in r["high_water_bytes"]), " ".join(_size(b) for b in r["left_after_step_bytes"]),
+        _ratio(r["parameter_ratio"])
+    ] for name, r in result["schedules"].items()]
+    out.append(
+        _grid([
+            "schedule", "peak/rank", "max / 1f1b rank 0", "Table 2", "sim count", "unit", "peak/sim", "high-water",
+            "left", "params x 1f1b"
+        ], rows))
+    out += ["", "memory targets:"]
+    for name, r in result["schedules"].items():
+        if r["schedule"] == "1f1b":
+            continue
+        if r["activation_ratio"] is not None and r["table2_ratio"] is not None and r["schedule"] != "ds-dualpipev":
+            bound = ACTIVATION_SLACK * r["table2_ratio"]
+            out.append(f"  {name}: peak activations / 1f1b rank 0 = {r['activation_ratio']:.3f} (Table 2 "
+                       f"{r['table2_ratio']:.3f}, target <= {bound:.3f}: "
+                       f"{'met' if r['activation_ratio'] <= bound else 'missed'})")
+    for name, r in result["schedules"].items():
+        met = r["left_fraction"] <= LEFT_FRACTION
+        out.append(f"  {name}: left after the step <= {LEFT_FRACTION:.0%} of the peak on every rank: "
+                   f"{'met' if met else 'missed'} (largest {r['left_fraction']:.2%})")
+    for name, r in result["schedules"].items():
+        if r["parameter_ratio"] is not None:
+            want = 2.0 if r["schedule"] == "dualpipe" else 1.0
+            out.append(f"  {name}: parameters x 1f1b = {r['parameter_ratio']:.2f} (target {want:g}x: "
+                       f"{'met' if abs(r['parameter_ratio'] - want) < 1e-9 else 'missed'})")
+    return out
 
 
 def main(args) -> None:

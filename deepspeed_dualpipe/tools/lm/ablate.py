@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from deepspeed_dualpipe.schedule import PAIRED_SCHEDULES
 from deepspeed_dualpipe.tools.lm import config_files
 
 KEYS = {"ranks", "out_dir", "configs", "shared"}
 # Config keys that name the variant rather than its training: they may differ between variants.
 VARIANT_KEYS = {("pipeline", ), ("dualpipe", ), ("lm", "name"), ("lm", "out_dir")}
-OVERLAP_SCHEDULES = ("dualpipe", "dualpipev")  # schedules with overlapped pairs, where the MoE overlap applies
+OVERLAP_SCHEDULES = PAIRED_SCHEDULES  # schedules with overlapped pairs, where the MoE overlap applies
 
 
 @dataclass
@@ -184,6 +185,7 @@ def rows(plan: Plan) -> List[Dict]:
                        bubble=_mean(bubble),
                        activation_bytes_per_rank=memory.get("peak_activation_bytes_per_rank"),
                        parameter_bytes_per_rank=memory.get("parameter_bytes_per_rank"),
+                       left_bytes_per_rank=memory.get("bytes_left_after_step"),
                        wall_seconds=m.get("wall_seconds"))
             reference = reference or row
             row["reference"] = reference["variant"]
@@ -197,6 +199,10 @@ def _mib_range(values) -> str:
         return "n/a"
     lo, hi = min(values) / 2**20, max(values) / 2**20
     return f"{hi:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{hi:.2f} ({lo:.2f}..{hi:.2f})"
+
+
+def _mib_max(values) -> str:
+    return "n/a" if not values else f"{max(values) / 2**20:.2f}"
 
 
 def markdown(plan: Plan, table: List[Dict], command: str) -> str:
@@ -216,30 +222,32 @@ def markdown(plan: Plan, table: List[Dict], command: str) -> str:
     lines += [
         f"| variant | schedule | engine | MoE a2a overlap | final loss | final val loss | max rel. loss diff "
         f"vs {reference} (all steps) | tokens/s | measured bubble, mean (min..max rank) | peak activation "
-        f"MiB/rank, max (min..max) | parameter MiB/rank, max (min..max) |",
-        "|---|---|---|:-:|--:|--:|--:|--:|--:|--:|--:|"
+        f"MiB/rank, max (min..max) | left after step MiB/rank, max | parameter MiB/rank, max (min..max) |",
+        "|---|---|---|:-:|--:|--:|--:|--:|--:|--:|--:|--:|"
     ]
     for r in table:
         overlap = "-" if r["overlap_moe_a2a"] is None else ("on" if r["overlap_moe_a2a"] else "off")
         if not r["ran"]:
             lines.append(f"| {r['variant']} | {r['schedule']} | - | {overlap} | did not run (see its log.txt) "
-                         f"| | | | | | |")
+                         f"| | | | | | | |")
             continue
         bubble = r["bubble_per_rank"]
-        lines.append(
-            f"| {r['variant']} | {r['schedule']} | {r['engine']} | {overlap} | {r['final_loss']:.6f} | "
-            f"{r['final_val_loss']:.6f} | {r['max_rel_loss_diff']:.1e} | {r['tokens_per_s']:.0f} | " +
-            ("n/a" if not bubble else f"{100 * r['bubble']:.0f}% ({100 * min(bubble):.0f}..{100 * max(bubble):.0f}%)"
-             ) + f" | {_mib_range(r['activation_bytes_per_rank'])} | {_mib_range(r['parameter_bytes_per_rank'])} |")
+        lines.append(f"| {r['variant']} | {r['schedule']} | {r['engine']} | {overlap} | {r['final_loss']:.6f} | "
+                     f"{r['final_val_loss']:.6f} | {r['max_rel_loss_diff']:.1e} | {r['tokens_per_s']:.0f} | " +
+                     ("n/a" if not bubble else
+                      f"{100 * r['bubble']:.0f}% ({100 * min(bubble):.0f}..{100 * max(bubble):.0f}%)") +
+                     f" | {_mib_range(r['activation_bytes_per_rank'])} | {_mib_max(r.get('left_bytes_per_rank'))} | "
+                     f"{_mib_range(r['parameter_bytes_per_rank'])} |")
     lines += [
         "", "- **final loss**: training loss of the last step (the same batch for every variant); **max rel. loss "
         "diff**: the largest relative difference of any step's training loss from the first variant's.",
         "- **tokens/s**: global tokens per second, from the median step time (warm-up, timed and memory "
         "steps left out); **measured bubble**: the fraction of the timed step in which a rank did not compute "
         "(`bubble.measured_per_global_rank` in metrics.json).",
-        "- **peak activation**: the most bytes of activations a rank held at once during one step: tensors saved "
-        "by autograd for a backward to come plus those in the engine's pipe buffers, parameters and gradients "
-        "excluded (deepspeed_dualpipe/lm/memory.py); **parameter**: bytes of the rank's parameters (both mirror "
+        "- **peak activation**: measured at the allocator during one step (deepspeed_dualpipe/tools/memory.py): "
+        "the most bytes in use after any instruction beyond what the rank held when the step began "
+        "(parameters, optimizer state) and the gradients allocated since; **left after step**: bytes still in use "
+        "after the step, gradients excluded; **parameter**: bytes of the rank's parameters (both mirror "
         "copies under dualpipe; this rank's share of the experts).",
         "- Each variant's complete config is `<variant>/config.json` beside this file; it alone reproduces the "
         "run: `deepspeed --num_gpus N examples/train_moe_lm.py --deepspeed_config <variant>/config.json`.", ""

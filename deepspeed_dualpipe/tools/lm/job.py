@@ -9,7 +9,7 @@ import argparse
 import sys
 
 import deepspeed
-import torch
+from deepspeed.accelerator import get_accelerator
 
 from deepspeed_dualpipe.tools.lm.train import prepare_config, train, use_cores
 
@@ -24,7 +24,7 @@ def main() -> int:
     args = parser.parse_args()
 
     use_cores()  # the ranks of one machine share its cores
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if get_accelerator().device_name() == "cuda" else "gloo")
     config, lm = prepare_config(args.deepspeed_config, args.steps, args.name, args.out_dir)
     # train() builds the PipelineModule and calls deepspeed.initialize, after deepspeed_dualpipe.install():
     # the schedule comes from the config's "pipeline": {"schedule": ...}.

@@ -1,4 +1,5 @@
-"""Launch the demo job through DeepSpeed's own ``deepspeed`` launcher, on CPU when there is no GPU.
+"""Launch the demo job through DeepSpeed's own ``deepspeed`` launcher: on GPUs (CUDA, NCCL) when the machine has
+one per rank, else on CPU (``DS_ACCELERATOR=cpu``, gloo). A ``DS_ACCELERATOR`` already set is left alone.
 
 DeepSpeed's CPU accelerator leaks one ``/dev/shm`` buffer set per master port; every launch here
 uses a port of its own and removes that port's buffers once the job has exited.
@@ -31,6 +32,26 @@ def command(config: str, ranks: int, port: int, extra: Optional[List[str]] = Non
     ]
 
 
+def accelerator_env(env: dict, ranks: int, gpus: Optional[int] = None) -> dict:
+    """``env`` for the job: DeepSpeed finds CUDA by itself (and the example script then takes NCCL) when there is a
+    GPU per rank; otherwise ``DS_ACCELERATOR=cpu``, one thread per rank. ``gpus``: the count, if known."""
+    if "DS_ACCELERATOR" not in env:
+        if gpus is None:
+            import torch
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus >= ranks:
+            return env
+        if gpus:
+            print(
+                f"deepspeed_dualpipe: {gpus} GPU(s) for {ranks} ranks: running on CPU (launch fewer ranks, or set "
+                f"DS_ACCELERATOR)",
+                flush=True)
+        env["DS_ACCELERATOR"] = "cpu"
+    if env["DS_ACCELERATOR"] == "cpu":
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
 def launch(config: str,
            ranks: int = 4,
            extra: Optional[List[str]] = None,
@@ -44,9 +65,7 @@ def launch(config: str,
     to this process's, or is returned (``capture``), or written to the file ``log``."""
     port = port or free_port()
     config = str(Path(config).resolve())
-    env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env = accelerator_env(dict(os.environ), ranks)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     try:
         if log is not None:

@@ -10,8 +10,8 @@ scheduler, ``pipeline.schedule``) and an ``"lm"`` section that DeepSpeed ignores
 :class:`LMConfig`). Rank 0 prints progress and writes into ``<out_dir>/<name>/``:
 
 - ``metrics.json``: settings, per-step losses, validation losses, throughput, bubbles
-  (simulated and measured), memory per rank (parameters, peak activations: see
-  :mod:`~deepspeed_dualpipe.tools.lm.memory`), the generated sample;
+  (simulated and measured), memory per rank (parameters, and activations measured at the allocator:
+  see :mod:`~deepspeed_dualpipe.tools.memory`), the generated sample;
 - ``loss.png``: training and validation loss;
 - ``timeline.png`` and ``trace.json``: every rank's instructions during one measured step,
   as a picture and as a Chrome/Perfetto trace; ``timeline_simulated.png``: the simulator's
@@ -33,9 +33,9 @@ from typing import Dict, List, Optional
 import torch
 
 from deepspeed_dualpipe.tools.lm import data as D
-from deepspeed_dualpipe.tools.lm import memory as MEM
 from deepspeed_dualpipe.tools.lm import timeline as TL
 from deepspeed_dualpipe.runtime.trace import phase_records, start_recording, stop_recording
+from deepspeed_dualpipe.tools import memory as MEM
 from deepspeed_dualpipe.tools.lm.model import (PARTITION, LocalModel, ModelConfig, layer_specs, lm_loss, seed_layer)
 
 
@@ -52,7 +52,8 @@ class LMConfig:
     eval_interval: int = 50
     eval_batches: int = 2  # validation batches (each micro_batches x micro-batch size per DP rank)
     trace_step: int = 5  # the step whose timeline is recorded (0-based; -1: none)
-    memory_step: Optional[int] = None  # the step whose activations are counted (None: the one after trace_step)
+    memory_step: Optional[
+        int] = None  # the step whose memory is measured (None: two after trace_step; see _memory_step)
     seed: int = 1234
     block_size: int = 4096  # train/validation split: every val_every-th block of block_size bytes
     val_every: int = 10
@@ -167,6 +168,15 @@ def _simulated_bubble(schedule: str, stages: int, micro_batches: int, costs) -> 
     return statistics.fmean(result.bubble) / result.makespan if result.makespan else None
 
 
+def _simulated_activations(schedule: str, stages: int, micro_batches: int) -> Optional[List[int]]:
+    """The simulator's peak count of live (chunk, micro-batch) units per pipeline rank, or None."""
+    from deepspeed_dualpipe.analysis.simulate import simulate
+    try:
+        return simulate(schedule, stages, micro_batches).peak_activations
+    except Exception:  # noqa: BLE001 - shown beside the measurement only
+        return None
+
+
 def _layout(schedule: str, stages: int, micro_batches: int):
     from deepspeed_dualpipe.schedule import get_spec
     return get_spec(schedule).layout(stages, micro_batches)
@@ -250,7 +260,10 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
     params = _gather(_parameters(engine))
     param_bytes = _gather(MEM.parameter_bytes(engine.module))
     memory_step = _memory_step(lm)
-    activations = None  # on rank 0: every rank's (peak bytes, during which instruction, bytes left after the step)
+    priming_step = _priming_step(lm, memory_step)
+    meter = MEM.MemoryMeter(engine)
+    activations = None  # on rank 0: every rank's StepMemory.as_dict() (tools/memory.py) and pipeline rank
+    sim_units = _simulated_activations(schedule, P, M)  # live (chunk, micro-batch) units per pipeline rank
     from deepspeed_dualpipe.analysis.symbolic import Costs
     table_costs = Costs(F=1.0, B=2.0, W=1.0)  # the report's Table 2 ratios; pairs run back to back (F&B = F+B)
     bubble_estimate = _simulated_bubble(schedule, P, M, table_costs)
@@ -285,14 +298,21 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
             start_recording(engine)
             dist.barrier()
         t0 = time.perf_counter()
+        if step == priming_step:
+            meter.prime()
         if step == memory_step:
-            meter = MEM.ActivationMeter(engine)
             loss = float(meter.measure(lambda: engine.train_batch(data_iter=batches.train_iter(step))))
-            activations = _gather((meter.peak, meter.peak_at, meter.left))
+            activations = _gather({
+                **meter.result.as_dict(), "pipeline_rank": engine.stage_id,
+                "primed": priming_step is not None
+            })
             if activations:
+                units = "-" if sim_units is None else [sim_units[a["pipeline_rank"]] for a in activations]
                 _log(
-                    rank, f"[lm] step {step + 1:4d}/{lm.steps} | peak activation memory per rank "
-                    f"{_mib(a[0] for a in activations)}, parameters {_mib(param_bytes)} (MiB)")
+                    rank, f"[lm] step {step + 1:4d}/{lm.steps} | memory per rank at the allocator: peak "
+                    f"activations {_mib(a['peak'] for a in activations)}, left after the step "
+                    f"{_mib(a['left'] for a in activations)}, parameters {_mib(param_bytes)} (MiB); simulated "
+                    f"live (chunk, micro-batch) units {units}")
         else:
             loss = float(engine.train_batch(data_iter=batches.train_iter(step)))
         step_times.append(time.perf_counter() - t0)
@@ -343,10 +363,11 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
     sample = D.decode(local.generate(prompt, lm.sample_tokens, lm.seq_len, lm.sample_temperature, lm.seed))
     print(f"[lm] sample (temperature {lm.sample_temperature}, seed {lm.seed}):\n{lm.sample_prompt}{sample}\n",
           flush=True)
-    # Step time without the first steps (warm-up), the traced one and the one whose memory is counted.
+    # Step time without the first steps (warm-up), the traced one and those of the memory measurement.
     steady = [
-        t for i, t in enumerate(step_times) if i >= min(3,
-                                                        len(step_times) - 1) and i not in (lm.trace_step, memory_step)
+        t for i, t in enumerate(step_times)
+        if i >= min(3,
+                    len(step_times) - 1) and i not in (lm.trace_step, priming_step, memory_step)
     ] or step_times
     step_s = statistics.median(steady)
     metrics = {
@@ -385,14 +406,19 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
         "memory": {
             "parameter_bytes_per_rank":
             param_bytes,  # by global rank
-            "peak_activation_bytes_per_rank": [a[0] for a in activations] if activations else None,
-            "peak_activation_during": [a[1] for a in activations] if activations else None,
-            "activation_bytes_left_after_step": [a[2] for a in activations] if activations else None,
+            "peak_activation_bytes_per_rank": [a["peak"] for a in activations] if activations else None,
+            "peak_activation_after": [a["peak_at"] for a in activations] if activations else None,
+            "high_water_bytes_per_rank": [a["high_water"] for a in activations] if activations else None,
+            "bytes_left_after_step": [a["left"] for a in activations] if activations else None,
+            "simulated_live_units_per_rank":
+            [sim_units[a["pipeline_rank"]] for a in activations] if activations and sim_units else None,
             "activation_step":
             memory_step if activations else None,
+            "primed": (priming_step is not None) if activations else None,
             "counted":
-            "see deepspeed_dualpipe/lm/memory.py: distinct storages saved by autograd for a backward "
-            "to come or held in the engine's pipe buffers, parameters and gradients excluded",
+            "at the allocator (deepspeed_dualpipe/tools/memory.py): bytes in use after each instruction of "
+            "the step beyond what the rank held when it began (parameters, optimizer state) and the "
+            "gradients allocated since; left: bytes still in use after the step, gradients excluded",
         },
         "sample": {
             "prompt": lm.sample_prompt,
@@ -429,11 +455,20 @@ def _block_kinds(cfg: ModelConfig) -> str:
 
 
 def _memory_step(lm: LMConfig) -> Optional[int]:
-    """The step whose activations are counted: ``lm.memory_step``, by default the one after the traced step."""
+    """The step whose memory is measured: ``lm.memory_step``, by default two after the traced step (the one
+    between primes the meter on CPU, see tools/memory.py, and must not be the traced one)."""
     step = lm.memory_step
     if step is None:
-        step = min(max(lm.trace_step, 0) + 1, lm.steps - 1)
+        step = min(max(lm.trace_step, 0) + 2, lm.steps - 1)
     return step if 0 <= step < lm.steps else None
+
+
+def _priming_step(lm: LMConfig, memory_step: Optional[int]) -> Optional[int]:
+    """The step before the measured one, which primes the meter, unless it is the traced one (profiling
+    would slow its timeline down) or there is none."""
+    if memory_step is None or memory_step == 0 or memory_step - 1 == lm.trace_step:
+        return None
+    return memory_step - 1
 
 
 def _mib(values) -> str:
