@@ -16,6 +16,7 @@ bounded by ``dualpipe.p2p_timeout_s`` and every failure is a :class:`~.errors.Pi
 awaited and the micro-batch.
 """
 
+import threading
 import time
 from datetime import timedelta
 
@@ -102,19 +103,21 @@ class PointToPoint:
                 ops += [dist.P2POp(op, _wire(t.contiguous() if send else t), self._peer(ins.peer)) for t in data]
             requests = self._post(ops, posting.ops[0][0].peer)
             per_op = len(requests) == len(ops)  # gloo: one request per op; NCCL: one for the whole group
+            shape_requests = []
             for ins, kind, begin, end in spans:
                 mine = requests[begin:end] if per_op else requests
                 if isinstance(ins, _SENDS):  # its request and tensors live until it has completed
                     self._send_reqs.add(mine, ins.peer, [op.tensor for op in ops[begin:end]], _sent(ins, kind))
                 elif kind == SHAPES:
-                    pass
+                    shape_requests += mine
                 elif isinstance(ins, instructions.RecvActivation):
                     self.slots[ins.buffer_id].activation_recv = mine
                 else:
                     self.slots[ins.buffer_id].grad_recv = mine
             if posting.wait:  # the shapes of a first message: needed now, to allocate its receive
                 first = shapes[0][0]
-                self._wait_requests(requests, "the shapes of the activations", first.chunk, first.micro_batch,
+                # only the receives: the sends' requests belong to PendingSends (on gloo, to its thread)
+                self._wait_requests(shape_requests, "the shapes of the activations", first.chunk, first.micro_batch,
                                     first.peer)
                 for ins, meta in shapes:
                     self._shapes[ins.chunk] = _decode_meta(meta, self.ID_TO_DTYPE)
@@ -194,18 +197,19 @@ class _Once:
     """A posted request that remembers it completed: a group's requests are waited for the shapes, for a
     computation's input and at the end of the batch, and gloo's ``wait`` on a completed request would block."""
 
-    __slots__ = ("request", "done")
+    __slots__ = ("request", "done", "_lock")
 
     def __init__(self, request):
-        self.request, self.done = request, False
+        self.request, self.done, self._lock = request, False, threading.Lock()
 
     def is_completed(self) -> bool:
         return self.done or self.request.is_completed()
 
     def wait(self, timeout=None):
-        if not self.done:
-            completed = self.request.wait() if timeout is None else self.request.wait(timeout)
-            self.done = completed is not False
+        with self._lock:  # two threads must not both wait on one gloo request
+            if not self.done:
+                completed = self.request.wait() if timeout is None else self.request.wait(timeout)
+                self.done = completed is not False
         return self.done
 
 
