@@ -69,8 +69,9 @@ def prepare_load(engine, load_dir, tag=None, load_optimizer_states=True, load_mo
                 f"that rank held, and is not converted to another placement. Pass load_optimizer_states=False to "
                 f"load the module weights (every layer, from its layer_XX file), the step counters and the "
                 f"learning-rate scheduler only: nothing is lost for an optimizer without per-parameter state "
-                f"(SGD without momentum); Adam's moments or SGD's momentum restart from zero. Or resume with the "
-                f"schedule placement and pipeline depth it was saved with.")
+                f"(SGD without momentum); Adam's moments or SGD's momentum restart from zero (Megatron-DeepSpeed: "
+                f"--finetune, which also restarts the iteration count). Or resume with the schedule placement and "
+                f"pipeline depth it was saved with.")
     return tag
 
 
