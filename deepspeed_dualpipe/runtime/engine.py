@@ -58,7 +58,7 @@ from deepspeed_dualpipe.runtime.p2p import PointToPoint, as_tuple as _as_tuple
 from deepspeed_dualpipe.runtime.sends import PendingSends
 from deepspeed_dualpipe.runtime.slots import Handoffs, Slot
 from deepspeed_dualpipe.schedule import build_schedule, get_spec
-from deepspeed_dualpipe.runtime.autograd.saved import releasable
+from deepspeed_dualpipe.runtime.autograd import saved
 from deepspeed_dualpipe.schedule.commit import Handshakes
 from deepspeed_dualpipe.runtime.autograd.split_backward import SplitBackward, module_supports_split
 
@@ -104,6 +104,7 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
                 f"once over all its holders) or at most 2 data-parallel replicas")
         phased = [c for c in range(len(self.module.chunk_funcs)) if self.module.chunk_is_phased(c)]
         self._recompute = check_recompute_islands(self.dualpipe.recompute_islands, self.module)
+        self._release = saved.Policy()  # which chunks and islands record their saves as releasable (autograd/saved.py)
         if phased and self.module.activation_checkpoint_interval > 0:
             logger.warning(f"deepspeed_dualpipe: chunks {phased} hold phased (MoE) layers and run phase by phase; "
                            f"activation_checkpoint_interval={self.module.activation_checkpoint_interval} applies to "
@@ -328,12 +329,13 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         """
         slot, inputs = self.slots[buffer_id], self._inputs(buffer_id, chunk, micro_batch)
         if self.module.chunk_is_phased(chunk):
-            tape = steps.Tape(recompute=self._recompute)
+            tape = steps.Tape(recompute=self._recompute, release=self._release)
             outputs = yield from steps.forward_steps(self.module.chunk_funcs[chunk], inputs, tape)
             slot.tape = tape if torch.is_grad_enabled() else None
         else:
-            with self.module.chunk(chunk), releasable():  # the input part may release what only it reads
-                outputs = self.module(inputs)
+            with self.module.chunk(chunk), self._release.recording(chunk):  # the input part may release what
+                outputs = self.module(inputs)  # only it reads
+            self._release.learn(chunk, outputs)
         downstream = self._downstream(chunk, micro_batch)
         if downstream is None:
             self._loss_stage(buffer_id, outputs)

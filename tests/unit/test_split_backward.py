@@ -9,6 +9,7 @@ from torch.autograd.graph import get_gradient_edge
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from deepspeed_dualpipe.runtime.autograd import split_backward as sb
+from deepspeed_dualpipe.runtime.autograd import saved
 from deepspeed_dualpipe.runtime.autograd.saved import releasable
 from deepspeed_dualpipe.runtime.autograd.split_backward import SplitBackward, full_backward, module_supports_split
 
@@ -350,3 +351,54 @@ def test_a_function_marked_split_safe_is_split_like_builtin_ops():
     out = torch.tanh(Safe.apply(inp, w) + inp @ w)  # w also reaches the output through a built-in matmul
     handle = sb.SplitBackward.input_part(out, torch.ones_like(out), [inp], [w])
     assert handle.split and handle.reason is None
+
+
+class _HandLinear(torch.autograd.Function):
+    """``x @ weight.t()`` whose weight gradient is accumulated into ``weight.grad`` by hand, as Megatron's linear."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight = ctx.saved_tensors
+        g = grad_output.t() @ x
+        weight.grad = g if weight.grad is None else weight.grad + g
+        return grad_output @ weight, None
+
+
+def _hand_step(policy, weight):
+    x = torch.randn(B, D, requires_grad=True)
+    with policy.recording("block"):
+        y = _HandLinear.apply(x * 1.0, weight)
+    policy.learn("block", y)
+    weight.grad = None
+    SplitBackward.input_part(y, torch.ones_like(y), x, [weight]).weight_part()
+    return weight.grad, torch.ones(B, D).t() @ x.detach()
+
+
+def test_a_custom_function_that_sets_its_weights_grad_is_never_recorded_so_the_gradient_reaches_the_parameter():
+    """Under saved-tensor hooks autograd hands a custom Function an alias of each saved parameter, whose ``.grad``
+    nobody reads: a Policy records such a forward never (and a plain one from its second forward on)."""
+    policy, weight = saved.Policy(), nn.Parameter(torch.randn(D, D))
+    for _ in range(2):
+        got, want = _hand_step(policy, weight)
+        torch.testing.assert_close(got, want)
+    always = saved.Policy()
+    always.learn = lambda key, outputs: always._allowed.setdefault(key, True)  # planted: records everything
+    _hand_step(always, weight)
+    assert _hand_step(always, weight)[0] is None  # the gradient went to an alias
+
+
+def test_a_policy_records_a_forward_of_built_in_ops_from_its_second_run():
+    policy = saved.Policy()
+    lin = nn.Linear(D, D)
+    x = torch.randn(B, D, requires_grad=True)
+    for recorded in (False, True):
+        context = policy.recording("lin")
+        assert isinstance(context, torch.autograd.graph.saved_tensors_hooks) == recorded
+        with context:
+            y = torch.sigmoid(lin(x))
+        policy.learn("lin", y)

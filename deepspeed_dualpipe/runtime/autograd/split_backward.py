@@ -140,25 +140,6 @@ def _depends_on(root, targets: set) -> bool:
     return False
 
 
-def _unsplittable_function(roots, stop: set) -> Optional[str]:
-    """The name of a custom autograd Function in the graph of ``roots`` (up to the ``stop`` nodes) whose
-    backward a split would run twice, or None. A Function class that sets ``dualpipe_split_safe = True``
-    (pure, cheap, no side effects) may be run twice."""
-    seen = set(stop)
-    todo = deque(roots)
-    while todo:
-        node = todo.popleft()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if isinstance(node, torch.autograd.function.BackwardCFunction):
-            forward_cls = getattr(node, "_forward_cls", None)
-            if not getattr(forward_cls, "dualpipe_split_safe", False):
-                return getattr(forward_cls, "__name__", type(node).__name__)
-        todo.extend(nxt for nxt, _ in node.next_functions)
-    return None
-
-
 def _reverse_graph(roots: list) -> Dict[Any, list]:
     """node -> the nodes that feed gradients into it, for every node reachable from ``roots``."""
     parents: Dict[Any, list] = defaultdict(list)
@@ -323,7 +304,7 @@ class SplitBackward:
             if not all(_depends_on(_edge(o).node, in_nodes) for o in outs):
                 reason = "an output does not depend on any input that requires grad"
             else:
-                custom = _unsplittable_function([_edge(o).node for o in outs], in_nodes)
+                custom = saved.custom_function([_edge(o).node for o in outs], in_nodes)
                 if custom is not None:
                     reason = (f"custom autograd Function {custom} (a split would run its backward twice); "
                               f"its backward runs once, here")

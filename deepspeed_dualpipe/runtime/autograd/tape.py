@@ -198,11 +198,11 @@ class RecomputedIsland:
     its forward computed. ``outputs`` are ``(key, position)``: each gradient-carrying output's place in
     the island's flattened outputs."""
 
-    __slots__ = ("name", "fn", "inputs", "input_keys", "leaves", "outputs", "params", "rng")
+    __slots__ = ("name", "fn", "inputs", "input_keys", "leaves", "outputs", "params", "rng", "release")
 
-    def __init__(self, name, fn, inputs, input_keys, leaves, outputs, params, rng):
+    def __init__(self, name, fn, inputs, input_keys, leaves, outputs, params, rng, release=None):
         self.name, self.fn, self.inputs, self.input_keys, self.leaves = name, fn, inputs, input_keys, leaves
-        self.outputs, self.params, self.rng = outputs, params, rng
+        self.outputs, self.params, self.rng, self.release = outputs, params, rng, release
 
     def rerun(self):
         """The island's forward again, on the same inputs and random numbers, recorded for its backward."""
@@ -211,8 +211,13 @@ class RecomputedIsland:
             torch.set_rng_state(cpu)
             for device, state in cuda.items():
                 torch.cuda.set_rng_state(state, device)
-            with torch.enable_grad(), saved.releasable():
-                return self.fn(*self.inputs)
+            if self.release is None:
+                with torch.enable_grad(), saved.releasable():
+                    return self.fn(*self.inputs)
+            with torch.enable_grad(), self.release.recording(self.name):
+                outputs = self.fn(*self.inputs)
+            self.release.learn(self.name, outputs)
+            return outputs
 
 
 def _rng_state(tensors) -> tuple:
@@ -244,8 +249,9 @@ class Tape:
     graphs saved, as in one autograd graph.
     """
 
-    def __init__(self, recompute: Iterable[str] = ()):
+    def __init__(self, recompute: Iterable[str] = (), release: Optional[saved.Policy] = None):
         self.recompute = frozenset(recompute)  # names of the compute islands to recompute in the backward
+        self.release = release  # which islands record their saves as releasable (None: all)
         self.islands: List[Any] = []
         self.inputs: Optional[tuple] = None  # (key or None, float and requires grad) per chunk input
         self._known = {}  # id -> (weak reference, key): values an island may take that carry a gradient
@@ -260,6 +266,9 @@ class Tape:
         # and make the edge only if the leaf is still alive when the backward starts.
         self._targets.append((key, ref if t.grad_fn is None else get_gradient_edge(t)))
         return key
+
+    def _recording(self, name: str):
+        return saved.releasable() if self.release is None else self.release.recording(name)
 
     def _key(self, t: torch.Tensor) -> Optional[int]:
         entry = self._known.get(id(t))
@@ -331,8 +340,10 @@ class Tape:
         params = None if params is None else list(params)
         if name in self.recompute:
             return self._checkpointed(fn, cut, name, keys, leaves, params)
-        with saved.releasable():
+        with self._recording(name):
             outputs = fn(*cut)
+        if self.release is not None:
+            self.release.learn(name, outputs)
         del cut
         returned = []
 
@@ -365,7 +376,8 @@ class Tape:
             return a
 
         outputs = _map_tensors(outputs, alias)
-        self.islands.append(RecomputedIsland(name, fn, cut, keys, [leaf() for leaf in leaves], returned, params, rng))
+        self.islands.append(
+            RecomputedIsland(name, fn, cut, keys, [leaf() for leaf in leaves], returned, params, rng, self.release))
         return outputs
 
     def all_to_all(self, x: torch.Tensor, group, name: str = "all_to_all") -> Pending:
