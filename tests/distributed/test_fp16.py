@@ -129,17 +129,19 @@ def _enable_fp16_on_cpu():
 
 
 def _inject_inf(engine):
-    """On this rank only, at step INJECT_AT: an inf in one gradient, just before the data-parallel
-    reduction (after the mirror and tied reductions), as if one of its layers had overflowed there."""
-    allreduce = engine.allreduce_gradients
+    """On this rank only, at step INJECT_AT: an inf in one gradient just before the first reduction of the dense
+    gradients across ranks (under dualpipe the mirror holders' reduction, which includes the data-parallel
+    replicas), as if one of its layers had overflowed there."""
+    reduce, injected = engine._reduce_buckets, []
 
-    def allreduce_with_inf(*args, **kwargs):
-        if engine.global_steps == INJECT_AT:
-            grad = next(p.grad for p in engine.module.parameters() if p.grad is not None)
+    def reduce_with_inf(params, *args, **kwargs):
+        if engine.global_steps == INJECT_AT and not injected:
+            grad = next(p.grad for p in params if p.grad is not None)
             grad.view(-1)[0] = float("inf")
-        return allreduce(*args, **kwargs)
+            injected.append(True)
+        return reduce(params, *args, **kwargs)
 
-    engine.allreduce_gradients = allreduce_with_inf
+    engine._reduce_buckets = reduce_with_inf
 
 
 def _train(run, dp):
