@@ -130,18 +130,27 @@ def _enable_fp16_on_cpu():
 
 def _inject_inf(engine):
     """On this rank only, at step INJECT_AT: an inf in one gradient just before the first reduction of the dense
-    gradients across ranks (under dualpipe the mirror holders' reduction, which includes the data-parallel
-    replicas), as if one of its layers had overflowed there."""
-    reduce, injected = engine._reduce_buckets, []
+    gradients across ranks, as if one of its layers had overflowed there. That is DeepSpeed's data-parallel
+    reduction, or, where it comes first and includes the data-parallel replicas, the plugin's reduction over
+    every holder of a mirrored stage (dualpipe)."""
+    injected = []
 
-    def reduce_with_inf(params, *args, **kwargs):
+    def poison(grads):
         if engine.global_steps == INJECT_AT and not injected:
-            grad = next(p.grad for p in params if p.grad is not None)
-            grad.view(-1)[0] = float("inf")
             injected.append(True)
-        return reduce(params, *args, **kwargs)
+            next(g for g in grads if g is not None).view(-1)[0] = float("inf")
 
-    engine._reduce_buckets = reduce_with_inf
+    reduce_holders, allreduce = engine._reduce_buckets, engine.allreduce_gradients
+
+    def reduce_holders_with_inf(params, *args, **kwargs):
+        poison([engine._gradient(p, create=True) for p in params])
+        return reduce_holders(params, *args, **kwargs)
+
+    def allreduce_with_inf(*args, **kwargs):
+        poison([p.grad for p in engine.module.parameters()])
+        return allreduce(*args, **kwargs)
+
+    engine._reduce_buckets, engine.allreduce_gradients = reduce_holders_with_inf, allreduce_with_inf
 
 
 def _train(run, dp):
