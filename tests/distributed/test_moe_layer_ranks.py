@@ -16,7 +16,7 @@ def _moe_equivalence_rank(configs):
 
 
 @pytest.mark.slow
-def test_dualpipe_moe_is_bit_equal_to_deepspeed_moe_on_two_expert_parallel_ranks():
+def test_dualpipe_moe_equals_deepspeed_moe_on_two_expert_parallel_ranks_bit_for_bit_when_it_drops_tokens():
     results = harness.run_distributed(_moe_equivalence_rank, 2, MOE_CONFIGS)
     assert results == [[], []]
 

@@ -91,8 +91,12 @@ def moe_equivalence(configs, ep_size, rank):
     bad = []
     for cfg in configs:
         ref, ours = moe_pair(**cfg, ep_size=ep_size, rank=rank)
+        # drop_tokens=False: DualPipeMoE dispatches one row per token (no host sync for the capacity), so the
+        # experts' bias gradients sum over more (zero) rows than DeepSpeed's and may round differently
+        exact = cfg.get("drop_tokens", True)
         bad += [
-            f"{cfg}: {m}" for m in mismatches(plain_forward_backward(ours, x, w), plain_forward_backward(ref, x, w))
+            f"{cfg}: {m}"
+            for m in mismatches(plain_forward_backward(ours, x, w), plain_forward_backward(ref, x, w), exact=exact)
         ]
     return bad
 
