@@ -82,7 +82,9 @@ def test_the_profile_holds_every_ranks_computations_in_the_documented_format(pro
 def test_a_profile_of_overlapped_pairs_counts_the_time_they_hid(profiles):
     ranks = advise.load_profile(profiles["dualpipev"])["ranks"]
     assert any(k.startswith("F") and k.count(":") == 2 for r in ranks for k in r["compute_s"])  # pairs
-    assert all(r["hidden_s"] > 0 for r in ranks)
+    # hidden time is read from when each all-to-all really completed (runtime/overlap.py): on gloo a small one may
+    # finish before the other micro-batch starts computing on some rank, but not on all of them
+    assert all(r["hidden_s"] >= 0 for r in ranks) and any(r["hidden_s"] > 0 for r in ranks), ranks
 
 
 @pytest.mark.slow
