@@ -112,7 +112,7 @@ def test_the_wheel_installed_in_a_fresh_environment_runs_the_cli_and_trains_on_t
             "deepspeed_dualpipe" / "__init__.py"), VERSION
     ]
     cli = env / "deepspeed-dualpipe"
-    assert "{schedule,simulate,verify,plot,demo,ablate,advise,bench,overlap}" in _run([cli, "--help"], outside)
+    assert "{schedule,simulate,verify,plot,demo,ablate,advise,measure,bench,overlap}" in _run([cli, "--help"], outside)
     assert "rank  1 |" in _run([cli, "schedule", "--schedule", "zbv", "-P", "2", "-M", "4"], outside)
     table = _run([cli, "simulate", "-P", "4", "-M", "8"], outside)
     assert "interleaved-1f1b" in table and "(PP/2-1)(F&B+B-3W)" in table
