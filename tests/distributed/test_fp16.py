@@ -140,17 +140,21 @@ def _inject_inf(engine):
             injected.append(True)
             next(g for g in grads if g is not None).view(-1)[0] = float("inf")
 
-    reduce_holders, allreduce = engine._reduce_buckets, engine.allreduce_gradients
-
-    def reduce_holders_with_inf(params, *args, **kwargs):
-        poison([engine._gradient(p, create=True) for p in params])
-        return reduce_holders(params, *args, **kwargs)
+    allreduce = engine.allreduce_gradients
 
     def allreduce_with_inf(*args, **kwargs):
         poison([p.grad for p in engine.module.parameters()])
         return allreduce(*args, **kwargs)
 
-    engine._reduce_buckets, engine.allreduce_gradients = reduce_holders_with_inf, allreduce_with_inf
+    engine.allreduce_gradients = allreduce_with_inf
+    reduce_holders = getattr(engine, "_reduce_buckets", None)  # the plugin's engine only
+    if reduce_holders is not None:
+
+        def reduce_holders_with_inf(params, *args, **kwargs):
+            poison([engine._gradient(p, create=True) for p in params])
+            return reduce_holders(params, *args, **kwargs)
+
+        engine._reduce_buckets = reduce_holders_with_inf
 
 
 def _train(run, dp):
