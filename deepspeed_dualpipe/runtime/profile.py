@@ -32,7 +32,8 @@ def parameter_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in module.parameters()}.values())
 
 
-def _gradient_bytes(module: torch.nn.Module) -> int:
+def gradient_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct gradient storages of ``module``'s parameters."""
     storages = {}
     for p in module.parameters():
         if p.grad is not None:
@@ -55,7 +56,7 @@ class AllocatorPeak:
         self.after: List[int] = []
 
     def measure(self, step: Callable[[], object]):
-        grads = _gradient_bytes(self.module)
+        grads = gradient_bytes(self.module)
         new_grads = []  # gradient bytes allocated since the start, at the end of each instruction
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -65,7 +66,7 @@ class AllocatorPeak:
 
             def after(kind, kwargs):
                 used.append(torch.cuda.memory_allocated(self.device) - base)
-                new_grads.append(_gradient_bytes(self.module) - grads)
+                new_grads.append(gradient_bytes(self.module) - grads)
 
             result = self._instructions(step, None, after)
             torch.cuda.synchronize(self.device)
@@ -80,7 +81,7 @@ class AllocatorPeak:
 
             def after(kind, kwargs):
                 marks.pop().__exit__(None, None, None)
-                new_grads.append(_gradient_bytes(self.module) - grads)
+                new_grads.append(gradient_bytes(self.module) - grads)
 
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 result = self._instructions(step, before, after)
@@ -103,7 +104,7 @@ class AllocatorPeak:
             return step()
         if len(used) == len(new_grads):
             self.after = [max(0, u - g) for u, g in zip(used, new_grads)]
-        self.peak = max(0, high - max(0, _gradient_bytes(self.module) - grads))
+        self.peak = max(0, high - max(0, gradient_bytes(self.module) - grads))
         return result
 
     def _instructions(self, step, before, after):
@@ -254,4 +255,4 @@ def record_step(engine, run: Callable[[], object], memory: bool = False):
     return result, step
 
 
-__all__ = ["AllocatorPeak", "RankStep", "record_step", "summarize", "parameter_bytes"]
+__all__ = ["AllocatorPeak", "RankStep", "record_step", "summarize", "parameter_bytes", "gradient_bytes"]

@@ -52,6 +52,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from deepspeed_dualpipe.runtime.profile import gradient_bytes, parameter_bytes
 from deepspeed_dualpipe.runtime.trace import around_each_instruction
 
 _MARK = "deepspeed_dualpipe.instruction"
@@ -86,21 +87,6 @@ def malloc_bytes() -> Optional[int]:
 def default_cpu_source() -> str:
     """How the meter reads the CPU allocator here: ``"malloc"`` where glibc says, else ``"profiler"``."""
     return "malloc" if _mallinfo2() is not None else "profiler"
-
-
-def parameter_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the distinct parameters of ``module``."""
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in module.parameters()}.values())
-
-
-def gradient_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the distinct gradient storages of ``module``'s parameters."""
-    storages = {}
-    for p in module.parameters():
-        if p.grad is not None:
-            storage = p.grad.untyped_storage()
-            storages[(p.grad.device, storage.data_ptr())] = storage.nbytes()
-    return sum(storages.values())
 
 
 @dataclass
