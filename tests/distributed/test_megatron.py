@@ -14,6 +14,7 @@ import functools
 import pytest
 
 from tests.helpers import megatron
+from tests.helpers.a2a_probe import a2a_probe
 
 PLUGIN = ("zb1p", "dualpipe", "dualpipev")
 RTOL = 2e-6  # Megatron prints 7 significant digits
@@ -25,10 +26,17 @@ def job(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
 
     @functools.lru_cache(maxsize=None)
-    def run(schedule, checkpoint_activations=False, iters=20, extra_args=(), pipeline=None):
-        name = f"{schedule}{'-ckpt' if checkpoint_activations else ''}-{abs(hash((iters, extra_args, pipeline)))}"
-        result = megatron.run(tree, data, runs / name, schedule, iters, dict(pipeline or ()), extra_args,
-                              checkpoint_activations)
+    def run(schedule, checkpoint_activations=False, iters=20, extra_args=(), pipeline=None, env=()):
+        name = f"{schedule}{'-ckpt' if checkpoint_activations else ''}-{abs(hash((iters, extra_args, pipeline, env)))}"
+        result = megatron.run(tree,
+                              data,
+                              runs / name,
+                              schedule,
+                              iters,
+                              dict(pipeline or ()),
+                              extra_args,
+                              checkpoint_activations,
+                              env=dict(env))
         return result
 
     run.dir = runs
@@ -102,6 +110,21 @@ def test_a_checkpoint_saved_under_dualpipe_loads_its_weights_under_dualpipev(job
         assert result["returncode"] == 0 and len(result["iterations"]) == 3, megatron.tail(result)
     _same(runs["dualpipev"]["iterations"], runs["dualpipe"]["iterations"])
     assert runs["dualpipe"]["iterations"][0]["lm loss"] < _trained(job("1f1b"))[0]["lm loss"] - 0.5  # trained weights
+
+
+@pytest.mark.slow
+def test_megatrons_moe_all_to_alls_are_in_flight_while_the_other_micro_batch_of_a_pair_computes(job):
+    # Megatron's MoE layers run as phases (integration/megatron_moe.py). When each all-to-all really completed is
+    # read from its work handle (tests/helpers/a2a_probe); a planted wait at every launch must show none in flight.
+    seen = {}
+    for plant in ("", "sync"):
+        out = job.dir / f"a2a-{plant or 'overlap'}"
+        result = job("dualpipe", iters=2, env=(("A2A_PROBE_OUT", str(out)), ("A2A_PROBE_PLANT", plant)))
+        assert result["returncode"] == 0, megatron.tail(result)
+        ranks = [a2a_probe.figures(path) for path in sorted(out.glob("rank*.json"))]
+        assert len(ranks) == megatron.WORLD and all(r["in_pairs"] > 0 for r in ranks), ranks
+        seen[plant] = sum(r["in_flight_when_other_compute_started"] for r in ranks)
+    assert seen[""] > 0 and seen["sync"] == 0, seen
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ PATCHES = [
 ]
 NAME = "Megatron-DeepSpeed-4efb479d"
 PROBE = Path(__file__).resolve().parent / "megatron_probe"
+A2A_PROBE = Path(__file__).resolve().parent / "a2a_probe"  # its module; PROBE's sitecustomize installs it
 WORLD = 4  # pipeline 2 x data 2
 MICRO, GAS = 2, 8  # 8 micro-batches per step: DualPipe needs M >= 2P and even
 
@@ -91,8 +92,9 @@ def _env() -> dict:
                 OMP_NUM_THREADS="1",
                 PYTHONHASHSEED="0",
                 PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-                PYTHONPATH=os.pathsep.join(filter(
-                    None, [str(PROBE), str(ROOT), os.environ.get("PYTHONPATH")])))
+                PYTHONPATH=os.pathsep.join(
+                    filter(None, [str(PROBE), str(A2A_PROBE),
+                                  str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
 def run(tree: Path,
@@ -103,8 +105,9 @@ def run(tree: Path,
         pipeline: dict = None,
         extra_args=(),
         checkpoint_activations: bool = False,
-        timeout: float = 600) -> dict:
-    """Run ``pretrain_gpt.py`` under ``schedule``; returns {"iterations": [{"loss", "lm loss", "moe loss"}, ...],
+        timeout: float = 600,
+        env: dict = None) -> dict:
+    """Run ``pretrain_gpt.py`` under ``schedule`` (``env``: more variables for its ranks); returns {"iterations": [{"loss", "lm loss", "moe loss"}, ...],
     "calls": per-rank counts of Megatron's linear forward/backward, "log": the output, "returncode"}."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = {
@@ -133,7 +136,7 @@ def run(tree: Path,
     try:
         done = subprocess.run(command,
                               cwd=tree,
-                              env=dict(_env(), DUALPIPE_PROBE_DIR=str(probe)),
+                              env=dict(_env(), DUALPIPE_PROBE_DIR=str(probe), **(env or {})),
                               capture_output=True,
                               text=True,
                               timeout=timeout)

@@ -1,5 +1,6 @@
 """A probe for the Megatron-DeepSpeed tests (on PYTHONPATH of the job's ranks): counts the forward and backward
-calls of Megatron's linear autograd Function, and writes them per rank to $DUALPIPE_PROBE_DIR at exit."""
+calls of Megatron's linear autograd Function, and writes them per rank to $DUALPIPE_PROBE_DIR at exit. With
+$A2A_PROBE_OUT set, it also installs tests/helpers/a2a_probe (only one sitecustomize runs)."""
 
 import atexit
 import importlib.abc
@@ -55,3 +56,7 @@ def _write():
 
 sys.meta_path.insert(0, _Finder())
 atexit.register(_write)
+
+if os.environ.get("A2A_PROBE_OUT") and "LOCAL_RANK" in os.environ:
+    import a2a_probe
+    a2a_probe.install(os.environ["A2A_PROBE_OUT"], sync=os.environ.get("A2A_PROBE_PLANT") == "sync")
