@@ -43,28 +43,24 @@ def pairs(phases: Iterable[Phase]) -> List[List[Phase]]:
     return groups
 
 
-def hidden_all_to_alls(phases: Iterable[Phase]) -> List[Phase]:
-    """The all-to-alls that completed while the other micro-batch of their pair computed."""
-    hidden = []
+def _beside_other_computes(phases: Iterable[Phase]):
+    """Each all-to-all that completed, with the compute phases ``(start, end)`` of the other micro-batch of its pair."""
     for pair in pairs(phases):
         computes = [(_owner(label), start, end) for label, start, end in pair if _is_compute(label)]
         for label, start, end in pair:
-            if _is_compute(label) or end is None:
-                continue
-            owner = _owner(label)
-            if any(other != owner and s < end <= e for other, s, e in computes):
-                hidden.append((label, start, end))
-    return hidden
+            if not _is_compute(label) and end is not None:
+                owner = _owner(label)
+                yield (label, start, end), [(s, e) for other, s, e in computes if other != owner]
+
+
+def hidden_all_to_alls(phases: Iterable[Phase]) -> List[Phase]:
+    """The all-to-alls that completed while the other micro-batch of their pair computed."""
+    return [a2a for a2a, others in _beside_other_computes(phases) if any(s < a2a[2] <= e for s, e in others)]
 
 
 def hidden_seconds(phases: Iterable[Phase]) -> float:
     """All-to-all time (launch to completion) during which the other micro-batch of the pair computed."""
-    total = 0.0
-    for pair in pairs(phases):
-        computes = [(_owner(label), start, end) for label, start, end in pair if _is_compute(label)]
-        for label, start, end in pair:
-            if _is_compute(label) or end is None:
-                continue
-            owner = _owner(label)
-            total += sum(max(0.0, min(end, e) - max(start, s)) for other, s, e in computes if other != owner)
-    return total
+    return sum(
+        max(0.0,
+            min(end, e) - max(start, s)) for (_, start, end), others in _beside_other_computes(phases)
+        for s, e in others)

@@ -32,6 +32,8 @@ class Interleaved1F1BSchedule(ProgramSchedule):
     name = "interleaved-1f1b"
     lockstep_p2p = True
     layout_kind = LayoutKind.INTERLEAVED
+    # True: the steady state runs each forward and backward as one overlapped pair (interleaved-1f1b-overlap)
+    paired = False
 
     @classmethod
     def validate(cls, stages: int, micro_batches: int) -> None:
@@ -49,7 +51,8 @@ class Interleaved1F1BSchedule(ProgramSchedule):
         per_round = M // rounds(P, M)
         # Rank r starts its first backward after the forwards of every chunk of one round but the last,
         # plus two per rank downstream of it (the last chunk's forward and backward still travelling).
-        warmup = min((CHUNKS - 1) * per_round + 2 * (P - 1 - r), CHUNKS * M)
+        # Paired: one more, so that the two halves of a pair are independent micro-batches.
+        warmup = min((CHUNKS - 1) * per_round + 2 * (P - 1 - r) + int(self.paired), CHUNKS * M)
         total = CHUNKS * M
 
         def forward_chunk(i):  # forwards walk the chunks up, a round at a time
@@ -60,8 +63,11 @@ class Interleaved1F1BSchedule(ProgramSchedule):
 
         for i in range(warmup):  # warm-up: forwards only
             b.forward(forward_chunk(i))
-        for i in range(warmup, total):  # steady state: one forward, one backward
-            b.forward(forward_chunk(i))
-            b.backward(backward_chunk(i))
+        for i in range(warmup, total):  # steady state: one forward, one backward (or the two as one pair)
+            if self.paired:
+                b.forward_backward(forward_chunk(i), backward_chunk(i))
+            else:
+                b.forward(forward_chunk(i))
+                b.backward(backward_chunk(i))
         for i in range(total, total + warmup):  # cool-down: the remaining backwards
             b.backward(backward_chunk(i))

@@ -19,8 +19,7 @@ Unidirectional, no zero-bubble weight split, one copy of the parameters: beside 
 the gain of pairing from the gain of feeding micro-batches from both ends.
 """
 
-from deepspeed_dualpipe.schedule.builder import ProgramBuilder
-from deepspeed_dualpipe.schedule.interleaved import CHUNKS, Interleaved1F1BSchedule, rounds
+from deepspeed_dualpipe.schedule.interleaved import Interleaved1F1BSchedule
 
 
 class OverlappedInterleaved1F1BSchedule(Interleaved1F1BSchedule):
@@ -28,23 +27,4 @@ class OverlappedInterleaved1F1BSchedule(Interleaved1F1BSchedule):
     interleaved 1F1B: any P >= 1, M a multiple of max(1, M // P))."""
 
     name = "interleaved-1f1b-overlap"
-
-    def program(self, b: ProgramBuilder) -> None:
-        P, r, M = self.stages, self.stage_id, self.micro_batches
-        per_round = M // rounds(P, M)
-        total = CHUNKS * M
-        # interleaved 1F1B's warm-up, plus one: the pair's two halves are then independent micro-batches
-        warmup = min((CHUNKS - 1) * per_round + 2 * (P - 1 - r) + 1, total)
-
-        def forward_chunk(i):  # forwards walk the chunks up, a round at a time
-            return (i // per_round) % CHUNKS
-
-        def backward_chunk(i):  # backwards walk them down, a round at a time
-            return CHUNKS - 1 - ((i - warmup) // per_round) % CHUNKS
-
-        for i in range(warmup):  # warm-up: forwards only
-            b.forward(forward_chunk(i))
-        for i in range(warmup, total):  # steady state: a forward and a backward as one overlapped pair
-            b.forward_backward(forward_chunk(i), backward_chunk(i))
-        for i in range(total, total + warmup):  # cool-down: the remaining backwards
-            b.backward(backward_chunk(i))
+    paired = True
