@@ -163,6 +163,15 @@ def test_wire_time_defaults_to_one_to_one_comm_to_compute():
         parse_time("fast")
 
 
+def test_the_report_warns_when_compute_runs_well_over_the_simulators_costs():
+    from deepspeed_dualpipe.tools.bench.run import busy_excess, contention_warning
+    row = {"sim_step_s": 1.0, "sim_bubble": [0.2, 0.2], "busy_s": [0.9, 1.1]}  # the simulator's busy time: 0.8
+    assert busy_excess(row) == pytest.approx(0.25)
+    assert contention_warning(0.16, 1.40, 2) is None  # F=20ms, 8 ranks on 2 cores: within 0.05 of the simulator
+    warning = contention_warning(0.27, 1.50, 2)  # F=5ms: 0.07 away
+    assert "27% longer" in warning and "1.50 of this machine's 2 cores" in warning and "--cost" in warning
+
+
 @pytest.mark.slow
 def test_bench_with_all_to_alls_on_the_emulated_wire_at_tiny_sizes(capsys):
     assert main([
