@@ -13,7 +13,7 @@ Layers, each importing only those below it::
     schedule/     layouts, instructions and the schedules themselves (pure data)
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from deepspeed_dualpipe.schedule import SCHEDULES, build_schedule  # noqa: E402,F401
 from deepspeed_dualpipe.integration.initialize import initialize, install, installed, uninstall  # noqa: E402,F401
