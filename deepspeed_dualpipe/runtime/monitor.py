@@ -14,7 +14,7 @@ ranks' figures are gathered, and global rank 0 (the rank DeepSpeed writes from) 
     Train/Samples/pipe_peak_activation_bytes[_rank{r}]  (with dualpipe.monitor_memory; max over ranks)
 
 Per pipeline rank a figure is the mean over its data-parallel replicas (memory: the largest).
-Memory is read at the allocator (:class:`.profile.AllocatorPeak`): on CUDA during the monitored
+Memory is read at the allocator (:class:`.memory.MemoryMeter`, :func:`.profile.step_meter`): on CUDA during the monitored
 step, on CPU (torch's profiler slows a step) during the step after it.
 
 ``dualpipe.profile_step: N`` records step N (0-based) the same way, step N+1 for memory, and global

@@ -5,12 +5,13 @@ returns a :class:`RankStep`, plain picklable data that the monitor (:mod:`.monit
 rank DeepSpeed writes from and that ``dualpipe.profile_step`` writes to a profile file for
 ``python -m deepspeed_dualpipe advise`` (docs/advise.md).
 
-Memory is read at the allocator (:class:`AllocatorPeak`): the most bytes it held during the step
-above what it held when the step began, less the gradient bytes the step allocated (gradients are
-not activations). On CUDA from the caching allocator's counters; on CPU from the allocator events of
-torch's profiler, which slows the step down. A job may plug in its own meter as
-``engine.memory_meter``: any object with ``measure(step) -> step's result`` that then holds the peak
-in ``peak`` or ``result.peak`` (bytes).
+Memory is read at the allocator by the project's one meter (:class:`.memory.MemoryMeter`): the
+bytes in use after every instruction, and the most within any instruction (temporaries included),
+above what the rank held when the step began, less the gradient bytes the step allocated (gradients
+are not activations). On CUDA from the caching allocator's counters; on CPU from the allocator events
+of torch's profiler (``cpu="profiler"``, the reading that sees within instructions), which slows the
+step down. A job may plug in its own meter as ``engine.memory_meter``: any object with
+``measure(step) -> step's result`` that then holds the peak in ``peak`` or ``result.peak`` (bytes).
 """
 
 import os
@@ -21,97 +22,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from deepspeed_dualpipe.analysis.events import EventReader, Op
+from deepspeed_dualpipe.runtime.memory import MemoryMeter, StepMemory, parameter_bytes
 from deepspeed_dualpipe.runtime.overlap import hidden_seconds
 from deepspeed_dualpipe.runtime.trace import InstructionTime, around_each_instruction, instruction_from
 
 _P2P = ("SendActivation", "RecvActivation", "SendGrad", "RecvGrad")
-
-
-def parameter_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the distinct parameters of ``module``."""
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in module.parameters()}.values())
-
-
-def gradient_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the distinct gradient storages of ``module``'s parameters."""
-    storages = {}
-    for p in module.parameters():
-        if p.grad is not None:
-            storage = p.grad.untyped_storage()
-            storages[(p.grad.device, storage.data_ptr())] = storage.nbytes()
-    return sum(storages.values())
-
-
-class AllocatorPeak:
-    """The allocator's high-water mark during a step, above its start, less new gradient bytes (``peak``).
-
-    Given the ``engine``, it also reads the bytes in use at the end of every instruction (``after``, same
-    reference, gradients left out): what ``advise`` fits against the live activations of the schedule."""
-
-    _MARK = "deepspeed_dualpipe.instruction"
-
-    def __init__(self, module: torch.nn.Module, device, engine=None):
-        self.module, self.device, self.engine = module, torch.device(device), engine
-        self.peak: Optional[int] = None
-        self.after: List[int] = []
-
-    def measure(self, step: Callable[[], object]):
-        grads = gradient_bytes(self.module)
-        new_grads = []  # gradient bytes allocated since the start, at the end of each instruction
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            used = []
-
-            def after(kind, kwargs):
-                used.append(torch.cuda.memory_allocated(self.device) - base)
-                new_grads.append(gradient_bytes(self.module) - grads)
-
-            result = self._instructions(step, None, after)
-            torch.cuda.synchronize(self.device)
-            high = torch.cuda.max_memory_allocated(self.device) - base
-        elif self.device.type == "cpu":
-            from torch.profiler import ProfilerActivity, profile, record_function
-            marks = []
-
-            def before(kind, kwargs):
-                marks.append(record_function(self._MARK))
-                marks[-1].__enter__()
-
-            def after(kind, kwargs):
-                marks.pop().__exit__(None, None, None)
-                new_grads.append(gradient_bytes(self.module) - grads)
-
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                result = self._instructions(step, before, after)
-            events = list(prof.profiler.kineto_results.events())
-            cpu = torch._C._autograd.DeviceType.CPU
-            memory = sorted(
-                (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == cpu)
-            ends = sorted(e.start_ns() + e.duration_ns() for e in events if e.name() == self._MARK)
-            high = running = 0
-            used, i = [], 0
-            for time_ns, nbytes in memory:
-                while i < len(ends) and ends[i] < time_ns:
-                    used.append(running)
-                    i += 1
-                running += nbytes
-                high = max(high, running)
-            used += [running] * (len(ends) - i)
-        else:
-            self.peak = None
-            return step()
-        if len(used) == len(new_grads):
-            self.after = [max(0, u - g) for u, g in zip(used, new_grads)]
-        self.peak = max(0, high - max(0, gradient_bytes(self.module) - grads))
-        return result
-
-    def _instructions(self, step, before, after):
-        if self.engine is None:
-            return step()
-        with around_each_instruction(self.engine, before, after):
-            return step()
 
 
 @dataclass
@@ -216,11 +131,11 @@ def summarize(engine, trace, pair_phases, alone_phases, wall_s: float, cpu=None,
 
 def record_step(engine, run: Callable[[], object], memory: bool = False):
     """``(run(), RankStep)``: one ``train_batch`` recorded through the instruction hook; with ``memory``, its
-    activation peak read by ``engine.memory_meter`` (default :class:`AllocatorPeak`). It nests inside a
-    recording already running (the demo's timeline), and leaves that one's phase events in place."""
+    activation memory read by ``engine.memory_meter`` (default: the allocator, :func:`step_meter`). It nests
+    inside a recording already running (the demo's timeline), and leaves that one's phase events in place."""
     meter = getattr(engine, "memory_meter", None) if memory else None
     if memory and meter is None:
-        meter = AllocatorPeak(engine.module, engine.device, engine)
+        meter = step_meter(engine)
     trace, started, cpu = [], [], []
 
     def before(kind, kwargs):
@@ -248,11 +163,28 @@ def record_step(engine, run: Callable[[], object], memory: bool = False):
     step = summarize(engine, trace, pairs, alone, wall, cpu, cpu_total)
     step.process_cpu_s = process_cpu
     if meter is not None:
-        step.memory_after_bytes = list(getattr(meter, "after", None) or [])
-        peak = getattr(meter, "peak", None)
-        step.activation_peak_bytes = peak if peak is not None else getattr(getattr(meter, "result", None), "peak",
-                                                                           None)
+        step.memory_after_bytes, step.activation_peak_bytes = read_meter(meter)
     return result, step
 
 
-__all__ = ["AllocatorPeak", "RankStep", "record_step", "summarize", "parameter_bytes", "gradient_bytes"]
+def step_meter(engine) -> Optional[MemoryMeter]:
+    """The allocator meter of a recorded step: on CPU through torch's profiler, the reading that also sees
+    the temporaries inside each instruction (``advise`` fits the ends and adds what lies above them). None
+    on a device whose allocator it cannot read (the step is then recorded without memory)."""
+    if torch.device(engine.device).type not in ("cpu", "cuda"):
+        return None
+    return MemoryMeter(engine, cpu="profiler")
+
+
+def read_meter(meter) -> tuple:
+    """``(bytes after each instruction, peak bytes)`` of a meter that has measured a step: a
+    :class:`~.memory.MemoryMeter` (its samples, and its upper bound), or a job's own meter (``after``, and
+    ``peak`` or ``result.peak``)."""
+    result = getattr(meter, "result", None)
+    if isinstance(result, StepMemory):
+        return [s.after for s in result.samples], result.upper_bound
+    peak = getattr(meter, "peak", None)
+    return list(getattr(meter, "after", None) or []), peak if peak is not None else getattr(result, "peak", None)
+
+
+__all__ = ["RankStep", "read_meter", "record_step", "step_meter", "summarize"]

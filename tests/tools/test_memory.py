@@ -1,4 +1,4 @@
-"""The allocator-level memory meter (deepspeed_dualpipe/tools/memory.py): it reads the bytes the allocator
+"""The allocator-level memory meter (deepspeed_dualpipe/runtime/memory.py): it reads the bytes the allocator
 holds around every instruction of a step, keeps nothing alive itself, and sees what no Python-side list of
 tensors would (a step that leaves memory behind, a tensor freed on another thread)."""
 
@@ -9,7 +9,7 @@ import weakref
 import pytest
 import torch
 
-from deepspeed_dualpipe.tools.memory import MemoryMeter, gradient_bytes, malloc_bytes, parameter_bytes
+from deepspeed_dualpipe.runtime.memory import MemoryMeter, gradient_bytes, malloc_bytes, parameter_bytes
 
 N = 512  # a (N, N) fp32 tensor is 1 MiB
 TILE = N * N * 4
@@ -133,3 +133,19 @@ def test_the_meter_keeps_nothing_alive(source):
     memory = _measured(engine, source)
     gc.collect()
     assert x["held"]() is None and _about(memory.left, 0, source)
+
+
+def test_a_recorded_steps_memory_is_the_meters_reading_with_its_temporaries():
+    from deepspeed_dualpipe.runtime.profile import read_meter
+    engine = _Engine(temporary=4 * TILE)
+    meter = MemoryMeter(engine, cpu="profiler")
+    meter.measure(engine.step, prime=engine.step)
+    after, peak = read_meter(meter)  # what a profile's memory_after_bytes and activation_peak_bytes hold
+    assert after == [2 * TILE, 0] and peak == meter.result.high_water >= 4 * TILE
+
+
+def test_a_jobs_own_meter_is_read_through_its_peak_or_its_results_peak():
+    from types import SimpleNamespace
+    from deepspeed_dualpipe.runtime.profile import read_meter
+    assert read_meter(SimpleNamespace(peak=7, after=[1, 2])) == ([1, 2], 7)
+    assert read_meter(SimpleNamespace(result=SimpleNamespace(peak=9))) == ([], 9)

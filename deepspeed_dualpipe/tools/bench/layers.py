@@ -27,7 +27,7 @@ Only a few floats of each all-to-all's tensor carry data (the activation, at the
 rank's share); the rest is left uninitialised, so no layer spends CPU time on anything but the
 all-to-all itself. The data makes the round trip dispatch -> experts -> combine unchanged.
 
-Activation memory is what the allocator holds (``deepspeed_dualpipe/tools/memory.py``): these
+Activation memory is what the allocator holds (``deepspeed_dualpipe/runtime/memory.py``): these
 layers keep their inputs for the weight gradients as real tensors, and nothing else.
 """
 

@@ -14,7 +14,7 @@ from typing import Dict, List
 # so their time shows up as bubble.
 COMPUTE = {"ForwardPass", "BackwardPass", "BackwardInput", "BackwardWeight", "OverlappedForwardBackward"}
 
-# The allocator-level memory of each rank (tools/memory.py), as ``<key>_bytes`` per pipeline rank.
+# The allocator-level memory of each rank (runtime/memory.py), as ``<key>_bytes`` per pipeline rank.
 MEMORY_FIELDS = {
     "peak_activation": "peak",
     "high_water": "high_water",

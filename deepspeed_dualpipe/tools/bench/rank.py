@@ -15,7 +15,7 @@ import torch
 
 from deepspeed_dualpipe.tools.bench import layers as L
 from deepspeed_dualpipe.runtime.trace import start_recording
-from deepspeed_dualpipe.tools.memory import MemoryMeter, parameter_bytes
+from deepspeed_dualpipe.runtime.memory import MemoryMeter, parameter_bytes
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ def _step(engine, data) -> dict:
 
 # ----- activation memory ---------------------------------------------------------------------
 def _memory_step(engine, data, source: Optional[str] = None) -> dict:
-    """Two untimed steps, the second measured at the allocator (the first primes the meter) (:class:`~deepspeed_dualpipe.tools.memory.MemoryMeter`):
+    """Two untimed steps, the second measured at the allocator (the first primes the meter) (:class:`~deepspeed_dualpipe.runtime.memory.MemoryMeter`):
     peak activation bytes at instruction boundaries, the high-water mark within instructions, the bytes
     left after the step, and the rank's parameter bytes."""
     meter = MemoryMeter(engine, cpu=source)

@@ -88,7 +88,7 @@ def add_parser(sub) -> None:
     p.add_argument("--memory-source",
                    choices=("malloc", "profiler"),
                    default=None,
-                   help="how the memory step reads the CPU allocator (deepspeed_dualpipe/tools/memory.py): "
+                   help="how the memory step reads the CPU allocator (deepspeed_dualpipe/runtime/memory.py): "
                    "malloc (glibc's mallinfo2: every thread, and small C++/Python objects too; the default where "
                    "glibc has it) or profiler (torch's allocator events: tensors only, this thread only)")
     p.add_argument("--repeats", type=int, default=3)
@@ -390,7 +390,7 @@ def render(result: dict) -> str:
 def render_memory(result: dict) -> List[str]:
     """The memory table and its targets (see :func:`memory_targets`)."""
     out = [
-        f"memory per rank, at the allocator ({result.get('memory_source')}; deepspeed_dualpipe/tools/memory.py): "
+        f"memory per rank, at the allocator ({result.get('memory_source')}; deepspeed_dualpipe/runtime/memory.py): "
         "peak = the most bytes in use "
         "after any instruction beyond parameters, gradients and optimizer state; high-water = the most within "
         "an instruction (temporaries included); left = bytes still in use after the step; sim = the "

@@ -244,7 +244,7 @@ def markdown(plan: Plan, table: List[Dict], command: str) -> str:
         "- **tokens/s**: global tokens per second, from the median step time (warm-up, timed and memory "
         "steps left out); **measured bubble**: the fraction of the timed step in which a rank did not compute "
         "(`bubble.measured_per_global_rank` in metrics.json).",
-        "- **peak activation**: measured at the allocator during one step (deepspeed_dualpipe/tools/memory.py): "
+        "- **peak activation**: measured at the allocator during one step (deepspeed_dualpipe/runtime/memory.py): "
         "the most bytes in use after any instruction beyond what the rank held when the step began "
         "(parameters, optimizer state) and the gradients allocated since; **left after step**: bytes still in use "
         "after the step, gradients excluded; **parameter**: bytes of the rank's parameters (both mirror "

@@ -3,8 +3,8 @@
 Every rank builds one engine per schedule from the same config and trains them in turn, one step each per
 round (the bench's rule: on a shared machine, drift in load then hits every schedule alike). Per schedule it
 measures the median step time (the slowest rank's ``train_batch`` in each round; warm-up, profiled and memory
-rounds left out) and the allocator's activation peak per rank (:class:`~deepspeed_dualpipe.runtime.profile.
-AllocatorPeak`, in a round of its own), and for each of the plugin's schedules it writes the profile of one
+rounds left out) and the allocator's activation peak per rank (read as a profile's memory step reads it,
+:func:`~deepspeed_dualpipe.runtime.profile.step_meter`, in a round of its own), and for each of the plugin's schedules it writes the profile of one
 step (docs/advise.md) to ``<out>/<schedule>/profile.json``. ``<out>/measured.json`` holds the figures that
 ``advise --measured`` puts beside its predictions.
 """
@@ -55,7 +55,7 @@ def _config_for(config: Dict, schedule: str) -> Dict:
 def measure_rank(spec: MeasureSpec) -> dict:
     """In every rank: each schedule's step times, memory and (plugin schedules) profiled step."""
     import torch.distributed as dist
-    from deepspeed_dualpipe.runtime.profile import AllocatorPeak, record_step
+    from deepspeed_dualpipe.runtime.profile import read_meter, record_step, step_meter
     from deepspeed_dualpipe.tools.lm import data as D
     from deepspeed_dualpipe.tools.lm.train import LMConfig, build_engine, use_cores
     from deepspeed_dualpipe.schedule import get_spec
@@ -75,9 +75,9 @@ def measure_rank(spec: MeasureSpec) -> dict:
             if round_ == spec.profile_round and get_spec(name).runs_on_plugin_engine:
                 _, out[name]["profile"] = record_step(engine, run)
             elif round_ == spec.memory_round:
-                meter = AllocatorPeak(engine.module, engine.device, engine)
+                meter = step_meter(engine)  # what a profile's memory step reads, for like against like
                 meter.measure(run)
-                out[name]["peak"], out[name]["after"] = meter.peak, meter.after
+                out[name]["after"], out[name]["peak"] = read_meter(meter)
             else:
                 start = time.perf_counter()
                 run()

@@ -11,7 +11,7 @@ scheduler, ``pipeline.schedule``) and an ``"lm"`` section that DeepSpeed ignores
 
 - ``metrics.json``: settings, per-step losses, validation losses, throughput, bubbles
   (simulated and measured), memory per rank (parameters, and activations measured at the allocator:
-  see :mod:`~deepspeed_dualpipe.tools.memory`), the generated sample;
+  see :mod:`~deepspeed_dualpipe.runtime.memory`), the generated sample;
 - ``loss.png``: training and validation loss;
 - ``timeline.png`` and ``trace.json``: every rank's instructions during one measured step,
   as a picture and as a Chrome/Perfetto trace; ``timeline_simulated.png``: the simulator's
@@ -35,7 +35,7 @@ import torch
 from deepspeed_dualpipe.tools.lm import data as D
 from deepspeed_dualpipe.tools.lm import timeline as TL
 from deepspeed_dualpipe.runtime.trace import phase_records, start_recording, stop_recording
-from deepspeed_dualpipe.tools import memory as MEM
+from deepspeed_dualpipe.runtime import memory as MEM
 from deepspeed_dualpipe.tools.lm.model import (PARTITION, LocalModel, ModelConfig, layer_specs, lm_loss, seed_layer)
 
 
@@ -262,7 +262,7 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
     memory_step = _memory_step(lm)
     priming_step = _priming_step(lm, memory_step)
     meter = MEM.MemoryMeter(engine)
-    activations = None  # on rank 0: every rank's StepMemory.as_dict() (tools/memory.py) and pipeline rank
+    activations = None  # on rank 0: every rank's StepMemory.as_dict() (runtime/memory.py) and pipeline rank
     sim_units = _simulated_activations(schedule, P, M)  # live (chunk, micro-batch) units per pipeline rank
     from deepspeed_dualpipe.analysis.symbolic import Costs
     table_costs = Costs(F=1.0, B=2.0, W=1.0)  # the report's Table 2 ratios; pairs run back to back (F&B = F+B)
@@ -416,7 +416,7 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
             memory_step if activations else None,
             "primed": (priming_step is not None) if activations else None,
             "counted":
-            "at the allocator (deepspeed_dualpipe/tools/memory.py): bytes in use after each instruction of "
+            "at the allocator (deepspeed_dualpipe/runtime/memory.py): bytes in use after each instruction of "
             "the step beyond what the rank held when it began (parameters, optimizer state) and the "
             "gradients allocated since; left: bytes still in use after the step, gradients excluded",
         },
@@ -456,7 +456,7 @@ def _block_kinds(cfg: ModelConfig) -> str:
 
 def _memory_step(lm: LMConfig) -> Optional[int]:
     """The step whose memory is measured: ``lm.memory_step``, by default two after the traced step (the one
-    between primes the meter on CPU, see tools/memory.py, and must not be the traced one)."""
+    between primes the meter on CPU, see runtime/memory.py, and must not be the traced one)."""
     step = lm.memory_step
     if step is None:
         step = min(max(lm.trace_step, 0) + 2, lm.steps - 1)

@@ -1,7 +1,8 @@
 """Memory per rank, read from the allocator: parameter bytes, and the activation bytes of one step.
 
-One meter for ``bench``, ``ablate`` and the demo. It keeps no tensor of its own and tracks no list
-of tensors: it reads what the allocator holds.
+The one meter of the project: the monitor and ``dualpipe.profile_step`` (through
+:func:`.profile.record_step`), ``measure``, ``bench``, ``ablate`` and the demo all read memory with it.
+It keeps no tensor of its own and tracks no list of tensors: it reads what the allocator holds.
 
 - **CUDA**: ``torch.cuda.memory_allocated()`` before the step and after every instruction, and
   ``torch.cuda.max_memory_allocated()`` within each instruction (its peak is reset before each).
@@ -52,11 +53,25 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from deepspeed_dualpipe.runtime.profile import gradient_bytes, parameter_bytes
 from deepspeed_dualpipe.runtime.trace import around_each_instruction
 
 _MARK = "deepspeed_dualpipe.instruction"
 _STEP = "deepspeed_dualpipe.measured_step"
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct parameters of ``module``."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def gradient_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct gradient storages of ``module``'s parameters."""
+    storages = {}
+    for p in module.parameters():
+        if p.grad is not None:
+            storage = p.grad.untyped_storage()
+            storages[(p.grad.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
 
 
 class _MallInfo2(ctypes.Structure):
@@ -111,6 +126,11 @@ class StepMemory:
     high_water: Optional[int] = 0
     left: int = 0
     samples: List[Sample] = field(default_factory=list)
+
+    @property
+    def upper_bound(self) -> int:
+        """``high_water`` where it was read (temporaries inside operations included), else ``peak``."""
+        return self.peak if self.high_water is None else max(self.high_water, self.peak)
 
     def as_dict(self) -> dict:
         return {
