@@ -13,11 +13,12 @@ It assumes the profiled costs carry over: per-chunk costs scale with the share o
 and the engine's per-activation memory is the plugin's (DeepSpeed's own engines hold less).
 """
 
+import functools
 import json
 import re
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -51,9 +52,11 @@ class ModelCosts:
     data_parallel: int
     clock: str
     forward_s: float
-    backward_s: float
+    backward_s: float  # a backward as a schedule that splits it pays: I + W (a full one where a stage cannot split)
     weight_s: float
-    weight_measured: bool  # False: the profiled schedule never split a backward; W = B/2 is assumed
+    weight_measured: bool  # False: the profiled schedule never split a backward; W = B/2 and I + W = B are assumed
+    full_backward_s: float  # a backward run whole (B), as 1F1B and interleaved 1F1B run them
+    full_measured: bool  # False: no stage ran both kinds (a ZB-V profile), B = I + W is assumed
     a2a_forward_s: float  # wall seconds of all-to-all in the forwards (and backwards) of one micro-batch
     a2a_backward_s: float
     a2a_per_call_s: float
@@ -81,6 +84,49 @@ def load_profile(path) -> dict:
     return profile
 
 
+def _backwards(ranks, table: str, layout):
+    """``(split, full, full measured)``: one chunk's backward as a splitting schedule pays it (I + W) and run
+    whole (B), each the mean over model stages, or None without any backward run alone (pairs are left out).
+
+    On CPU two autograd passes cost more than one (on the demo model I + W is 1.3 to 1.5 times B): where
+    some stage ran both kinds, the full backward of a stage that only split is its I + W over that ratio;
+    where none did, B = I + W is assumed (``full measured`` False). A stage that cannot split (its input needs
+    no gradient) runs whole in every schedule."""
+    by_stage: Dict[int, Dict[str, List[float]]] = {}
+    for r in ranks:
+        for key, values in r[table].items():
+            kind, *chunks = key.split(":")
+            if kind in ("B", "I", "W") and len(chunks) == 1:
+                stage = layout.model_stage(r["pipeline_rank"], int(chunks[0]))
+                by_stage.setdefault(stage, {}).setdefault(kind, []).extend(values)
+    full = {s: _mean(d["B"]) for s, d in by_stage.items() if d.get("B")}
+    split = {s: _mean(d["I"]) + _mean(d["W"]) for s, d in by_stage.items() if d.get("I") and d.get("W")}
+    if not (full or split):
+        return None
+    ratio = _mean([split[s] / full[s] for s in split if full.get(s)])
+    stages = sorted(set(full) | set(split))
+    return (_mean(split.get(s, full.get(s)) for s in stages),
+            _mean(full[s] if s in full else split[s] / (ratio or 1.0) for s in stages), ratio is not None or not split)
+
+
+def combine(primary: ModelCosts, others: Sequence[ModelCosts]) -> ModelCosts:
+    """``primary`` with what it could not show filled in from profiles of other schedules of the same model: a
+    full backward from one whose stages ran both kinds (or only whole ones), a split one (I + W, W) from one
+    that split. Each is scaled by the two profiles' forwards, so that a machine faster in one run cancels."""
+    m = primary
+    for o in others:
+        if o.stages != m.stages or o.data_parallel != m.data_parallel or o.clock != m.clock:
+            raise ValueError(f"profiles of different runs: {m.schedule} (P={m.stages}, data parallel "
+                             f"{m.data_parallel}, {m.clock} time) and {o.schedule} (P={o.stages}, data parallel "
+                             f"{o.data_parallel}, {o.clock} time)")
+        scale = m.forward_s / o.forward_s
+        if not m.full_measured and o.full_measured:
+            m = replace(m, full_backward_s=o.full_backward_s * scale, full_measured=True)
+        if not m.weight_measured and o.weight_measured:
+            m = replace(m, backward_s=o.backward_s * scale, weight_s=o.weight_s * scale, weight_measured=True)
+    return m
+
+
 def model_costs(profile: dict) -> ModelCosts:
     """What :class:`ModelCosts` a profile implies (see the module docstring)."""
     schedule, P, M = profile["schedule"], profile["stages"], profile["micro_batches"]
@@ -94,13 +140,12 @@ def model_costs(profile: dict) -> ModelCosts:
         return [v for r in ranks for key, values in r[table].items() if key.split(":")[0] == kind for v in values]
 
     F = _mean(samples(table, "F"))
-    full, inputs, weights = samples(table, "B"), samples(table, "I"), samples(table, "W")
-    if F is None or not (full or inputs):
+    backwards = _backwards(ranks, table, layout)
+    if F is None or backwards is None:
         raise ValueError("the profile has no forward or no backward run alone: profile a schedule such as zbv, "
                          "zb1p or interleaved-1f1b")
-    W = _mean(weights)
-    split = [i + W for i in inputs] if W is not None else []
-    B = _mean(full + split)
+    B, B_full, full_measured = backwards
+    W = _mean(samples(table, "W"))
     weight_measured = W is not None
     if W is None:
         W = B / 2
@@ -140,6 +185,8 @@ def model_costs(profile: dict) -> ModelCosts:
                       backward_s=B * K,
                       weight_s=W * K,
                       weight_measured=weight_measured,
+                      full_backward_s=B_full * K,
+                      full_measured=full_measured,
                       a2a_forward_s=a2a_f * K,
                       a2a_backward_s=a2a_b * K,
                       a2a_per_call_s=per_call,
@@ -181,9 +228,23 @@ def instructions(schedule: str, P: int, M: int) -> float:
     return statistics.fmean(sum(len(step) for step in steps) for steps in rank_steps(schedule, P, M))
 
 
+@functools.lru_cache(maxsize=None)
+def splits_backward(schedule: str, P: int) -> bool:
+    """Whether ``schedule`` splits backwards into I and W (it runs weight passes of their own)."""
+    from deepspeed_dualpipe.schedule import rank_steps
+    return any(
+        type(ins).__name__ == "BackwardWeight" for steps in rank_steps(schedule, P, 2 * P) for step in steps
+        for ins in step)
+
+
+def backward_s(m: ModelCosts, schedule: str) -> float:
+    """One micro-batch's backward through the model as ``schedule`` runs it: split (I + W) or whole (B)."""
+    return m.backward_s if splits_backward(schedule, m.stages) else m.full_backward_s
+
+
 def _compute_work(m: ModelCosts) -> float:
     """CPU seconds of computing in the profiled step, over one data-parallel replica's pipeline."""
-    return m.micro_batches * (m.forward_s + m.backward_s)
+    return m.micro_batches * (m.forward_s + backward_s(m, m.schedule))
 
 
 def live_after_each_instruction(schedule: str, P: int, M: int, rank: int) -> List[List[int]]:
@@ -249,7 +310,7 @@ def peak_activation_bytes(m: ModelCosts, schedule: str, P: int, M: int) -> Optio
 def chunk_costs(m: ModelCosts, schedule: str, P: int) -> Costs:
     """The simulator's per-chunk costs of ``schedule`` on ``P`` ranks (seconds)."""
     K = get_spec(schedule).layout(P, 2 * P).model_stages
-    F, B, W = m.forward_s / K, m.backward_s / K, m.weight_s / K
+    F, B, W = m.forward_s / K, backward_s(m, schedule) / K, m.weight_s / K
     pair = None
     if m.clock == "wall" and schedule in OVERLAPPING and m.moe_layers and m.a2a_per_call_s:
         # The engine interleaves a pair's two micro-batches at their all-to-alls: replay that with these costs.
@@ -406,7 +467,11 @@ def comparison_table(m: ModelCosts, runs: Dict[str, dict]) -> str:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("advise", help="predict every schedule from a profiled step and recommend one")
-    p.add_argument("profile", help="the file dualpipe.profile_step wrote (docs/advise.md)")
+    p.add_argument("profile",
+                   nargs="+",
+                   help="the file dualpipe.profile_step wrote (docs/advise.md); more profiles of the same model under "
+                   "other schedules fill in what the first cannot show (a full backward's cost from a schedule "
+                   "that runs them, a split one's from a schedule that splits)")
     p.add_argument("--memory-budget", help="bytes per rank for activations and parameters, e.g. 24GiB or 512MiB")
     p.add_argument("--micro-batches",
                    help="comma-separated M to consider (default: P, 2P, 3P, 4P, 6P, 8P and the "
@@ -431,7 +496,8 @@ def parse_budget(text: Optional[str]) -> Optional[int]:
 
 
 def main(args) -> None:
-    m = model_costs(load_profile(args.profile))
+    profiles = [model_costs(load_profile(path)) for path in args.profile]
+    m = combine(profiles[0], profiles[1:])
     names = [n.strip() for n in args.schedules.split(",") if n.strip()]
     for name in names:
         get_spec(name)
@@ -464,8 +530,9 @@ def main(args) -> None:
     print(
         f"profile: {m.schedule}, P={m.stages}, M={m.micro_batches}, data parallel {m.data_parallel}; one "
         f"micro-batch through the model ({m.clock} time): forward {1e3 * m.forward_s:.1f} ms, backward "
-        f"{1e3 * m.backward_s:.1f} ms (weight part {1e3 * m.weight_s:.1f} ms"
-        f"{'' if m.weight_measured else ', assumed B/2'}), all-to-all {1e3 * (m.a2a_forward_s + m.a2a_backward_s):.1f}"
+        f"{1e3 * m.backward_s:.1f} ms split (weight part {1e3 * m.weight_s:.1f} ms"
+        f"{'' if m.weight_measured else ', assumed B/2'}), {1e3 * m.full_backward_s:.1f} ms whole"
+        f"{'' if m.full_measured else ' (assumed I + W: no stage ran both; add a profile that does)'}, all-to-all {1e3 * (m.a2a_forward_s + m.a2a_backward_s):.1f}"
         f" ms, activations {_mib(m.activation_bytes)} MiB; parameters {_mib(m.parameter_bytes)} MiB; profiled step "
         f"{1e3 * m.measured_step_s:.0f} ms{cores}")
     print(prediction_table(predictions, budget, best))
@@ -502,4 +569,6 @@ def pick_against_measured(m: ModelCosts, runs: Dict[str, dict], budget: Optional
             f"{fastest['schedule']} ({1e3 * fastest['step_s']:.0f} ms, upper quartile {1e3 * high:.0f} ms): {verdict}")
 
 
-__all__ = ["ModelCosts", "Prediction", "load_profile", "model_costs", "predict", "predict_all", "recommend", "main"]
+__all__ = [
+    "ModelCosts", "Prediction", "combine", "load_profile", "model_costs", "predict", "predict_all", "recommend", "main"
+]

@@ -18,6 +18,8 @@ def _model(**changes):
                         backward_s=8.0,
                         weight_s=4.0,
                         weight_measured=True,
+                        full_backward_s=8.0,
+                        full_measured=True,
                         a2a_forward_s=0.0,
                         a2a_backward_s=0.0,
                         a2a_per_call_s=0.0,
@@ -81,3 +83,48 @@ def test_memory_budgets_take_units(text, value):
 def test_a_bad_budget_names_the_option():
     with pytest.raises(ValueError, match="--memory-budget 'lots'"):
         A.parse_budget("lots")
+
+
+def _rank(pipeline_rank, **computations):
+    """A profile's rank entry with only what the backward estimate reads: CPU seconds per computation kind."""
+    return {"pipeline_rank": pipeline_rank, "compute_cpu_s": {k.replace("_", ":"): v for k, v in computations.items()}}
+
+
+def test_a_stage_that_ran_both_kinds_prices_the_whole_backward_of_those_that_only_split():
+    from deepspeed_dualpipe.schedule import get_spec
+    layout = get_spec("dualpipev").layout(2, 4)  # rank 0 holds stages 0 and 3, rank 1 stages 1 and 2
+    ranks = [
+        _rank(0, I_0=[2.0, 2.0], W_0=[1.0], I_1=[3.0], W_1=[1.0], B_1=[2.0]),  # stage 3 ran both: I + W = 2 B
+        _rank(1, B_0=[5.0], FB_0_1=[99.0]),  # stage 1 whole only; a pair is not a lone backward
+    ]
+    split, full, measured = A._backwards(ranks, "compute_cpu_s", layout)
+    assert measured
+    assert split == pytest.approx((3.0 + 4.0 + 5.0) / 3)  # stage 1 cannot split: it runs whole in every schedule
+    assert full == pytest.approx((3.0 / 2 + 2.0 + 5.0) / 3)  # stage 0's I + W over stage 3's ratio, 2
+    # no stage ran both: the whole backward is taken to cost what the split one does, and said to be assumed
+    split, full, measured = A._backwards([_rank(0, I_0=[2.0], W_0=[1.0])], "compute_cpu_s", layout)
+    assert (split, full, measured) == (3.0, 3.0, False)
+
+
+def test_schedules_that_run_whole_backwards_are_priced_with_the_whole_backward():
+    m = _model(backward_s=12.0, full_backward_s=8.0)
+    assert A.splits_backward("zbv", 2) and not A.splits_backward("interleaved-1f1b", 2)
+    assert A.chunk_costs(m, "zbv", 2).B == pytest.approx(12.0 / 4)
+    assert A.chunk_costs(m, "interleaved-1f1b", 2).B == pytest.approx(8.0 / 4)
+    assert A.chunk_costs(m, "1f1b", 2).B == pytest.approx(8.0 / 2)
+
+
+def test_a_second_profile_fills_in_the_whole_backward_scaled_by_the_forwards():
+    split_only = _model(backward_s=12.0, full_backward_s=12.0, full_measured=False)
+    whole_only = _model(schedule="interleaved-1f1b",
+                        forward_s=2.0,
+                        backward_s=4.0,
+                        full_backward_s=4.0,
+                        weight_s=2.0,
+                        weight_measured=False)  # a machine twice as fast that day
+    m = A.combine(split_only, [whole_only])
+    assert m.full_measured and m.full_backward_s == pytest.approx(8.0) and m.backward_s == 12.0
+    back = A.combine(whole_only, [split_only])  # the other way round: the split backward from the ZB-V profile
+    assert back.weight_measured and back.backward_s == pytest.approx(6.0) and back.weight_s == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="profiles of different runs"):
+        A.combine(split_only, [_model(stages=4)])
