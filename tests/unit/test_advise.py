@@ -97,12 +97,12 @@ def test_a_stage_that_ran_both_kinds_prices_the_whole_backward_of_those_that_onl
         _rank(0, I_0=[2.0, 2.0], W_0=[1.0], I_1=[3.0], W_1=[1.0], B_1=[2.0]),  # stage 3 ran both: I + W = 2 B
         _rank(1, B_0=[5.0], FB_0_1=[99.0]),  # stage 1 whole only; a pair is not a lone backward
     ]
-    split, full, measured = A._backwards(ranks, "compute_cpu_s", layout)
+    split, full, measured = A.backward_costs(ranks, "compute_cpu_s", layout)
     assert measured
     assert split == pytest.approx((3.0 + 4.0 + 5.0) / 3)  # stage 1 cannot split: it runs whole in every schedule
     assert full == pytest.approx((3.0 / 2 + 2.0 + 5.0) / 3)  # stage 0's I + W over stage 3's ratio, 2
     # no stage ran both: the whole backward is taken to cost what the split one does, and said to be assumed
-    split, full, measured = A._backwards([_rank(0, I_0=[2.0], W_0=[1.0])], "compute_cpu_s", layout)
+    split, full, measured = A.backward_costs([_rank(0, I_0=[2.0], W_0=[1.0])], "compute_cpu_s", layout)
     assert (split, full, measured) == (3.0, 3.0, False)
 
 
