@@ -105,6 +105,17 @@ def test_advise_predicts_every_registered_schedule_from_the_profile(profiles, ca
 
 
 @pytest.mark.slow
+def test_a_profile_that_ran_whole_and_split_backwards_prices_both_and_completes_one_that_split_only(profiles):
+    zbv, dualpipev = (advise.model_costs(advise.load_profile(profiles[s])) for s in ("zbv", "dualpipev"))
+    assert zbv.weight_measured and not zbv.full_measured  # ZB-V splits every backward
+    assert dualpipev.weight_measured and dualpipev.full_measured  # DualPipeV runs a few whole ones too
+    m = advise.combine(zbv, [dualpipev])
+    assert m.full_measured and m.full_backward_s == pytest.approx(
+        dualpipev.full_backward_s * zbv.forward_s / dualpipev.forward_s)
+    assert advise.predict(m, "interleaved-1f1b", P, M).costs.B == pytest.approx(m.full_backward_s / (2 * P))
+
+
+@pytest.mark.slow
 def test_advise_respects_the_memory_budget_and_says_when_nothing_fits(profiles, capsys):
     m = advise.model_costs(advise.load_profile(profiles["zbv"]))
     predictions = advise.predict_all(m, ["zbv", "dualpipe", "dualpipev"], [M])
