@@ -4,7 +4,8 @@ Model: embedding, a dense block, five blocks of attention + DualPipeMoE (top-2 o
 shared expert, token dropping, aux loss) and a tied head. Two pipeline ranks per stage carry
 the same stage for two data-parallel replicas, and their experts are split between them
 (expert parallelism 2 inside data parallelism 2): every MoE block's dispatch and combine are
-real all-to-alls between the replicas. Under dualpipe and dualpipev, with the all-to-alls of
+real all-to-alls between the replicas. Under every schedule of the registry, and under dualpipe, dualpipev and
+interleaved-1f1b-overlap with the all-to-alls of
 the overlapped pairs interleaved with the other micro-batch's compute (``overlap_moe_a2a``) and
 without, and with a planted serialisation of the interleaving ("serialised", tests/helpers/overlap.py), the
 per-step losses and every parameter after 3 SGD steps equal one process running
@@ -112,8 +113,8 @@ def _reference(P, results, clip=0.0):
 
 RUNS_P2 = (("dualpipe", True), ("dualpipe", False), ("dualpipe", "serialised"), ("dualpipev", True),
            ("dualpipev", False), ("interleaved-1f1b-overlap", True), ("interleaved-1f1b-overlap", False),
-           ("1f1b", True), ("dualpipe", "clipped"), ("1f1b", "clipped"), ("dualpipe", "recompute"), ("dualpipev",
-                                                                                                     "recompute"))
+           ("1f1b", True), ("zb1p", True), ("interleaved-1f1b", True), ("zbv", True), ("ds-dualpipev", True),
+           ("dualpipe", "clipped"), ("1f1b", "clipped"), ("dualpipe", "recompute"), ("dualpipev", "recompute"))
 DEEPSPEED_CLIPS_DIFFERENTLY = pytest.mark.xfail(
     strict=True,
     reason=(
