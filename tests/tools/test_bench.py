@@ -122,6 +122,9 @@ def test_bench_with_all_to_alls_at_tiny_sizes(capsys):
     assert result["schedules"]["dualpipe (no overlap)"]["sim_pair_s"] is None
     assert all(row["a2a_median_s"] > 0 for row in result["schedules"].values())
     assert set(result["a2a_targets"]["dualpipe"]) == {"vs_no_overlap", "vs_1f1b"}
+    from deepspeed_dualpipe.tools.bench.report import render
+    report = render(result)  # the tables the command prints without --json
+    assert "dualpipe (no overlap)" in report and "MoE targets" in report and "memory targets:" in report
 
 
 class _GlooLikeWork:
@@ -164,7 +167,7 @@ def test_wire_time_defaults_to_one_to_one_comm_to_compute():
 
 
 def test_the_report_warns_when_compute_runs_well_over_the_simulators_costs():
-    from deepspeed_dualpipe.tools.bench.run import busy_excess, contention_warning
+    from deepspeed_dualpipe.tools.bench.report import busy_excess, contention_warning
     row = {"sim_step_s": 1.0, "sim_bubble": [0.2, 0.2], "busy_s": [0.9, 1.1]}  # the simulator's busy time: 0.8
     assert busy_excess(row) == pytest.approx(0.25)
     assert contention_warning(0.16, 1.40, 2) is None  # F=20ms, 8 ranks on 2 cores: within 0.05 of the simulator

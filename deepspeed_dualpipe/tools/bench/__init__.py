@@ -6,6 +6,8 @@
   memory-sampling step per run, and the time of one all-to-all alone.
 - ``measure``: step time, busy time, bubble, plugin overhead and peak activation memory from the traces.
 - ``predict``: the simulator's figures for the same layers (all-to-alls and overlapped pairs included).
-- ``run``: the command (arguments, tables, JSON).
+- ``wire``: the emulated interconnect (``--a2a-wire``): all-to-alls that take wire time, not CPU.
+- ``run``: the command (arguments, launching the ranks, JSON).
+- ``report``: the targets a result is judged against, and the tables it prints.
 - ``overlap``: ``python -m deepspeed_dualpipe overlap``, one MoE pair on 2 ranks.
 """
