@@ -2,7 +2,6 @@
 runs beside the predictions."""
 
 import json
-import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -10,7 +9,8 @@ from typing import Dict, List, Optional
 
 from deepspeed_dualpipe.schedule import SCHEDULES, get_spec
 from deepspeed_dualpipe.tools.advise.costs import ModelCosts, combine, load_profile, model_costs
-from deepspeed_dualpipe.tools.advise.predict import (Prediction, micro_batch_range, predict, predict_all, recommend)
+from deepspeed_dualpipe.tools.advise.predict import Prediction, micro_batch_range, predict, predict_all, recommend
+from deepspeed_dualpipe.tools.units import parse_bytes
 
 
 def measured_runs(path) -> Dict[str, dict]:
@@ -118,12 +118,10 @@ def add_parser(sub) -> None:
 def parse_budget(text: Optional[str]) -> Optional[int]:
     if text is None:
         return None
-    from deepspeed_dualpipe.tools.bench.run import _BYTES
-    units = dict(_BYTES, g=10**9, gb=10**9, gib=1 << 30)
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    if not match or match[2].lower() not in units:
-        raise ValueError(f"--memory-budget {text!r}: expected bytes such as 1073741824, 512MiB or 24GiB")
-    return int(float(match[1]) * units[match[2].lower()])
+    try:
+        return parse_bytes(text)
+    except ValueError:
+        raise ValueError(f"--memory-budget {text!r}: expected bytes such as 1073741824, 512MiB or 24GiB") from None
 
 
 def main(args) -> None:

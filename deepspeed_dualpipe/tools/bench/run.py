@@ -7,6 +7,7 @@ from typing import Dict, List
 
 from deepspeed_dualpipe.tools.bench import predict
 from deepspeed_dualpipe.tools.bench.report import a2a_targets, memory_targets, render
+from deepspeed_dualpipe.tools.units import TIME_UNITS, parse_bytes, parse_time
 from deepspeed_dualpipe.schedule import get_spec
 
 DEFAULT_SCHEDULES = "1f1b,zb1p,interleaved-1f1b,interleaved-1f1b-overlap,zbv,ds-dualpipev,dualpipev,dualpipe"
@@ -18,8 +19,6 @@ DEFAULT_SCHEDULES = "1f1b,zb1p,interleaved-1f1b,interleaved-1f1b-overlap,zbv,ds-
 DEFAULT_A2A_BYTES = 1 << 20
 # ``--a2a-wire`` without ``--a2a``: small enough that gloo moves it well within the wire time.
 WIRE_A2A_BYTES = 64 << 10
-_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
-_BYTES = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 10**6, "mb": 10**6, "mib": 1 << 20}
 
 
 def parse_costs(text: str) -> Dict[str, float]:
@@ -29,29 +28,13 @@ def parse_costs(text: str) -> Dict[str, float]:
         match = re.fullmatch(r"(F|B|W)\s*=\s*([0-9.]+(?:e-?[0-9]+)?)\s*(s|ms|us)?", item, re.IGNORECASE)
         if not match:
             raise ValueError(f"bad cost {item!r}: expected F=, B= or W= a time such as 5ms")
-        costs[match[1].upper()] = float(match[2]) * _UNITS[(match[3] or "").lower()]
+        costs[match[1].upper()] = float(match[2]) * TIME_UNITS[(match[3] or "").lower()]
     missing = {"F", "B", "W"} - set(costs)
     if missing:
         raise ValueError(f"--cost needs F, B and W; missing {', '.join(sorted(missing))}")
     if costs["W"] > costs["B"]:
         raise ValueError("--cost: W (the weight part of the backward) must not exceed B")
     return costs
-
-
-def parse_time(text: str) -> float:
-    """``"3.75ms"``, ``"0.004"`` -> seconds (units s, ms, us; none means seconds)."""
-    match = re.fullmatch(r"\s*([0-9.]+(?:e-?[0-9]+)?)\s*(s|ms|us)?\s*", str(text), re.IGNORECASE)
-    if not match:
-        raise ValueError(f"bad time {text!r}: expected a time such as 3.75ms")
-    return float(match[1]) * _UNITS[(match[2] or "").lower()]
-
-
-def parse_bytes(text: str) -> int:
-    """``"1MiB"``, ``"512k"``, ``"1048576"`` -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not match or match[2].lower() not in _BYTES:
-        raise ValueError(f"bad size {text!r}: expected bytes such as 1048576, 512KiB or 1MiB")
-    return int(float(match[1]) * _BYTES[match[2].lower()])
 
 
 def add_parser(sub) -> None:
