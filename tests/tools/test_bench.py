@@ -186,3 +186,11 @@ def test_bench_with_all_to_alls_on_the_emulated_wire_at_tiny_sizes(capsys):
     assert result["a2a_wire_s"] == pytest.approx(0.0015)  # (F + B) / 4
     assert result["a2a_bytes"] == 65536
     assert result["a2a_alone_s"] >= 0.0015 and result["a2a_concurrent_s"] >= 0.0015
+
+
+@pytest.mark.parametrize("option, value, message", [("--a2a", "lots", "bad size 'lots'"),
+                                                    ("--a2a-wire", "soon", "bad time 'soon'")])
+def test_a_bad_size_or_time_is_refused_naming_the_option(option, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", option, value])
+    assert exit_.value.code == 2 and f"argument {option}: {message}" in capsys.readouterr().err
