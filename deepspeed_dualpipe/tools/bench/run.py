@@ -1,13 +1,12 @@
 """``python -m deepspeed_dualpipe bench``: every schedule through the real engine, beside the simulator."""
 
 import json
-import re
 import statistics
 from typing import Dict, List
 
 from deepspeed_dualpipe.tools.bench import predict
 from deepspeed_dualpipe.tools.bench.report import a2a_targets, memory_targets, render
-from deepspeed_dualpipe.tools.units import TIME_UNITS, parse_bytes, parse_time
+from deepspeed_dualpipe.tools.units import parse_bytes, parse_time
 from deepspeed_dualpipe.schedule import get_spec
 
 DEFAULT_SCHEDULES = "1f1b,zb1p,interleaved-1f1b,interleaved-1f1b-overlap,zbv,ds-dualpipev,dualpipev,dualpipe"
@@ -25,10 +24,13 @@ def parse_costs(text: str) -> Dict[str, float]:
     """``"F=5ms,B=10ms,W=5ms"`` -> seconds per layer (units s, ms, us; none means seconds)."""
     costs = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
-        match = re.fullmatch(r"(F|B|W)\s*=\s*([0-9.]+(?:e-?[0-9]+)?)\s*(s|ms|us)?", item, re.IGNORECASE)
-        if not match:
-            raise ValueError(f"bad cost {item!r}: expected F=, B= or W= a time such as 5ms")
-        costs[match[1].upper()] = float(match[2]) * TIME_UNITS[(match[3] or "").lower()]
+        name, _, value = item.partition("=")
+        try:
+            if name.strip().upper() not in ("F", "B", "W"):
+                raise ValueError(name)
+            costs[name.strip().upper()] = parse_time(value)
+        except ValueError:
+            raise ValueError(f"bad cost {item!r}: expected F=, B= or W= a time such as 5ms") from None
     missing = {"F", "B", "W"} - set(costs)
     if missing:
         raise ValueError(f"--cost needs F, B and W; missing {', '.join(sorted(missing))}")

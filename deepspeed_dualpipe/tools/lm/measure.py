@@ -67,7 +67,7 @@ def measure_rank(spec: MeasureSpec) -> dict:
     dp_rank, dp_size = first.grid.get_data_parallel_id(), first.grid.get_data_parallel_world_size()
     train, val = D.split(D.corpus(), lm.block_size, lm.val_every)
     batches = D.Batches(train, val, lm.seq_len, first.train_micro_batch_size_per_gpu(), M, dp_rank, dp_size, lm.seed)
-    out = {name: {"steps": [], "peak": None, "profile": None} for name in engines}
+    out = {name: {"steps": [], "peak": None, "after": [], "profile": None} for name in engines}
     for round_ in range(spec.total_rounds):
         for name, engine in engines.items():
             run = (lambda e=engine, r=round_: e.train_batch(data_iter=batches.train_iter(r)))
@@ -76,8 +76,11 @@ def measure_rank(spec: MeasureSpec) -> dict:
                 _, out[name]["profile"] = record_step(engine, run)
             elif round_ == spec.memory_round:
                 meter = step_meter(engine)  # what a profile's memory step reads, for like against like
-                meter.measure(run)
-                out[name]["after"], out[name]["peak"] = read_meter(meter)
+                if meter is None:  # an allocator it cannot read: no memory figure (advise says n/a)
+                    run()
+                else:
+                    meter.measure(run)
+                    out[name]["after"], out[name]["peak"] = read_meter(meter)
             else:
                 start = time.perf_counter()
                 run()
