@@ -57,6 +57,7 @@ from deepspeed_dualpipe.runtime.monitor import StepFigures
 from deepspeed_dualpipe.runtime.p2p import PointToPoint, as_tuple as _as_tuple
 from deepspeed_dualpipe.runtime.sends import PendingSends
 from deepspeed_dualpipe.runtime.slots import Handoffs, Slot
+from deepspeed_dualpipe.runtime.groups import create_expert_holder_groups, mirror_rank_lists
 from deepspeed_dualpipe.schedule import build_schedule, get_spec
 from deepspeed_dualpipe.runtime.autograd import saved
 from deepspeed_dualpipe.schedule.commit import Handshakes
@@ -102,6 +103,9 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
                 f"own partitioned order, so the two copies of a stage would be summed in different orders "
                 f"and drift apart; use zero_optimization.stage 0 (the engine then reduces each gradient "
                 f"once over all its holders) or at most 2 data-parallel replicas")
+        # every copy of an expert shard, reduced once (gradients.py); every rank makes these groups
+        self.expert_holder_groups = create_expert_holder_groups(mirror_rank_lists(self.module._topo)[0]) \
+            if self.module.holder_group is not None and not isinstance(self.optimizer, ZeROOptimizer) else {}
         phased = [c for c in range(len(self.module.chunk_funcs)) if self.module.chunk_is_phased(c)]
         self._recompute = check_recompute_islands(self.dualpipe.recompute_islands, self.module)
         self._release = saved.Policy()  # which chunks and islands record their saves as releasable (autograd/saved.py)

@@ -6,8 +6,8 @@
   itself and turns the split off (loudly) for any other hook (ZeRO's, a user's); bf16 gradients
   move into fp32 chunk by chunk;
 - the mirror reduction: under DualPipe both copies of a stage saw half the batch;
-- gradient clipping by a global norm that counts each parameter once (mirror copies, tied
-  modules) and every expert of every expert-parallel rank;
+- gradient clipping by the true global norm: every gradient counted once however many ranks hold a copy
+  (mirror copies, tied modules, tensor-parallel replicas, data-parallel replicas), summed over every rank;
 - fp16: the loss scaled at the loss stage, DeepSpeed's optimizers unscale and skip on overflow.
 """
 
@@ -17,6 +17,7 @@ from deepspeed.runtime.base_optimizer import ZeROOptimizer
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE
 from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.runtime.utils import is_model_parallel_parameter
 from deepspeed.utils import groups, logger
 
 
@@ -87,25 +88,34 @@ class GradientReductions:
     def _exec_reduce_mirror_grads(self):
         """Reduce DualPipe's two copies of every stage: both saw half the batch.
 
-        Without ZeRO, each gradient is reduced once over all its holders (the mirror pair in every data-parallel
-        replica: sum, then DeepSpeed's data-parallel averaging) in one canonical order, the parameters' names,
-        in DeepSpeed's buckets, so every copy gets the same bits, and DeepSpeed's own data-parallel reduction
-        skips them (:meth:`_reduce_non_expert_gradients`). With ZeRO (whose reduction partitions by data-parallel
-        rank) and for MoE experts (reduced over their expert-data-parallel group), the sum is over the mirror
-        pair, and DeepSpeed reduces over data parallelism afterwards.
+        Without ZeRO, each gradient is reduced once over all its holders in one canonical order, the parameters'
+        names, in DeepSpeed's buckets, so every copy gets the same bits: a dense one over the mirror pair in every
+        data-parallel replica, an expert's over the mirror image of its expert-data-parallel group
+        (:mod:`~deepspeed_dualpipe.runtime.groups`); the sum is divided as DeepSpeed's data-parallel reduction
+        divides, and DeepSpeed's own reductions then skip them (:meth:`_reduce_non_expert_gradients`,
+        :meth:`_reduce_expert_gradients`). Reduced in two steps, the pair and then data parallelism, the two
+        copies would be summed in different orders and drift apart. With ZeRO (whose reduction partitions by
+        data-parallel rank) the sum is over the mirror pair, and DeepSpeed reduces over data parallelism afterwards.
         """
         self._drain_sends()
         params = [
             p for _, p in self.module.named_mirror_tensors() if isinstance(p, torch.nn.Parameter) and p.requires_grad
         ]
-        holders = not isinstance(self.optimizer, ZeROOptimizer)
-        dense = [p for p in params if holders and getattr(p, "allreduce", True)]
-        rest = [p for p in params if not (holders and getattr(p, "allreduce", True))]
+        if isinstance(self.optimizer, ZeROOptimizer):
+            self._reduce_buckets(params, self.module.mirror_group, 1)
+            return
+        dense = [p for p in params if getattr(p, "allreduce", True)]
         if dense:
             self._reduce_buckets(dense, self.module.holder_group, self.dp_world_size)
-        if rest:
-            self._reduce_buckets(rest, self.module.mirror_group, 1)
         self._dense_reduced = bool(dense)
+        experts = {}
+        for p in params:
+            if not getattr(p, "allreduce", True):
+                experts.setdefault(p.group_name, []).append(p)
+        for name, group_params in sorted(experts.items()):
+            # DeepSpeed divides expert gradients by the whole data-parallel size too (_reduce_expert_gradients)
+            self._reduce_buckets(group_params, self.expert_holder_groups[name], self.dp_world_size)
+        self._experts_reduced = bool(experts)
 
     def _reduce_buckets(self, params, group, averaged_over):
         """All-reduce the gradients of ``params`` over ``group`` in DeepSpeed's buckets (``allreduce_no_retain``: the
@@ -124,11 +134,18 @@ class GradientReductions:
             return
         PipelineEngine._reduce_non_expert_gradients(self, grads, elements_per_buffer)
 
+    def _reduce_expert_gradients(self, expert_grads, elements_per_buffer):
+        """DeepSpeed's expert-data-parallel reduction, skipped when the mirror reduction has reduced the experts over
+        all their holders already."""
+        if getattr(self, "_experts_reduced", False):
+            return
+        PipelineEngine._reduce_expert_gradients(self, expert_grads, elements_per_buffer)
+
     def _exec_reduce_grads(self):
         try:
             PipelineEngine._exec_reduce_grads(self)
         finally:
-            self._dense_reduced = False
+            self._dense_reduced = self._experts_reduced = False
 
     def _gradient(self, p, create=False):
         """Where ``p``'s accumulated gradient lives: the bf16 optimizer's fp32 copy, ZeRO's ``grad_accum`` when it
@@ -151,30 +168,38 @@ class GradientReductions:
         return [slot for chunk in range(len(self.module.chunk_funcs)) for slot in self._hp_slots(chunk)]
 
     def clip_fp32_gradients(self):
-        """Clip to ``gradient_clipping`` by the global norm, counting every parameter once.
+        """Clip to ``gradient_clipping`` by the true global norm: the norm of every gradient of the model, each
+        counted once (:meth:`_counts_in_norm`), the same bits on every rank.
 
-        A stage held twice (DualPipe's mirror copies) or a tied module held by several ranks
-        is marked ``ds_pipe_replicated`` on all but one holder and left out of the norm. No host
-        sync: the norms are computed with ``torch._foreach_norm`` and the gradients multiplied by
-        the coefficient clamped to 1, instead of branching on it (``clip_grad_norm_``'s own way).
+        Each gradient is counted on exactly one rank of all that hold a copy of it, and one all-reduce over every
+        rank sums the shares: it runs over every axis that shards parameters (pipeline, tensor, expert) and gives
+        every rank the same coefficient, so tensor-parallel replicas and mirror copies stay bit-identical. No host
+        sync: the norms come from ``torch._foreach_norm`` and the gradients are multiplied by the coefficient
+        clamped to 1 instead of branching on it (``clip_grad_norm_``'s own way).
         """
         params = [p for p in self.module.parameters() if p.grad is not None]
-        owned = [p for p in params if not getattr(p, "ds_pipe_replicated", False)]
-        total = self._squared_norm([p for p in owned if getattr(p, "allreduce", True)])
-        # MoE experts (DeepSpeed marks them allreduce=False): each expert-parallel rank holds other experts
-        # of the same stage, so their share of the norm is summed over the expert-parallel group first.
-        experts = {}
-        for p in owned:
-            if not getattr(p, "allreduce", True):
-                experts.setdefault(p.group_name, []).append(p)
-        for name, group_params in sorted(experts.items()):
-            share = self._squared_norm(group_params)
-            dist.all_reduce(share, group=groups._get_expert_parallel_group(name))
-            total += share
-        dist.all_reduce(total, group=self.grid.get_pipe_parallel_group())
+        total = self._squared_norm([p for p in params if self._counts_in_norm(p)])
+        dist.all_reduce(total)
         coefficient = self.gradient_clipping() / (total.sqrt() + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
         if params:
             torch._foreach_mul_([p.grad for p in params], coefficient.clamp(max=1.0))
+
+    def _counts_in_norm(self, p) -> bool:
+        """Whether this rank counts ``p``'s gradient in the global norm: one holder of every copy does.
+
+        - DualPipe's second copy of a stage and a tied module's non-owning holders are ``ds_pipe_replicated``;
+        - a parameter every tensor-parallel rank holds whole (a layer norm, a row-parallel bias: not marked
+          ``tensor_model_parallel`` or ``model_parallel``) counts on tensor-parallel rank 0, a shard on every rank;
+        - a dense gradient counts on data-parallel rank 0 (the replicas hold the same reduced gradient), an
+          expert's on rank 0 of its expert-data-parallel group.
+        """
+        if getattr(p, "ds_pipe_replicated", False):
+            return False
+        if not is_model_parallel_parameter(p) and self.grid.get_slice_parallel_rank() != 0:
+            return False
+        if getattr(p, "allreduce", True):
+            return self.grid.get_data_parallel_rank() == 0
+        return groups._get_expert_data_parallel_rank(p.group_name) == 0
 
     def _squared_norm(self, params):
         if not params:

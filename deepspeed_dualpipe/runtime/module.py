@@ -22,6 +22,7 @@ from deepspeed import comm as dist
 from deepspeed.runtime import utils as ds_utils
 from deepspeed.runtime.pipe.module import PipelineModule, TiedLayerSpec
 
+from deepspeed_dualpipe.runtime.groups import mirror_rank_lists
 from deepspeed_dualpipe.schedule import PLUGIN_SCHEDULES, Layout, LayoutKind, get_spec
 
 
@@ -221,22 +222,24 @@ class DualPipeModule(PipelineModule):
             super()._synchronize_tied_weights()
 
     def _mirror_groups(self):
-        """For DualPipe: the process group of this rank and its mirror (same data-parallel index), and the group of
-        every holder of this rank's two stages (the mirror pair in every data-parallel replica); else ``None``s."""
+        """For DualPipe: the process group of this rank and its mirror (same coordinates on every other axis), and
+        the group of every holder of this rank's two stages (the mirror pair in every data-parallel replica); else
+        ``None``s. ``new_group`` is a collective: every rank creates every group, with the lists of
+        :func:`mirror_rank_lists`, which depend on the topology alone."""
         if self.layout_kind is not LayoutKind.BIDIRECTIONAL:
             return None, None
-        P, dp, mirror, holders = self.num_stages, self._grid.data_parallel_size, None, None
-        for d in range(dp):  # every rank creates every group, in the same order
-            for r in range(P // 2):
-                ranks = [self._grid.stage_to_global(stage_id=s, data=d) for s in (r, P - 1 - r)]
-                group = dist.new_group(ranks=ranks)
-                if self.global_rank in ranks:
-                    mirror = group
-        for r in range(P // 2):
-            ranks = sorted(self._grid.stage_to_global(stage_id=s, data=d) for s in (r, P - 1 - r) for d in range(dp))
-            group = dist.new_group(ranks=ranks) if dp > 1 else None
+        pairs, holder_lists = mirror_rank_lists(self._topo)
+        mirror = holders = None
+        for ranks in pairs:
+            group = dist.new_group(ranks=ranks)
             if self.global_rank in ranks:
-                holders = group if dp > 1 else mirror
+                mirror = group
+        if self._grid.data_parallel_size == 1:
+            return mirror, mirror  # the pair holds the only two copies
+        for ranks in holder_lists:
+            group = dist.new_group(ranks=ranks)
+            if self.global_rank in ranks:
+                holders = group
         return mirror, holders
 
     def mirror_peer(self) -> int:
@@ -275,3 +278,4 @@ def _argument(function, name, args, kwargs, *leading):
     bound = inspect.signature(function).bind(None, *leading, *args, **kwargs)
     bound.apply_defaults()
     return bound.arguments[name]
+
