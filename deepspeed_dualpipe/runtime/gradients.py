@@ -108,14 +108,18 @@ class GradientReductions:
         if dense:
             self._reduce_buckets(dense, self.module.holder_group, self.dp_world_size)
         self._dense_reduced = bool(dense)
-        experts = {}
-        for p in params:
-            if not getattr(p, "allreduce", True):
-                experts.setdefault(p.group_name, []).append(p)
-        for name, group_params in sorted(experts.items()):
+        self._experts_reduced = self._reduce_expert_copies([p for p in params if not getattr(p, "allreduce", True)])
+
+    def _reduce_expert_copies(self, experts) -> bool:
+        """Reduce each expert gradient once over every copy of its shard (its expert-data-parallel group and that
+        group's mirror image), one expert group name at a time; True if there were any."""
+        by_name = {}
+        for p in experts:
+            by_name.setdefault(p.group_name, []).append(p)
+        for name, group_params in sorted(by_name.items()):
             # DeepSpeed divides expert gradients by the whole data-parallel size too (_reduce_expert_gradients)
             self._reduce_buckets(group_params, self.expert_holder_groups[name], self.dp_world_size)
-        self._experts_reduced = bool(experts)
+        return bool(by_name)
 
     def _reduce_buckets(self, params, group, averaged_over):
         """All-reduce the gradients of ``params`` over ``group`` in DeepSpeed's buckets (``allreduce_no_retain``: the

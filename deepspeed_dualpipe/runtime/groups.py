@@ -43,34 +43,40 @@ def expert_holder_lists(pairs: List[List[int]], expert_data_groups: Dict[str, Li
     """Every copy of one expert shard under DualPipe: an expert-data-parallel group (DeepSpeed's, per expert group
     name) together with its mirror image across the pipeline. Sorted, without repeats: the same list on every rank
     when ``expert_data_groups`` holds every rank's groups."""
-    mirror = {a: b for a, b in pairs} | {b: a for a, b in pairs}
-    return sorted({
-        tuple(sorted(set(group) | {mirror[rank]
-                                   for rank in group}))
-        for lists in expert_data_groups.values() for group in lists
-    })
+    mirror = _mirror_map(pairs)
+    copies = {_with_mirror(group, mirror) for lists in expert_data_groups.values() for group in lists}
+    return [list(ranks) for ranks in sorted(copies)]
 
 
 def create_expert_holder_groups(pairs: List[List[int]]) -> Dict[str, object]:
     """After DeepSpeed has made its expert groups: one process group per expert group name holding every copy of
-    this rank's expert shards (:func:`expert_holder_lists`), made by every rank alike. Returns {name: group} for the
-    names this rank holds experts of."""
+    this rank's expert shards (:func:`expert_holder_lists`), made by every rank alike (DeepSpeed's expert groups
+    are gathered from every rank first). Returns {name: group}."""
     from deepspeed.utils import groups
-    mine = {name: sorted(dist.get_all_ranks_from_group(group))
-            for name, group in sorted(groups._get_expert_data_parallel_group_dict().items())}
+    mine = {
+        name: sorted(dist.get_all_ranks_from_group(group))
+        for name, group in sorted(groups._get_expert_data_parallel_group_dict().items())
+    }
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     gathered = {}
     for per_rank in everyone:
         for name, ranks in per_rank.items():
             gathered.setdefault(name, set()).add(tuple(ranks))
-    by_list = {}
-    for ranks in expert_holder_lists(pairs, {n: sorted(lists) for n, lists in gathered.items()}):
-        by_list[ranks] = dist.new_group(ranks=list(ranks))
-    me = dist.get_rank()
-    mirror = {a: b for a, b in pairs} | {b: a for a, b in pairs}
-    return {
-        name: by_list[tuple(sorted(set(ranks) | {mirror[r]
-                                                 for r in ranks}))]
-        for name, ranks in mine.items() if me in ranks
+    made = {
+        tuple(ranks): dist.new_group(ranks=ranks)
+        for ranks in expert_holder_lists(pairs, {
+            name: sorted(lists)
+            for name, lists in gathered.items()
+        })
     }
+    mirror = _mirror_map(pairs)
+    return {name: made[_with_mirror(ranks, mirror)] for name, ranks in mine.items()}
+
+
+def _mirror_map(pairs):
+    return {a: b for a, b in pairs} | {b: a for a, b in pairs}
+
+
+def _with_mirror(ranks, mirror) -> Tuple[int, ...]:
+    return tuple(sorted(set(ranks) | {mirror[rank] for rank in ranks}))

@@ -278,4 +278,3 @@ def _argument(function, name, args, kwargs, *leading):
     bound = inspect.signature(function).bind(None, *leading, *args, **kwargs)
     bound.apply_defaults()
     return bound.arguments[name]
-

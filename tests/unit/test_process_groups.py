@@ -45,7 +45,10 @@ def _mirror_groups_of_every_rank(monkeypatch, P, tp, dp):
     for rank in range(world):
         with _as_rank(monkeypatch, rank, world):
             grid = PipelineParallelGrid(topology=topology)
-        module = SimpleNamespace(layout_kind=LayoutKind.BIDIRECTIONAL, _topo=topology, _grid=grid, global_rank=rank,
+        module = SimpleNamespace(layout_kind=LayoutKind.BIDIRECTIONAL,
+                                 _topo=topology,
+                                 _grid=grid,
+                                 global_rank=rank,
                                  num_stages=P)
         calls[rank] = []
         with _as_rank(monkeypatch, rank, world, calls[rank]):
@@ -67,8 +70,8 @@ def test_each_tensor_parallel_shard_has_its_own_mirror_pair_and_holders(monkeypa
     topology, _, made = _mirror_groups_of_every_rank(monkeypatch, P, tp, dp)
     for rank, (mirror, holders) in made.items():
         me = topology.get_coord(rank)
-        assert sorted(mirror.ranks) == sorted([rank, topology.get_rank(pipe=P - 1 - me.pipe, data=me.data,
-                                                                        model=me.model)])
+        assert sorted(mirror.ranks) == sorted(
+            [rank, topology.get_rank(pipe=P - 1 - me.pipe, data=me.data, model=me.model)])
         want = sorted(
             topology.get_rank(pipe=s, data=d, model=me.model) for s in (me.pipe, P - 1 - me.pipe) for d in range(dp))
         assert sorted(holders.ranks) == want
@@ -81,7 +84,8 @@ def test_every_rank_makes_the_same_expert_holder_groups(monkeypatch, P, tp, dp, 
     world = P * tp * dp
     expert_data = {
         r: dp_ranks[i % ep::ep]
-        for dp_ranks in topology.get_axis_comm_lists("data") for i, r in enumerate(dp_ranks)
+        for dp_ranks in topology.get_axis_comm_lists("data")
+        for i, r in enumerate(dp_ranks)
     }
     pairs = groups.mirror_rank_lists(topology)[0]
     every_rank = [{f"ep_size_{ep}": sorted(expert_data[r])} for r in range(world)]
@@ -98,8 +102,10 @@ def test_every_rank_makes_the_same_expert_holder_groups(monkeypatch, P, tp, dp, 
         assert calls[rank] == calls[0], f"rank {rank} makes {calls[rank]}, rank 0 {calls[0]}"
         me = topology.get_coord(rank)
         mirror = topology.get_rank(pipe=P - 1 - me.pipe, data=me.data, model=me.model)
-        copies = set(expert_data[rank]) | {topology.get_rank(pipe=P - 1 - me.pipe, data=topology.get_coord(r).data,
-                                                             model=me.model) for r in expert_data[rank]}
+        copies = set(expert_data[rank]) | {
+            topology.get_rank(pipe=P - 1 - me.pipe, data=topology.get_coord(r).data, model=me.model)
+            for r in expert_data[rank]
+        }
         assert sorted(made[rank][f"ep_size_{ep}"].ranks) == sorted(copies)
         assert {rank, mirror} <= copies and len(copies) == 2 * dp // ep
 
