@@ -179,14 +179,16 @@ class GradientReductions:
         rank sums the shares: it runs over every axis that shards parameters (pipeline, tensor, expert) and gives
         every rank the same coefficient, so tensor-parallel replicas and mirror copies stay bit-identical. No host
         sync: the norms come from ``torch._foreach_norm`` and the gradients are multiplied by the coefficient
-        clamped to 1 instead of branching on it (``clip_grad_norm_``'s own way).
+        clamped to 1 instead of branching on it (``clip_grad_norm_``'s own way). Returns that coefficient (a tensor).
         """
         params = [p for p in self.module.parameters() if p.grad is not None]
         total = self._squared_norm([p for p in params if self._counts_in_norm(p)])
         dist.all_reduce(total)
-        coefficient = self.gradient_clipping() / (total.sqrt() + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
+        # torch.nn.utils.clip_grad_norm_'s rule
+        coefficient = (self.gradient_clipping() / (total.sqrt() + 1e-6)).clamp(max=1.0)
         if params:
-            torch._foreach_mul_([p.grad for p in params], coefficient.clamp(max=1.0))
+            torch._foreach_mul_([p.grad for p in params], coefficient)
+        return coefficient
 
     def _counts_in_norm(self, p) -> bool:
         """Whether this rank counts ``p``'s gradient in the global norm: one holder of every copy does.

@@ -127,7 +127,16 @@ def outcome(action):
     return "no error", "", time.monotonic() - start
 
 
-def train_pipeline(initialize, config, specs_fn, P, steps, batches, loss_fn=None, seed=1234, eval_batches=None):
+def train_pipeline(initialize,
+                   config,
+                   specs_fn,
+                   P,
+                   steps,
+                   batches,
+                   loss_fn=None,
+                   seed=1234,
+                   eval_batches=None,
+                   topology=None):
     """Train ``PipelineModule(specs_fn(), P stages)`` with ``initialize``.
 
     ``initialize`` has ``deepspeed.initialize``'s signature (keyword args
@@ -135,7 +144,12 @@ def train_pipeline(initialize, config, specs_fn, P, steps, batches, loss_fn=None
     element is an engine with ``train_batch(data_iter=...)``.
     ``config`` must set ``"gradient_clipping": 0.0``: DeepSpeed 0.19.8 clips
     to norm 1.0 by default, which the plain-SGD reference does not do.
-    Returns {"losses", "initial_params", "params", "rank", "stage", "dp_rank"}.
+    ``topology`` (a DeepSpeed ``ProcessTopology`` with ``P`` on its pipe axis): the module's, e.g. with a
+    tensor-parallel (``model``) axis; parameters marked ``tensor_model_parallel`` are then shards, reported with
+    their ``partition_dim`` (:func:`gather_tensor_parallel` joins them).
+    Returns {"losses", "initial_params", "params", "rank", "stage", "dp_rank", "tp_rank", "partition_dims",
+    "clip_coefficients"} (the last: the coefficient each step's gradient clipping applied, see
+    :func:`_record_clipping`).
     """
     import deepspeed.comm as dist
     from deepspeed.pipe import PipelineModule
@@ -154,9 +168,11 @@ def train_pipeline(initialize, config, specs_fn, P, steps, batches, loss_fn=None
     # "autograd kernel was not registered" at every backward; building
     # under no_grad keeps the graph clean (results are the same either way).
     with torch.no_grad():
-        model = PipelineModule(layers=specs_fn(), num_stages=P, loss_fn=loss_fn, partition_method="uniform")
+        shape = {"num_stages": P} if topology is None else {"topology": topology}
+        model = PipelineModule(layers=specs_fn(), loss_fn=loss_fn, partition_method="uniform", **shape)
     engine = initialize(model=model, config=config, optimizer=_sgd)[0]
     module = _unwrap(engine)
+    coefficients = _record_clipping(engine)
 
     initial = pipeline_params(module)
     dp_rank = engine.grid.get_data_parallel_id() if hasattr(engine, "grid") else 0
@@ -179,7 +195,46 @@ def train_pipeline(initialize, config, specs_fn, P, steps, batches, loss_fn=None
         "losses": losses,
         "initial_params": initial,
         "params": pipeline_params(module),
+        "tp_rank": engine.grid.get_slice_parallel_rank() if hasattr(engine, "grid") else 0,
+        "partition_dims": {
+            _global_name(n): p.partition_dim
+            for n, p in module.named_parameters() if getattr(p, "tensor_model_parallel", False)
+        },
+        "clip_coefficients": [float(c) for c in coefficients],
     }
+
+
+def _record_clipping(engine):
+    """A list that receives the coefficient each step's fp32 gradient clipping applies on this rank.
+
+    The plugin's ``clip_fp32_gradients`` returns it. DeepSpeed's own (1F1B, ds-dualpipev) calls
+    ``clip_grad_norm_`` and drops the norm it returns: caught on the way, its coefficient computed as that
+    function computes it (``max_norm / (norm + 1e-6)``, at most 1, in fp32).
+    """
+    from deepspeed.runtime import engine as ds_engine
+    coefficients = []
+    own = type(engine).clip_fp32_gradients is ds_engine.DeepSpeedEngine.clip_fp32_gradients
+
+    def clip():
+        if not own:
+            coefficients.append(type(engine).clip_fp32_gradients(engine))
+            return
+        real = ds_engine.clip_grad_norm_
+
+        def recording(*args, **kwargs):
+            norm = real(*args, **kwargs)
+            max_norm = torch.tensor([float(kwargs["max_norm"])])
+            coefficients.append(torch.min(torch.tensor([1.0]), max_norm / (norm + 1e-6)))
+            return norm
+
+        ds_engine.clip_grad_norm_ = recording
+        try:
+            type(engine).clip_fp32_gradients(engine)
+        finally:
+            ds_engine.clip_grad_norm_ = real
+
+    engine.clip_fp32_gradients = clip
+    return coefficients
 
 
 # --------------------------------------------------------------------------
@@ -246,11 +301,12 @@ def evaluate_reference(specs_fn, params, batches, loss_fn=None):
         return [float(_batch_loss(funcs, batch, loss_fn)) for batch in batches]
 
 
-def train_reference(specs_fn, initial_params, batches, steps, loss_fn=None, clip=0.0):
+def train_reference(specs_fn, initial_params, batches, steps, loss_fn=None, clip=0.0, keep_gradients=False):
     """Single-process ground truth starting from ``initial_params``.
 
     ``clip`` > 0 clips the gradient to that global norm before each step, as DeepSpeed's
-    ``gradient_clipping`` does. Each step's loss is :func:`_batch_loss`.
+    ``gradient_clipping`` does; "clip_coefficients" are the factors it applied. Each step's loss is
+    :func:`_batch_loss`. ``keep_gradients``: "gradients" holds each step's gradients before clipping.
     """
     if loss_fn is None:
         from tests.helpers.models import loss_fn
@@ -259,16 +315,21 @@ def train_reference(specs_fn, initial_params, batches, steps, loss_fn=None, clip
     _load(named, initial_params)
     opt = torch.optim.SGD(list(named.values()), lr=LR)
 
-    losses = []
+    losses, coefficients, gradients = [], [], []
     for step in range(steps):
         opt.zero_grad()
         loss = _batch_loss(funcs, batches[step], loss_fn)
         loss.backward()
+        if keep_gradients:
+            gradients.append({n: p.grad.detach().numpy().copy() for n, p in named.items()})
         if clip > 0:
-            torch.nn.utils.clip_grad_norm_(list(named.values()), clip)
+            norm = torch.nn.utils.clip_grad_norm_(list(named.values()), clip)
+            coefficients.append(float((clip / (norm + 1e-6)).clamp(max=1.0)))  # as clip_grad_norm_ scales
         opt.step()
         losses.append(float(loss.detach()))
     return {
+        "gradients": gradients,
+        "clip_coefficients": coefficients,
         "losses": losses,
         "params": {
             n: p.detach().numpy().copy()
@@ -287,6 +348,47 @@ def initial_params_from(results):
                                                       f"max diff {np.abs(merged[n] - a).max():.3e}")
             else:
                 merged[n] = a
+    return merged
+
+
+def gather_tensor_parallel(results):
+    """The results of each tensor-parallel group as one rank's: shards joined, replicas checked bit-identical.
+
+    Ranks that differ only in their tensor-parallel coordinate (same ``stage``, same ``dp_rank``) hold the same
+    parameter names. A shard (in ``partition_dims``) is joined with its peers' in tensor-parallel order along its
+    ``partition_dim``; any other parameter is held whole by every one of them and must have the same bits on all,
+    as must their losses. Returns one result per group ("rank": the group's ranks), for :func:`compare` and
+    :func:`initial_params_from`.
+    """
+    groups = {}
+    for res in results:
+        groups.setdefault((res["stage"], res["dp_rank"]), []).append(res)
+    merged, problems = [], []
+    for members in groups.values():
+        members = sorted(members, key=lambda res: res["tp_rank"])
+        assert [m["tp_rank"] for m in members] == list(range(len(members))), [m["rank"] for m in members]
+        first = members[0]
+        ranks = [m["rank"] for m in members]
+        joined = dict(first, rank=ranks)
+        for m in members[1:]:
+            if list(m["losses"]) != list(first["losses"]):
+                problems.append(f"losses of rank {m['rank']} {m['losses']} differ from rank {first['rank']}'s "
+                                f"{first['losses']}")
+        for key in ("initial_params", "params"):
+            joined[key] = {}
+            for name, value in first[key].items():
+                dim = first["partition_dims"].get(name)
+                if dim is not None:
+                    joined[key][name] = np.concatenate([m[key][name] for m in members], axis=dim)
+                    continue
+                for m in members[1:]:
+                    if not np.array_equal(m[key][name], value):
+                        diff = np.abs(m[key][name].astype(np.float64) - value).max()
+                        problems.append(f"{key} {name}: replicas on tensor-parallel ranks {first['rank']} and "
+                                        f"{m['rank']} not bit-identical, max diff {diff:.3e}")
+                joined[key][name] = value
+        merged.append(joined)
+    assert not problems, "tensor-parallel ranks disagree:\n  " + "\n  ".join(problems[:20])
     return merged
 
 
