@@ -11,7 +11,8 @@ import pytest
 from tests.distributed import test_moe_equivalence as moe
 from tests.helpers import harness
 
-STRICT_S = 120  # generous: 4 ranks on 2 shared cores; the bare cases show a violation with a short one
+STRICT_S = 120  # generous: 4 ranks on 2 shared cores
+SHORT_S = 20  # the plant: a crossed order is named at once, this only bounds a mistake
 RUNS = (("dualpipe", True), ("dualpipe", False), ("dualpipe", "clipped"), ("dualpipev",
                                                                            True), ("interleaved-1f1b-overlap", True),
         ("1f1b", True), ("zb1p", True), ("interleaved-1f1b", True), ("zbv", True), ("ds-dualpipev", True))
@@ -28,3 +29,42 @@ def test_moe_with_expert_parallelism_trains_like_one_process_with_no_crossed_ord
     results = [r[schedule, overlap] for r in _strict_launch()]
     reference = moe._reference(moe.P, results, clip=moe.CLIP if overlap == "clipped" else 0.0)
     harness.compare(results, reference)
+
+
+# ----- the plant: one rank joins a pipeline-group barrier before the mirror reduction, the others after ---------
+
+
+def _train_crossed(P, runs):
+    """moe._train with DualPipeEngine's mirror reduction planted: global rank 0 issues a barrier on its pipeline
+    group before the reduction over the mirror holders, every other rank after it (its pipeline partner shares
+    both communicators). Returns (error kind, message)."""
+    import deepspeed.comm as dist
+    from deepspeed_dualpipe.runtime.engine import DualPipeEngine
+    from deepspeed_dualpipe.schedule.instructions import ReduceMirrorGrads
+    reduce = DualPipeEngine._INSTRUCTION_MAP[ReduceMirrorGrads]
+
+    def planted(self):
+        if dist.get_rank() == 0:
+            dist.barrier(group=self.grid.get_pipe_parallel_group())
+        reduce(self)
+        if dist.get_rank() != 0:
+            dist.barrier(group=self.grid.get_pipe_parallel_group())
+
+    DualPipeEngine._INSTRUCTION_MAP[ReduceMirrorGrads] = planted  # the engine dispatches through this table
+    return harness.outcome(lambda: moe._train(P, runs))[:2]
+
+
+@pytest.mark.slow
+def test_the_plant_a_barrier_crossed_with_the_mirror_reduction_is_named_on_the_ranks_that_cross():
+    outcomes = harness.run_distributed(_train_crossed,
+                                       moe.P * moe.DP,
+                                       moe.P, (("dualpipe", True), ),
+                                       timeout=600,
+                                       strict_p2p=SHORT_S)
+    kinds = [kind for kind, _ in outcomes]
+    assert set(kinds) == {"StrictOrderError"}, outcomes
+    # the pipeline group [0, 2] had a barrier at start-up (#0); the mirror holders at P=2 are all four ranks
+    for _, message in outcomes:
+        for words in ("ranks 0 and 2 issue their operations on two communicators they share in different orders",
+                      "barrier #1 on communicator [0, 2]", "all_reduce #0 on communicator [0, 1, 2, 3]"):
+            assert words in message, outcomes
