@@ -7,6 +7,7 @@ calls ``deepspeed.initialize``: every rank reaches that call at the same point o
 """
 
 import os
+import sys
 
 from deepspeed_dualpipe.testing import strict_p2p
 
@@ -23,6 +24,10 @@ def strict_mode_from_env() -> None:
     if deepspeed.comm.comm.cdb is None:  # DeepSpeed's wrapper of the running process group (what it would build)
         deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
     strict_p2p.install_from_env()
-    from deepspeed.utils import logger
-    logger.info(f"strict mode: rank {torch.distributed.get_rank()} runs under NCCL's rules, emulated "
-                f"({strict_p2p.ENV}={os.environ[strict_p2p.ENV]} s)")
+    # printed, not logged: a job's launcher may silence DeepSpeed's logger on the ranks, and a run that is slower
+    # on purpose should say so
+    print(
+        f"deepspeed_dualpipe: strict mode: rank {torch.distributed.get_rank()} runs under NCCL's rules, emulated "
+        f"on gloo ({strict_p2p.ENV}={os.environ[strict_p2p.ENV]} s)",
+        file=sys.stderr,
+        flush=True)
