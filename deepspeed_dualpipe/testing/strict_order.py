@@ -17,13 +17,16 @@ How (every rank, no extra collective):
   snapshots agree on every stream of every other communicator they share. The second of the two to publish
   compares and raises :class:`StrictOrderError` naming both ranks, both communicators and both operations;
 - a rank that would block in a collective (a synchronous one, or ``wait()`` on an asynchronous one) first waits
-  in the store until every member has issued it. While it waits it reads each missing member's latest snapshot:
+  in the store until every member has issued it and compared its order with everyone's, so no rank goes into
+  the real (gloo) collective while another has found a crossed order: whoever finds one publishes it, and every
+  rank waiting in a collective stops with it. While it waits it also reads each missing member's latest counts:
   a member that has issued, on a communicator they share, an operation this rank has not, while this rank has
-  issued the awaited one, is a crossed order, reported at once instead of a hang. Anything else stuck is reported
-  after the strict timeout with what each missing member issued last.
+  issued the awaited one, is a crossed order, reported at once instead of a hang. Anything else stuck is
+  reported after the strict timeout with what each missing member issued last.
 
-Cost: per operation one ``set`` of a short string and a ``check``/``get`` per other member, plus polling only
-while a rank is early at a collective (it would wait there anyway). Collectives are intercepted at the
+Cost: per operation two ``set`` calls of a short string and a ``check``/``get`` per other member, per collective a
+second round (``compared``), and polling only while a rank is early at a collective (it would wait there anyway):
+the MoE run's ten schedules take 44 s instead of 41 s. Collectives are intercepted at the
 ``torch.distributed`` functions, which DeepSpeed's ``deepspeed.comm`` and models' own code (Megatron's
 tensor-parallel mappings) both call through the module; point-to-point comes from :mod:`.strict_p2p`.
 What it does not emulate: CUDA streams, NCCL's buffering, a real NCCL hang (the watchdog).
