@@ -61,10 +61,9 @@ def verify_table(schedules: List[str], stages: List[int], unbatched: bool = Fals
     from deepspeed_dualpipe.schedule import get_spec
     width = max(len("schedule"), *map(len, schedules))
     header = f"{'schedule':<{width}} {'P':>3} {'M':>3}  {'first batch':<12} {'steady':<8} {'groups':>11}"
-    lines = [
-        "NCCL's rules: one stream per communicator, groups in posting order, a send waits for its receive",
-        header + ("  each send/recv alone" if unbatched else "")
-    ]
+    rules = ("NCCL's rules: one stream per communicator, groups in posting order, a send waits for its receive, "
+             "collectives meet in issue order")
+    lines = [rules, header + ("  each send/recv alone" if unbatched else "")]
     for name in schedules:
         for P in stages:
             for M in sorted({2 * P, 2 * P + 2, 4 * P}):
