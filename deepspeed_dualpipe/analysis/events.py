@@ -9,7 +9,9 @@ printing and export all work on the events this module produces.
 Two readings of a stream: :func:`rank_events` lists its computations and messages in
 instruction order; :func:`rank_program` lists what the engine running it actually posts,
 :class:`Post` by :class:`Post` (one ``batch_isend_irecv`` or blocking send/receive each), with
-its computations between them. The verifier checks programs under NCCL's rules.
+its computations between them, and the collectives it issues on other communicators
+(:class:`Collective`: the end-of-batch reductions, the optimizer step's norm, the loss). The verifier
+checks programs under NCCL's rules.
 """
 
 from dataclasses import dataclass, field
@@ -75,6 +77,54 @@ class Post:
 
     def __str__(self) -> str:
         return "[" + ", ".join(map(str, self.comms)) + "]" + (" (waited)" if self.wait else "")
+
+
+@dataclass(frozen=True)
+class Collective:
+    """A collective the engine issues on a communicator other than the point-to-point one: a rendezvous of
+    ``members`` (pipeline ranks) on the communicator ``communicator``, in issue order there."""
+
+    kind: str  # the instruction (ReduceMirrorGrads, ...) or "AggregateLoss"
+    communicator: str  # what the process group is for: mirror, tied, world, pipe
+    members: Tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.kind} on the {self.communicator} communicator {list(self.members)}"
+
+
+def collectives_of(ins, layout: Layout, rank: int) -> List[Collective]:
+    """The collectives an end-of-batch instruction issues across pipeline ranks, each on its own communicator:
+
+    - ``ReduceMirrorGrads``: over the ranks that hold copies of this rank's stages (DualPipe's mirror pair);
+    - ``ReduceTiedGrads``: over the holders of the first and the last stage (DeepSpeed's group for a tied
+      embedding and head, the usual tie; other ties depend on the model);
+    - ``OptimizerStep``: the gradient-clipping norm's all-reduce over every rank (with ``gradient_clipping``;
+      modelled always, which only adds a rendezvous);
+    - ``ReduceGrads``: data parallelism only, each rank with its own replicas, which run the same program.
+    The expert all-to-alls inside MoE computations also stay among replicas of one stage (expert parallelism is
+    carved from data parallelism), in the order of that same program, so they cannot cross."""
+    if isinstance(ins, instructions.ReduceMirrorGrads):
+        mine = {layout.model_stage(rank, c) for c in range(layout.chunks_per_rank)}
+        found = Collective("ReduceMirrorGrads", "mirror", _holders(layout, mine))
+    elif isinstance(ins, ds.ReduceTiedGrads):
+        found = Collective("ReduceTiedGrads", "tied", _holders(layout, {0, layout.model_stages - 1}))
+    elif isinstance(ins, ds.OptimizerStep):
+        found = Collective("OptimizerStep", "world", tuple(range(layout.ranks)))
+    else:
+        return []
+    # a rank outside the group skips it (the tied reduction on a middle stage), and a group of one waits for none
+    return [found] if rank in found.members and len(found.members) > 1 else []
+
+
+def _holders(layout: Layout, stages) -> Tuple[int, ...]:
+    return tuple(r for r in range(layout.ranks) if any(
+        layout.model_stage(r, c) in stages for c in range(layout.chunks_per_rank)))
+
+
+def aggregate_loss(layout: Layout) -> Collective:
+    """After every batch the engines reduce the loss over the pipeline (the plugin's all-reduce, DeepSpeed's
+    broadcast from its last stage)."""
+    return Collective("AggregateLoss", "pipe", tuple(range(layout.ranks)))
 
 
 _COMM = {
@@ -185,10 +235,12 @@ class ProgramReader:
                 out += self._p2p(ins, event, queued)
             elif event is not None:
                 out.append(event)
+            else:
+                out += collectives_of(ins, self.reader.layout, self.reader.rank)
         if self._queue:
             raise ValueError(f"rank {self.reader.rank}: {len(self._queue)} sends/receives are queued after the "
                              f"last CommitP2P and never posted")
-        return out
+        return out + [aggregate_loss(self.reader.layout)]
 
     def _p2p(self, ins, comm: Comm, queued: bool) -> List[Post]:
         if self.engine is EngineKind.PLUGIN:

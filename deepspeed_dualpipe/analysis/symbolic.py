@@ -14,7 +14,13 @@ does, in order: computations (:class:`~.events.Op`) and posted groups of sends a
   a to b matches b's k-th receive from a; a group completes when all its operations have;
 - a computation starts after the previous one, after every group the rank waited for before it,
   and after the group holding each tensor it receives (the wait where the data is used);
-- a posted group with ``wait`` holds back everything the rank does after it until it completes.
+- a posted group with ``wait`` holds back everything the rank does after it until it completes;
+- a collective (:class:`~.events.Collective`: the end-of-batch reductions, the optimizer's norm, the loss) runs
+  on a communicator of its own, in issue order there: the k-th one a rank issues on a communicator meets the
+  k-th of every other member (a rendezvous); it starts once the rank has computed everything before it and its
+  point-to-point groups have completed (the engine drains its sends first), and holds back everything after it
+  until all members have joined (the host waits for it). Ranks that share two communicators and issue their
+  collectives on them in different orders form a cycle: a deadlock, as on NCCL.
 
 ``semantics=BUFFERED`` is the idealised model of the simulator: groups do not queue behind each
 other, sends never block, and a received tensor is there ``latency`` after its send was posted.
@@ -24,7 +30,7 @@ Run with any costs, NCCL's rules find deadlocks; run with the report's costs, th
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from deepspeed_dualpipe.analysis.events import Comm, Op, Post, schedule_program
+from deepspeed_dualpipe.analysis.events import Collective, Comm, Op, Post, schedule_program
 from deepspeed_dualpipe.schedule.layout import Layout
 
 NCCL = "nccl"
@@ -167,6 +173,21 @@ class _Item:
     end: int = -1
     waits: List[_Group] = field(default_factory=list)  # the groups a computation waits for (NCCL)
     arrivals: List[tuple] = field(default_factory=list)  # the receives it waits for (BUFFERED)
+    meeting: Optional["_Meeting"] = None  # a collective's rendezvous
+
+
+@dataclass
+class _Meeting:
+    """One collective: the k-th on its communicator, joined by every member's item."""
+
+    collective: Collective
+    index: int
+    items: Dict[int, "_Item"] = field(default_factory=dict)  # rank -> its item
+    node: int = -1  # when every member has joined
+
+    def __str__(self) -> str:
+        c = self.collective
+        return f"{c.kind} #{self.index} on the {c.communicator} communicator {list(c.members)}"
 
 
 def execute(programs: List[list],
@@ -186,6 +207,9 @@ def execute(programs: List[list],
     _match(execution)
     graph = _Graph()
     zero = graph.node()
+    meetings = _meet(items)
+    for meeting in meetings:
+        meeting.node = graph.node()
     arrivals = {}  # id(recv Comm in a group) -> node: when it is there (BUFFERED)
     for rank_items in items:
         floor, previous = zero, None
@@ -198,10 +222,16 @@ def execute(programs: List[list],
                 previous = group
                 if item.event.wait:
                     floor = item.start = graph.node([(floor, 0.0), (group.end, 0.0)])
+            elif item.meeting is not None:
+                drained = [(previous.end, 0.0)] if previous is not None and semantics == NCCL else []
+                item.start = graph.node([(floor, 0.0)] + drained)
+                item.end = floor = item.meeting.node
             else:
                 waits = [(g.end, 0.0) for g in item.waits] if semantics == NCCL else []
                 item.start = graph.node([(floor, 0.0)] + waits)
                 item.end = floor = graph.node([(item.start, 0.0)], costs.of(item.event))
+    for meeting in meetings:
+        graph.deps[meeting.node] = [(item.start, 0.0) for item in meeting.items.values()]
     for rank_items in items:
         for item in rank_items:
             if item.group is not None:
@@ -209,14 +239,14 @@ def execute(programs: List[list],
     if semantics == BUFFERED:
         for rank_items in items:
             for item in rank_items:
-                if item.group is None:
+                if item.group is None and item.meeting is None:
                     graph.deps[item.start] += [(arrivals[key], 0.0) for key in item.arrivals]
     value = graph.solve()
     if any(v is None for v in value):
-        raise ScheduleError(_deadlock(items, value))
+        raise ScheduleError(_crossed(items, value) or _deadlock(items, value))
     for rank, rank_items in enumerate(items):
         for item in rank_items:
-            if item.group is None:
+            if item.group is None and item.meeting is None:
                 execution.timelines[rank].append(Interval(value[item.start], value[item.end], item.event))
     execution.groups = sum(1 for rank_items in items for item in rank_items if item.group is not None)
     return execution
@@ -261,6 +291,11 @@ def _read(rank: int, program: list, layout: Layout, forward_only: bool, executio
                 if comm.direction == "recv":
                     posted[message] = group
             items.append(_Item(event, group))
+            continue
+        if isinstance(event, Collective):
+            if rank not in event.members:
+                raise ScheduleError(f"rank {rank}: issues {event}, which it is not a member of")
+            items.append(_Item(event))
             continue
         if not isinstance(event, Op):
             raise ScheduleError(f"rank {rank}: {event!r} is neither a computation nor a posted group")
@@ -335,6 +370,58 @@ def _match(execution: Execution) -> None:
             send_group.matches.append((send, recv_group))
             recv_group.matches.append((recv, send_group))
         execution.sent[channel], execution.received[channel] = sent_ids, received_ids
+
+
+def _meet(items) -> List[_Meeting]:
+    """Pair every rank's k-th collective on a communicator with the other members' k-th (issue order)."""
+    meetings, by_communicator = [], {}
+    for rank, rank_items in enumerate(items):
+        seen = {}
+        for item in rank_items:
+            if not isinstance(item.event, Collective):
+                continue
+            c = item.event
+            key = (c.communicator, c.members)
+            index = seen.get(key, 0)
+            seen[key] = index + 1
+            row = by_communicator.setdefault(key, [])
+            if index == len(row):
+                row.append(_Meeting(c, index))
+                meetings.append(row[-1])
+            meeting = row[index]
+            if meeting.collective.kind != c.kind:
+                raise ScheduleError(f"rank {rank} issues {c.kind} as collective #{index} on the {c.communicator} "
+                                    f"communicator {list(c.members)}, where rank {min(meeting.items)} issues "
+                                    f"{meeting.collective.kind}")
+            meeting.items[rank] = item
+            item.meeting = meeting
+    for meeting in meetings:
+        absent = [r for r in meeting.collective.members if r not in meeting.items]
+        if absent:
+            raise ScheduleError(f"{meeting} is issued by ranks {sorted(meeting.items)} but never by its members "
+                                f"{absent}")
+    return meetings
+
+
+def _crossed(items, value) -> Optional[str]:
+    """A cycle through collectives alone (every stuck rank waits in one): where each waits, and for whom."""
+    waiting = {}
+    for rank, rank_items in enumerate(items):
+        if all(value[n] is not None for i in rank_items for n in (i.start, i.end) if n >= 0):
+            continue
+        item = next((i for i in rank_items
+                     if i.meeting is not None and value[i.start] is not None and value[i.meeting.node] is None), None)
+        if item is None:
+            return None  # this rank is stuck elsewhere: a point-to-point deadlock
+        waiting[rank] = item.meeting
+    lines = []
+    for rank, meeting in waiting.items():
+        absent = [r for r, other in meeting.items.items() if value[other.start] is None]
+        lines.append(f"rank {rank} waits in {meeting} for " + ", ".join(f"rank {r}, which waits in {waiting[r]} first"
+                                                                        for r in absent if r in waiting))
+    return ("deadlock under NCCL's rules: ranks that share two communicators issue their collectives on them in "
+            "different orders (each communicator runs in issue order on its own stream, a collective is a rendezvous "
+            "of its members): " + "; ".join(lines)) if lines else None
 
 
 def _deadlock(items, value) -> str:

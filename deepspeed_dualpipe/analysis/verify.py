@@ -11,14 +11,17 @@ It proves, for one (schedule, P, M), that:
   sent (NCCL and gloo match point-to-point messages in posting order);
 - each (micro-batch, stage) gets exactly one forward and one backward (B, or I and
   later W), after its forward, with stage order along every micro-batch's path;
-- no buffer slot is reused while the micro-batch in it is still needed.
+- no buffer slot is reused while the micro-batch in it is still needed;
+- the collectives of the end of a batch (mirror and tied reductions, the optimizer's norm, the loss: each on its
+  communicator, :func:`~.events.collectives_of`) are issued in one order by every pair of ranks that share two
+  of those communicators (else a cycle of rendezvous: a deadlock on NCCL).
 It reports the peak number of live activations per rank.
 """
 
 from dataclasses import dataclass
 from typing import List, Optional
 
-from deepspeed_dualpipe.analysis.events import Comm, Op, Post, rank_events, schedule_program
+from deepspeed_dualpipe.analysis.events import Collective, Comm, Op, Post, rank_events, schedule_program
 from deepspeed_dualpipe.analysis.symbolic import NCCL, Costs, ScheduleError, execute
 from deepspeed_dualpipe.schedule import rank_steps
 from deepspeed_dualpipe.schedule.layout import Layout
@@ -58,10 +61,9 @@ def verify_table(schedules: List[str], stages: List[int], unbatched: bool = Fals
     from deepspeed_dualpipe.schedule import get_spec
     width = max(len("schedule"), *map(len, schedules))
     header = f"{'schedule':<{width}} {'P':>3} {'M':>3}  {'first batch':<12} {'steady':<8} {'groups':>11}"
-    lines = [
-        "NCCL's rules: one stream per communicator, groups in posting order, a send waits for its receive",
-        header + ("  each send/recv alone" if unbatched else "")
-    ]
+    rules = ("NCCL's rules: one stream per communicator, groups in posting order, a send waits for its receive, "
+             "collectives meet in issue order")
+    lines = [rules, header + ("  each send/recv alone" if unbatched else "")]
     for name in schedules:
         for P in stages:
             for M in sorted({2 * P, 2 * P + 2, 4 * P}):
@@ -105,7 +107,9 @@ def verify_streams(programs: List[list],
     for rank, events in enumerate(programs):
         _check_complete(rank, [e for e in events if isinstance(e, Op)], layout, forward_only)
         if instruction_order is None:
-            _check_buffers(rank, [c for e in events for c in (e.comms if isinstance(e, Post) else [e])])
+            _check_buffers(rank, [
+                c for e in events if not isinstance(e, Collective) for c in (e.comms if isinstance(e, Post) else [e])
+            ])
         else:
             _check_buffers(rank, instruction_order[rank])
     return execution.live_peak
@@ -151,4 +155,4 @@ def _check_buffers(rank: int, events: list) -> None:
                                     f"{key_b[1]} while chunk {key_a[0]} micro-batch {key_a[1]} still needs it")
 
 
-__all__ = ["verify", "verify_table", "verify_streams", "Verified", "ScheduleError", "Comm", "Post"]
+__all__ = ["verify", "verify_table", "verify_streams", "Verified", "ScheduleError", "Comm", "Post", "Collective"]

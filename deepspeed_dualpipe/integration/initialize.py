@@ -21,6 +21,7 @@ from deepspeed_dualpipe.config import dualpipe_config
 from deepspeed_dualpipe.integration import convert, megatron
 from deepspeed_dualpipe.integration.optimizer import check_optimizer
 from deepspeed_dualpipe.integration.recording import record_pipeline_module_args
+from deepspeed_dualpipe.integration.strict import strict_mode_from_env
 
 # Set while initialize runs, so a patched deepspeed.initialize (or an installed wrapper)
 # that calls back into us goes straight to DeepSpeed instead of converting the model twice.
@@ -80,6 +81,7 @@ def initialize(args=None, model=None, *positional, **kwargs):
         if name in kwargs:
             raise TypeError(f"initialize() got multiple values for argument {name!r}")
         kwargs[name] = value
+    strict_mode_from_env()  # DS_DUALPIPE_STRICT_P2P: NCCL's rules emulated, from here on
     ds_initialize = _deepspeed_initialize()
     config = _find_config(args, kwargs)
     from deepspeed.pipe import PipelineModule

@@ -18,9 +18,13 @@ all go through) with an emulation of NCCL's rules. It is an emulation, not NCCL:
   naming what each side was waiting for, and so does a send that meets a receive of another size
   (the two ranks post in different orders).
 
+Collectives keep running on gloo, but :mod:`.strict_order` checks their order against the point-to-point
+messages and each other: ranks that share two communicators must issue their operations on them in one
+order (``StrictOrderError`` otherwise, naming both ranks, both communicators and both operations).
+
 What it does not emulate: NCCL's buffering of small messages (stricter, so anything that passes
-here passes there), collectives (they run as before, outside the point-to-point order) and CUDA
-streams (a computation runs when the host reaches it; the host waits where the engine waits).
+here passes there) and CUDA streams (a computation runs when the host reaches it; the host waits
+where the engine waits).
 
 Turn it on with ``install(timeout_s)`` on every rank right after ``init_distributed`` (the launcher
 does when ``DS_DUALPIPE_STRICT_P2P`` holds a timeout in seconds; ``run_ranks(..., strict_p2p=...)``).
@@ -34,6 +38,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
+
+from deepspeed_dualpipe.testing.strict_order import Collectives, OrderCheck, StrictOrderError, p2p_streams
 
 ENV = "DS_DUALPIPE_STRICT_P2P"  # the strict timeout in seconds; set for ranks that should run strict
 _POLL_S = 0.0005
@@ -169,6 +175,7 @@ class StrictP2P:
                                          int(os.environ["MASTER_PORT"]),
                                          is_master=False,
                                          timeout=timedelta(seconds=max(60.0, self.timeout_s)))
+        self.order = OrderCheck(torch_dist.PrefixStore("dualpipe-strict-order", self.store), self.rank, self.timeout_s)
         self.store = torch_dist.PrefixStore("dualpipe-strict-p2p", self.store)
         self.communicators = {}
         self.lock = threading.Lock()
@@ -193,6 +200,7 @@ class StrictP2P:
             if op.tensor.dtype == torch.bool:
                 raise StrictP2PError(f"rank {self.rank}: a bool tensor sent to or received from rank {op.peer}: NCCL "
                                      f"has no bool type (send its bytes, tensor.view(torch.uint8))")
+        self.order.issue(p2p_streams(self.rank, [(op.kind, op.peer) for op in ops]))  # issue order, vs collectives
         return self.communicator(group).post(ops)
 
     def batch_isend_irecv(self, p2p_op_list):
@@ -231,6 +239,8 @@ def install(timeout_s: float) -> StrictP2P:
     }
     for name in _installed.saved:
         setattr(backend, name, getattr(_installed, name))
+    _installed.collectives = Collectives(_installed.order)  # torch.distributed's: DeepSpeed's and the model's own
+    _installed.collectives.install()
     return _installed
 
 
@@ -238,9 +248,14 @@ def installed() -> bool:
     return _installed is not None
 
 
+def reset_order() -> None:
+    """Forget the operations issued so far (:meth:`.strict_order.OrderCheck.reset`; every rank, at one point)."""
+    _installed.order.reset()
+
+
 def install_from_env() -> None:
     """:func:`install` with the timeout in ``DS_DUALPIPE_STRICT_P2P``, if it is set (the launcher calls it)."""
-    if os.environ.get(ENV):
+    if os.environ.get(ENV) and _installed is None:
         install(float(os.environ[ENV]))
 
 
@@ -248,4 +263,6 @@ def _seconds(timeout) -> float:
     return timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
 
 
-__all__ = ["StrictP2PError", "StrictP2P", "install", "installed", "install_from_env", "ENV"]
+__all__ = [
+    "StrictP2PError", "StrictOrderError", "StrictP2P", "install", "installed", "install_from_env", "reset_order", "ENV"
+]

@@ -19,7 +19,8 @@ ALLOWED = {
     "testing": set(),
     "runtime": {"schedule", "config", "checkpoint", "analysis"},  # analysis: the verifier, once at start-up
     "moe": {"runtime"},
-    "integration": {"runtime", "schedule", "config", "moe"},  # moe: the Megatron MoE adapter
+    # moe: the Megatron MoE adapter; testing: strict mode from the environment (integration/strict.py)
+    "integration": {"runtime", "schedule", "config", "moe", "testing"},
     "tools": {"schedule", "analysis", "config", "runtime", "moe", "integration", "checkpoint", "testing"},
     "cli": {"schedule", "analysis", "tools"},
     "__main__": {"cli"},

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepspeed_dualpipe.analysis.events import Op, Post, schedule_program, unbatched
+from deepspeed_dualpipe.analysis.events import Collective, Op, Post, schedule_program, unbatched
 from deepspeed_dualpipe.analysis.symbolic import BUFFERED, ScheduleError
 from deepspeed_dualpipe.schedule import SCHEDULES, get_spec
 from deepspeed_dualpipe.analysis.verify import verify, verify_streams
@@ -223,3 +223,43 @@ def test_interleaved_and_zbv_need_lockstep_groups_to_complete_under_nccl(schedul
     monkeypatch.setattr(get_spec(schedule).train, "lockstep_p2p", False)  # train: the schedule class
     with pytest.raises(ScheduleError, match="deadlock under NCCL's rules"):
         verify(schedule, P, 2 * P)
+
+
+# ----- collectives: each on its communicator, in issue order, a rendezvous of its members -----------
+
+
+def collectives(program):
+    return [str(e) for e in program if isinstance(e, Collective)]
+
+
+def test_the_end_of_a_batch_issues_its_collectives_on_their_communicators_in_one_order_on_every_rank():
+    streams, _ = streams_of("dualpipe", 4, 8)
+    assert collectives(streams[0]) == collectives(streams[3]) == [
+        "ReduceMirrorGrads on the mirror communicator [0, 3]", "ReduceTiedGrads on the tied communicator [0, 3]",
+        "OptimizerStep on the world communicator [0, 1, 2, 3]", "AggregateLoss on the pipe communicator [0, 1, 2, 3]"
+    ]
+    assert collectives(streams[1])[0] == "ReduceMirrorGrads on the mirror communicator [1, 2]"
+    assert "ReduceTiedGrads" not in " ".join(collectives(streams[1]))  # a middle stage holds no tied module
+
+
+@pytest.mark.parametrize("schedule, P", [("dualpipe", 4), ("dualpipe", 8), ("1f1b", 4), ("zb1p", 6)])
+def test_two_collectives_swapped_on_one_rank_are_a_deadlock_naming_both_communicators(schedule, P):
+    streams, layout = streams_of(schedule, P, 2 * P)
+    program = streams[0]
+    first, second = [i for i, e in enumerate(program) if isinstance(e, Collective)][:2]
+    names = str(program[first]), str(program[second])
+    program[first], program[second] = program[second], program[first]
+    with pytest.raises(ScheduleError, match="issue their collectives on them in different orders") as error:
+        verify_streams(streams, layout)
+    message = str(error.value)
+    assert f"rank 0 waits in {names[1].replace(' on', ' #0 on', 1)}" in message, message
+    assert f"rank {P - 1}" in message and names[0].replace(" on", " #0 on", 1) in message, message
+
+
+def test_a_collective_one_member_never_issues_is_named():
+    streams, layout = streams_of("dualpipe", 4, 8)
+    streams[3] = [e for e in streams[3] if not (isinstance(e, Collective) and e.kind == "ReduceTiedGrads")]
+    with pytest.raises(ScheduleError,
+                       match=r"ReduceTiedGrads #0 on the tied communicator \[0, 3\] is issued by "
+                       r"ranks \[0\] but never by its members \[3\]"):
+        verify_streams(streams, layout)
