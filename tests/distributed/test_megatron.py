@@ -258,11 +258,11 @@ def test_clipping_under_tensor_2_x_pipeline_2_x_data_2_with_expert_parallelism_u
 
 # ----- other layouts: one plugin schedule each against DeepSpeed's 1F1B ----------------------------------------------
 OTHER = {
-    "pipeline 4, 8 layers": (megatron.Layout(pp=4, dp=1, ep=1, layers=8), "dualpipe"),
+    "pp4-8layers": (megatron.Layout(pp=4, dp=1, ep=1, layers=8), "dualpipe"),
     # DeepSpeed's ZeRO and bf16 optimizers want the MoE parameters in their own param groups: Megatron's flag
-    "pipeline 2 x data 2, ZeRO-1, clipping 1.0": (megatron.Layout(clip=1.0,
-                                                                  config='{"zero_optimization": {"stage": 1}}',
-                                                                  args=("--create-moe-param-group", )), "dualpipe"),
+    "pp2-dp2-zero1-clip1": (megatron.Layout(clip=1.0,
+                                            config='{"zero_optimization": {"stage": 1}}',
+                                            args=("--create-moe-param-group", )), "dualpipe"),
 }
 BF16 = megatron.Layout(config='{"bf16": {"enabled": true}}', args=("--bf16", "--create-moe-param-group"))
 BF16_RTOL = 2e-3  # bf16 keeps 8 significant bits (2**-8 = 0.4%)
