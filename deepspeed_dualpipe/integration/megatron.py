@@ -12,12 +12,16 @@ Applied by :func:`deepspeed_dualpipe.integration.initialize.initialize` when the
   its own instructions) cannot be combined with a plugin schedule: refused, naming the flag.
 - Its DeepSpeed MoE transformer layers get a phased forward (:mod:`.megatron_moe`), so their all-to-alls
   overlap with another micro-batch's compute in the overlapped pairs.
+- Its experts' tensor-parallel shards (``--enable-expert-tensor-parallelism``) get back the
+  ``tensor_model_parallel`` marks DeepSpeed's ``Experts`` drops, so global norms count every shard
+  (:func:`mark_expert_shards`).
 
 Nothing here imports Megatron at import time; Megatron is found through the model's module.
 """
 
 import sys
 
+import torch
 from deepspeed.utils import logger
 
 from deepspeed_dualpipe.integration import megatron_moe
@@ -44,6 +48,35 @@ def adapt(model, schedule: str) -> None:
     logger.info("deepspeed_dualpipe: Megatron's linear layers defer their weight gradients to the plugin's weight "
                 "passes (WeightGradStore routed to deepspeed_dualpipe's weight store)")
     megatron_moe.adapt(model)  # its DeepSpeed MoE transformer layers run as phases (overlapped pairs)
+    mark_expert_shards(model)
+
+
+def mark_expert_shards(model) -> int:
+    """Mark the tensor-parallel shards of Megatron's experts as Megatron marks every other shard.
+
+    Megatron's parallel linears mark their sharded weights (and a column-parallel bias) ``tensor_model_parallel``,
+    but DeepSpeed's ``Experts`` deep-copies the expert, and a deep-copied ``Parameter`` keeps no attributes. Unmarked,
+    an expert shard would count in the global gradient norm (clipping) on tensor-parallel rank 0 only, as if every
+    TP rank held the same tensor; it holds a different slice. A linear that Megatron sliced
+    (``is_expert_without_slicing`` false) is marked: a column-parallel one's weight and bias along dim 0, a
+    row-parallel one's weight along dim 1 (its bias is whole on every TP rank). Returns how many were marked."""
+    marked = 0
+    for module in model.modules():
+        kind = type(module).__name__
+        sliced = not getattr(module, "is_expert_without_slicing", True)
+        if kind not in ("ColumnParallelLinear", "RowParallelLinear") or not sliced:
+            continue
+        shards = {"weight": 0, "bias": 0} if kind == "ColumnParallelLinear" else {"weight": 1}
+        for leaf, dim in shards.items():
+            p = getattr(module, leaf, None)
+            if isinstance(p, torch.nn.Parameter) and not hasattr(p, "tensor_model_parallel"):
+                # Megatron's attributes; its MLPs build their linears with stride 1
+                p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, dim, 1
+                marked += 1
+    if marked:
+        logger.info(f"deepspeed_dualpipe: {marked} expert tensor-parallel shard(s) marked tensor_model_parallel "
+                    f"(DeepSpeed's Experts deep copy drops Megatron's marks), so gradient norms count every shard")
+    return marked
 
 
 def _put(cls, total_input, grad_output, weight, func):

@@ -15,6 +15,13 @@ def require_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def set_micro_batches(count: int) -> str:
+    """How a user sets the micro-batches per batch to ``count``: DeepSpeed's config key, and the flag a Megatron user
+    sets instead (Megatron derives gradient_accumulation_steps from its global batch)."""
+    return (f"set gradient_accumulation_steps to {count} (Megatron-DeepSpeed: --global-batch-size to {count} x "
+            f"--micro-batch-size x the data-parallel size)")
+
+
 _LOCKSTEP_CACHE = {}
 
 

@@ -7,7 +7,7 @@ order of operations is that of ``DualPipe.step`` in deepseek-ai/DualPipe.
 """
 
 from deepspeed_dualpipe.schedule.layout import LayoutKind
-from deepspeed_dualpipe.schedule.base import ProgramSchedule, require_int
+from deepspeed_dualpipe.schedule.base import ProgramSchedule, require_int, set_micro_batches
 from deepspeed_dualpipe.schedule.builder import ProgramBuilder
 
 
@@ -96,8 +96,8 @@ class DualPipeSchedule(ProgramSchedule):
                              f"P-1-r), got stages={stages}; use {stages - 1} or {stages + 1}")
         if micro_batches % 2 or micro_batches < 2 * stages:
             raise ValueError(f"dualpipe with stages={stages} needs an even number of micro-batches >= 2*stages = "
-                             f"{2 * stages} (half enter at each end), got micro_batches={micro_batches}; set "
-                             f"gradient_accumulation_steps to {max(2 * stages, micro_batches + micro_batches % 2)}")
+                             f"{2 * stages} (half enter at each end), got micro_batches={micro_batches}; "
+                             f"{set_micro_batches(max(2 * stages, micro_batches + micro_batches % 2))}")
 
     def program(self, b: ProgramBuilder) -> None:
         P, r = self.stages, self.stage_id

@@ -6,7 +6,7 @@ runs chunk 1 back to rank 0, which computes the loss. No parameter is duplicated
 """
 
 from deepspeed_dualpipe.schedule.layout import LayoutKind
-from deepspeed_dualpipe.schedule.base import ProgramSchedule, require_int
+from deepspeed_dualpipe.schedule.base import ProgramSchedule, require_int, set_micro_batches
 from deepspeed_dualpipe.schedule.builder import ProgramBuilder
 from deepspeed_dualpipe.schedule.dualpipe import eight_steps
 
@@ -23,8 +23,8 @@ class DualPipeVSchedule(ProgramSchedule):
         require_int("micro_batches", micro_batches, 1)
         if micro_batches < 2 * stages:
             raise ValueError(f"dualpipev with stages={stages} needs micro_batches >= 2*stages = {2 * stages} "
-                             f"(each rank holds two stages), got micro_batches={micro_batches}; raise "
-                             f"gradient_accumulation_steps")
+                             f"(each rank holds two stages), got micro_batches={micro_batches}; "
+                             f"{set_micro_batches(2 * stages)} or more")
 
     def program(self, b: ProgramBuilder) -> None:
         P, r = self.stages, self.stage_id

@@ -16,7 +16,7 @@ The order of every rank's computations is that of torch.distributed.pipelining's
 """
 
 from deepspeed_dualpipe.schedule.layout import LayoutKind
-from deepspeed_dualpipe.schedule.base import ProgramSchedule, require_int
+from deepspeed_dualpipe.schedule.base import ProgramSchedule, require_int, set_micro_batches
 from deepspeed_dualpipe.schedule.builder import ProgramBuilder
 
 CHUNKS = 2  # virtual stages per rank
@@ -44,7 +44,7 @@ class Interleaved1F1BSchedule(ProgramSchedule):
             fits = [m for m in range(micro_batches, micro_batches + stages + 1) if m % rounds(stages, m) == 0]
             raise ValueError(f"interleaved-1f1b with stages={stages} runs micro-batches in {n} rounds of equal size "
                              f"(max(1, micro_batches // stages)), so micro_batches must be a multiple of {n}, got "
-                             f"micro_batches={micro_batches}; set gradient_accumulation_steps to {fits[0]}")
+                             f"micro_batches={micro_batches}; {set_micro_batches(fits[0])}")
 
     def program(self, b: ProgramBuilder) -> None:
         P, r, M = self.stages, self.stage_id, self.micro_batches

@@ -1,14 +1,16 @@
 """Megatron-DeepSpeed's own GPT-MoE pretraining, run as a user runs it: the pristine snapshot, the CPU-enabling
 patch and the plugin's one-line patch (patches/megatron/), its unchanged ``pretrain_gpt.py`` launched by
-DeepSpeed's launcher on 4 CPU ranks (pipeline 2 x data 2, expert-parallel 2).
+DeepSpeed's launcher on CPU ranks in a :class:`Layout` (by default 4 ranks: pipeline 2 x data 2, expert-parallel 2).
 
 The snapshot is found through ``DUALPIPE_MEGATRON_SNAPSHOT`` (``.ci/run`` sets it to
 ``../shared/third_party/megatron-deepspeed-4efb479d.tar.gz``); without it the tests are skipped, saying so.
 """
 
+import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -27,21 +29,77 @@ PATCHES = [
 NAME = "Megatron-DeepSpeed-4efb479d"
 PROBE = Path(__file__).resolve().parent / "megatron_probe"
 A2A_PROBE = Path(__file__).resolve().parent / "a2a_probe"  # its module; PROBE's sitecustomize installs it
-WORLD = 4  # pipeline 2 x data 2
 MICRO, GAS = 2, 8  # 8 micro-batches per step: DualPipe needs M >= 2P and even
 
-# The job: GPT with 4 layers, 2 of them MoE (4 experts, top-2, expert-parallel 2), tied embedding and head.
-MODEL_ARGS = [
-    "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
-    "--max-position-embeddings", "64", "--num-experts", "4", "--topk", "2", "--expert-interval", "2",
-    "--moe-expert-parallel-size", "2", "--disable-moe-top2-2nd-expert-sampling", "--pipeline-model-parallel-size", "2",
-    "--tensor-model-parallel-size", "1", "--micro-batch-size",
-    str(MICRO), "--global-batch-size",
-    str(MICRO * GAS * 2), "--lr", "1e-3", "--lr-decay-style", "constant", "--weight-decay", "0.01", "--optimizer",
-    "adam", "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--clip-grad", "0.0", "--hidden-dropout", "0.0",
-    "--attention-dropout", "0.0", "--seed", "1234", "--data-impl", "mmap", "--split", "100,0,0", "--tokenizer-type",
-    "NullTokenizer", "--vocab-size", "256", "--log-interval", "1", "--eval-interval", "1000000", "--eval-iters", "0"
-]
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where the job runs: ``tp`` x ``pp`` x ``dp`` ranks, MoE experts over ``ep`` of the data-parallel ranks, a GPT
+    of ``layers`` layers (every second one MoE: 4 experts, top-2), tied embedding and head. ``clip``: DeepSpeed's
+    ``gradient_clipping`` (0: none); ``config``: more DeepSpeed config (top-level keys as JSON, e.g.
+    ``'{"zero_optimization": {"stage": 1}}'``); ``args``: more Megatron flags (e.g. ``("--bf16",)``)."""
+    tp: int = 1
+    pp: int = 2
+    dp: int = 2
+    ep: int = 2
+    layers: int = 4
+    clip: float = 0.0
+    config: str = "{}"
+    args: tuple = ()
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def name(self) -> str:
+        extra = "".join(f"-{a.strip('-')}" for a in self.args)
+        zero = json.loads(self.config).get("zero_optimization", {}).get("stage")
+        return (f"tp{self.tp}pp{self.pp}dp{self.dp}ep{self.ep}l{self.layers}" +
+                (f"-clip{self.clip:g}" if self.clip else "") + (f"-zero{zero}" if zero is not None else "") + extra)
+
+    def model_args(self) -> list:
+        args = [
+            "--num-layers",
+            str(self.layers), "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+            "--max-position-embeddings", "64", "--num-experts", "4", "--topk", "2", "--expert-interval", "2",
+            "--moe-expert-parallel-size",
+            str(self.ep), "--disable-moe-top2-2nd-expert-sampling", "--pipeline-model-parallel-size",
+            str(self.pp), "--tensor-model-parallel-size",
+            str(self.tp), "--micro-batch-size",
+            str(MICRO), "--global-batch-size",
+            str(MICRO * GAS * self.dp), "--lr", "1e-3", "--lr-decay-style", "constant", "--weight-decay", "0.01",
+            "--optimizer", "adam", "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--clip-grad",
+            str(self.clip), "--hidden-dropout", "0.0", "--attention-dropout", "0.0", "--seed", "1234", "--data-impl",
+            "mmap", "--split", "100,0,0", "--tokenizer-type", "NullTokenizer", "--vocab-size", "256", "--log-interval",
+            "1", "--eval-interval", "1000000", "--eval-iters", "0"
+        ]
+        if self.tp > 1:
+            # Megatron's MoE experts with --use-cpu-initialization are built tensor-parallel only with this flag
+            args.append("--enable-expert-tensor-parallelism")
+        return args + list(self.args)
+
+    def ds_config(self, schedule: str, pipeline: dict = None) -> dict:
+        pipe = {}
+        if self.tp > 1 and self.pp > 1:
+            # DeepSpeed's partitioned activations and gradients between stages do not fit Megatron's MoE layer,
+            # which sends its aux loss as a second activation; TP users of this model turn them off
+            pipe = {"pipe_partitioned": False, "grad_partitioned": False}
+        return dict(
+            {
+                "train_batch_size": MICRO * GAS * self.dp,
+                "train_micro_batch_size_per_gpu": MICRO,
+                "gradient_accumulation_steps": GAS,
+                "steps_per_print": 10**9,
+                "gradient_clipping": self.clip,
+                "prescale_gradients": False,
+                "wall_clock_breakdown": False,
+                "pipeline": dict(pipe, **(pipeline or {}), schedule=schedule)
+            }, **json.loads(self.config))
+
+
+DEFAULT = Layout()
+WORLD = DEFAULT.world  # pipeline 2 x data 2
 # What a CPU needs (see patches/megatron/README.md).
 CPU_ARGS = [
     "--use-cpu-initialization", "--no-masked-softmax-fusion", "--no-bias-gelu-fusion", "--no-bias-dropout-fusion",
@@ -106,21 +164,13 @@ def run(tree: Path,
         extra_args=(),
         checkpoint_activations: bool = False,
         timeout: float = 600,
-        env: dict = None) -> dict:
-    """Run ``pretrain_gpt.py`` under ``schedule`` (``env``: more variables for its ranks); returns {"iterations": [{"loss", "lm loss", "moe loss"}, ...],
-    "calls": per-rank counts of Megatron's linear forward/backward, "log": the output, "returncode"}."""
+        env: dict = None,
+        layout: Layout = DEFAULT) -> dict:
+    """Run ``pretrain_gpt.py`` under ``schedule`` in ``layout`` (``env``: more variables for its ranks); returns
+    {"iterations": [{"loss", "lm loss", "moe loss"}, ...], "calls": per-rank counts of Megatron's linear
+    forward/backward, "log": the output, "returncode": the launcher's, or a string saying it timed out}."""
     workdir.mkdir(parents=True, exist_ok=True)
-    config = {
-        "train_batch_size": MICRO * GAS * 2,
-        "train_micro_batch_size_per_gpu": MICRO,
-        "gradient_accumulation_steps": GAS,
-        "steps_per_print": 10**9,
-        "gradient_clipping": 0.0,
-        "prescale_gradients": False,
-        "wall_clock_breakdown": False,
-        "pipeline": dict(pipeline or {}, schedule=schedule)
-    }
-    (workdir / "ds.json").write_text(json.dumps(config))
+    (workdir / "ds.json").write_text(json.dumps(layout.ds_config(schedule, pipeline)))
     probe = workdir / "probe"
     probe.mkdir(exist_ok=True)
     ckpt = ["--checkpoint-activations", "--checkpoint-num-layers", "1", "--deepspeed-activation-checkpointing"] \
@@ -128,22 +178,30 @@ def run(tree: Path,
     port = free_port()
     command = [
         os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus",
-        str(WORLD), "--master_port",
-        str(port), "pretrain_gpt.py", *MODEL_ARGS, "--train-iters",
+        str(layout.world), "--master_port",
+        str(port), "pretrain_gpt.py", *layout.model_args(), "--train-iters",
         str(iters), "--data-path", data, *CPU_ARGS, "--deepspeed", "--deepspeed_config",
         str(workdir / "ds.json"), *ckpt, *extra_args
     ]
     try:
-        done = subprocess.run(command,
-                              cwd=tree,
-                              env=dict(_env(), DUALPIPE_PROBE_DIR=str(probe), **(env or {})),
-                              capture_output=True,
-                              text=True,
-                              timeout=timeout)
+        # the output goes to the log as it comes, so a run that times out still shows how far it got; its own
+        # session, so a timeout ends the launcher's ranks too
+        with open(workdir / "log.txt", "w") as out:
+            job = subprocess.Popen(command,
+                                   cwd=tree,
+                                   env=dict(_env(), DUALPIPE_PROBE_DIR=str(probe), **(env or {})),
+                                   stdout=out,
+                                   stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+            try:
+                returncode = job.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait()
+                returncode = f"timed out after {timeout} s"
     finally:
         release_shared_memory(port)
-    log = done.stdout + done.stderr
-    (workdir / "log.txt").write_text(log)
+    log = (workdir / "log.txt").read_text()
     iterations = {
         int(m[0]): {
             "loss": float(m[1]),
@@ -157,12 +215,12 @@ def run(tree: Path,
         "iterations": [iterations[i] for i in sorted(iterations)],
         "calls": calls,
         "log": log,
-        "returncode": done.returncode
+        "returncode": returncode
     }
 
 
 def tail(result: dict, lines: int = 40) -> str:
-    return "\n".join(result["log"].splitlines()[-lines:])
+    return "\n".join([f"returncode: {result['returncode']}"] + result["log"].splitlines()[-lines:])
 
 
 def main(argv=None) -> int:

@@ -267,3 +267,31 @@ def test_a_deepcopy_of_an_adapted_layer_is_still_phased():
     megatron_moe.adapt(chunk_of(layer))
     twin = copy.deepcopy(layer)
     assert type(twin) is type(layer) and hasattr(twin, "forward_steps")
+
+
+class ColumnParallelLinear(torch.nn.Module):
+    """Megatron's parallel linears as mark_expert_shards sees them: the class name, ``is_expert_without_slicing``."""
+
+    def __init__(self, sliced, marked=False):
+        super().__init__()
+        self.is_expert_without_slicing = not sliced
+        self.weight, self.bias = torch.nn.Parameter(torch.zeros(4, 2)), torch.nn.Parameter(torch.zeros(4))
+        if marked:
+            self.weight.tensor_model_parallel, self.weight.partition_dim = True, 0
+
+
+class RowParallelLinear(ColumnParallelLinear):
+    pass
+
+
+def test_the_tensor_parallel_marks_deepspeeds_expert_copy_drops_are_restored_on_sliced_linears_only():
+    from deepspeed_dualpipe.integration.megatron import mark_expert_shards
+    # DeepSpeed's Experts deep-copies Megatron's expert; a copied Parameter keeps no attributes
+    column, row = copy.deepcopy(ColumnParallelLinear(sliced=True, marked=True)), RowParallelLinear(sliced=True)
+    whole = ColumnParallelLinear(sliced=False)
+    assert not hasattr(column.weight, "tensor_model_parallel")
+    assert mark_expert_shards(torch.nn.ModuleList([column, row, whole])) == 3
+    assert (column.weight.partition_dim, column.bias.partition_dim, row.weight.partition_dim) == (0, 0, 1)
+    assert column.weight.tensor_model_parallel and column.bias.tensor_model_parallel and row.weight.tensor_model_parallel
+    # a row-parallel bias is whole on every TP rank; an unsliced expert is whole
+    assert not any(hasattr(p, "tensor_model_parallel") for p in (row.bias, whole.weight, whole.bias))

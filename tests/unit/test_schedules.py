@@ -74,18 +74,23 @@ def test_weight_passes_follow_their_input_passes_first_in_first_out():
     assert inputs == weights and len(inputs) > 1
 
 
-@pytest.mark.parametrize("schedule, stages, micro_batches, words", [
-    ("dualpipe", 3, 12, ["even", "stages=3"]),
-    ("dualpipe", 4, 9, ["even", "micro_batches=9"]),
-    ("dualpipe", 4, 6, [">= 2*stages = 8", "micro_batches=6"]),
-    ("dualpipev", 4, 7, [">= 2*stages = 8", "micro_batches=7"]),
-    ("ds-dualpipev", 2, 3, ["micro_batches=3"]),
-    ("interleaved-1f1b", 4, 9, ["multiple of 2", "micro_batches=9", "gradient_accumulation_steps to 10"]),
-    ("zbv", 2, 0, ["micro_batches", ">= 1"]),
-    ("zb1p", 0, 4, ["stages", ">= 1"]),
-    ("1f1b", 2, 0, ["micro_batches", ">= 1"]),
-    ("dualpipe", 4, 8.0, ["micro_batches", "integer"]),
-])
+@pytest.mark.parametrize(
+    "schedule, stages, micro_batches, words",
+    [
+        ("dualpipe", 3, 12, ["even", "stages=3"]),
+        ("dualpipe", 4, 9, ["even", "micro_batches=9"]),
+        # the hint names DeepSpeed's key and the flag a Megatron user sets instead
+        ("dualpipe", 4, 6,
+         [">= 2*stages = 8", "micro_batches=6", "gradient_accumulation_steps to 8", "--global-batch-size to 8 x"]),
+        ("dualpipev", 4, 7,
+         [">= 2*stages = 8", "micro_batches=7", "gradient_accumulation_steps to 8", "--global-batch-size to 8 x"]),
+        ("ds-dualpipev", 2, 3, ["micro_batches=3"]),
+        ("interleaved-1f1b", 4, 9, ["multiple of 2", "micro_batches=9", "gradient_accumulation_steps to 10"]),
+        ("zbv", 2, 0, ["micro_batches", ">= 1"]),
+        ("zb1p", 0, 4, ["stages", ">= 1"]),
+        ("1f1b", 2, 0, ["micro_batches", ">= 1"]),
+        ("dualpipe", 4, 8.0, ["micro_batches", "integer"]),
+    ])
 def test_invalid_shapes_raise_value_errors_that_name_the_value(schedule, stages, micro_batches, words):
     with pytest.raises(ValueError) as error:
         build_schedule(schedule, micro_batches=micro_batches, stages=stages, stage_id=0)
