@@ -8,7 +8,9 @@ layouts (:class:`tests.helpers.megatron.Layout`): tensor parallelism 2 with pipe
 DeepSpeed's own 1F1B is the control. Every plugin schedule must train to its losses ("lm loss" and "moe loss"
 reported as Megatron reports them) to rounding, from the same initial weights, with and without activation
 checkpointing; Megatron's linear layers run their backward once per forward; a checkpoint saved under one
-schedule resumes under another; a bad combination is refused naming the flag.
+schedule resumes under another; a bad combination is refused naming the flag. Under tensor parallelism the plugin's
+schedules also run in strict mode (NCCL's rules emulated on gloo, collectives included), turned on by the
+environment alone, and clip by the true global norm, computed here from every rank's gradients.
 """
 
 import dataclasses
@@ -156,22 +158,39 @@ def test_megatrons_own_zero_bubble_flag_is_refused_under_a_plugin_schedule(job):
 # pipe_partitioned and grad_partitioned off) and emulates NCCL's flat all-gather on gloo (the probe).
 TP2_PP2 = megatron.Layout(tp=2, pp=2, dp=1, ep=1)
 TP2_PP2_DP2 = megatron.Layout(tp=2, pp=2, dp=2, ep=2)
-TP_ITERS = 8
-TP8_ITERS = 5
+TP_ITERS = 6
+TP8_ITERS = 4  # 8 ranks on the suite's 2 cores: start-up dominates
+# Strict mode from the environment alone, as in any job (integration/strict.py installs it at deepspeed.initialize):
+# NCCL's point-to-point rules, and every collective the job issues through torch.distributed (DeepSpeed's
+# reductions, Megatron's own tensor-parallel all-reduces) checked for a crossed order across communicators.
+STRICT_S = 120  # generous: 4 ranks on 2 shared cores
+STRICT = (("DS_DUALPIPE_STRICT_P2P", str(STRICT_S)), )
+
+
+def _strict(result, layout):
+    """``result`` ran under strict mode on every rank and no rank reported a violation."""
+    assert result["log"].count("strict mode: rank") == layout.world, megatron.tail(result)
+    assert "StrictOrderError" not in result["log"] and "StrictP2PError" not in result["log"], megatron.tail(result)
+    return result
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", PLUGIN)
-def test_under_tensor_parallel_2_x_pipeline_2_every_plugin_schedule_trains_like_1f1b(job, schedule):
+def test_under_tensor_parallel_2_x_pipeline_2_every_plugin_schedule_trains_like_1f1b_under_nccls_rules(job, schedule):
     want = _trained(job("1f1b", iters=TP_ITERS, layout=TP2_PP2), TP_ITERS)
-    _same(_trained(job(schedule, iters=TP_ITERS, layout=TP2_PP2), TP_ITERS), want)
+    _same(_trained(_strict(job(schedule, iters=TP_ITERS, layout=TP2_PP2, env=STRICT), TP2_PP2), TP_ITERS), want)
+
+
+@pytest.mark.slow
+def test_strict_mode_finds_no_crossed_order_in_deepspeeds_1f1b_and_changes_no_number(job):
+    want = _trained(job("1f1b", iters=TP_ITERS, layout=TP2_PP2), TP_ITERS)
+    _same(_trained(_strict(job("1f1b", iters=TP_ITERS, layout=TP2_PP2, env=STRICT), TP2_PP2), TP_ITERS), want)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", PLUGIN)
 def test_under_tensor_2_x_pipeline_2_x_data_2_with_expert_parallelism_every_plugin_schedule_trains_like_1f1b(
         job, schedule):
-    # 8 ranks on the suite's 2 cores (start-up dominates): fewer iterations than the 4-rank layout
     want = _trained(job("1f1b", iters=TP8_ITERS, layout=TP2_PP2_DP2, timeout=1200), TP8_ITERS)
     _same(_trained(job(schedule, iters=TP8_ITERS, layout=TP2_PP2_DP2, timeout=1200), TP8_ITERS), want)
 
