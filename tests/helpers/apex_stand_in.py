@@ -1,13 +1,34 @@
 """A stand-in for NVIDIA apex (``apex.normalization.FusedRMSNorm``, ``apex.optimizers.FusedAdam``) that records
 that it was used: apex itself is built on GPU machines and is never installed here. Its RMSNorm computes what
-torch's does, so a model built with it trains to the same numbers."""
+torch's does, so a model built with it trains to the same numbers; like apex's CUDA path it does so in a custom
+autograd Function that holds the weight (``FusedRMSNormAffineFunction``), which autograd cannot see into."""
 
 import sys
 import types
 
 import torch
 
-USED = {"norm_forwards": 0, "norms": 0, "adam_steps": 0, "adams": 0}
+USED = {"norm_forwards": 0, "norm_backwards": 0, "norms": 0, "adam_steps": 0, "adams": 0}
+
+
+class FusedRMSNormAffineFunction(torch.autograd.Function):
+    """One opaque kernel for the forward and one for the backward (input and weight gradients together)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return torch.nn.functional.rms_norm(x, weight.shape, weight, eps)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        USED["norm_backwards"] += 1
+        x, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+            y = torch.nn.functional.rms_norm(x, weight.shape, weight, ctx.eps)
+            grad_x, grad_weight = torch.autograd.grad(y, (x, weight), grad_output)
+        return grad_x, grad_weight, None
 
 
 class FusedRMSNorm(torch.nn.Module):
@@ -20,7 +41,7 @@ class FusedRMSNorm(torch.nn.Module):
 
     def forward(self, x):
         USED["norm_forwards"] += 1
-        return torch.nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return FusedRMSNormAffineFunction.apply(x, self.weight, self.eps)
 
 
 class FusedAdam(torch.optim.Adam):

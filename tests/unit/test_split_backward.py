@@ -330,10 +330,10 @@ def test_a_custom_function_runs_its_backward_once_and_its_deferred_weight_gradie
     inp = x.clone().requires_grad_()
     out = model(inp)
     handle = sb.SplitBackward.input_part(out, torch.ones_like(out), [inp], list(model.parameters()))
-    assert "custom autograd Function CountingLinear" in handle.reason and handle.split
+    assert handle.reason is None and handle.split  # the Functions hold their weights: the rest is still split
     assert CALLS == {"forward": 2, "backward": 2}
-    assert model.w1.grad is None and model.w2.grad is None  # deferred
-    assert model.norm.weight.grad is not None  # a built-in op's weight gradient came with the one backward
+    assert model.w1.grad is None and model.w2.grad is None  # deferred through the weight store
+    assert model.norm.weight.grad is None  # a built-in op's weight gradient: deferred by the split
     handle.weight_part()
     assert CALLS["backward"] == 2
     for p, q in zip(model.parameters(), reference.parameters()):
@@ -402,3 +402,50 @@ def test_a_policy_records_a_forward_of_built_in_ops_from_its_second_run():
         with context:
             y = torch.sigmoid(lin(x))
         policy.learn("lin", y)
+
+
+# --- fused kernels (apex's RMSNorm): their parameters' gradients in the input part, the rest still deferred ------
+
+
+def _fused_island(seed=0):
+    from tests.helpers.apex_stand_in import FusedRMSNorm
+    torch.manual_seed(seed)
+    return nn.ModuleDict({"norm": FusedRMSNorm(D), "fc": nn.Linear(D, D)})
+
+
+def test_a_fused_norm_computes_its_weight_gradient_in_the_input_part_while_the_linear_beside_it_is_deferred():
+    from tests.helpers.apex_stand_in import USED
+    island, reference = _fused_island(), _fused_island()
+    x, gy = torch.randn(B, D), torch.randn(B, D)
+    full_backward(reference.fc(torch.tanh(reference.norm(x.clone().requires_grad_()))), gy)
+    USED["norm_backwards"] = 0
+    inp = x.clone().requires_grad_()
+    out = island.fc(torch.tanh(island.norm(inp)))
+    handle = SplitBackward.input_part(out, gy, [inp], list(island.parameters()))
+    assert handle.split and handle.reason is None
+    assert island.norm.weight.grad is not None  # computed by the kernel's one backward
+    assert island.fc.weight.grad is None and island.fc.bias.grad is None  # the GEMM's weight gradient: deferred
+    handle.weight_part()
+    assert USED["norm_backwards"] == 1
+    for p, q in zip(island.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_a_custom_function_that_holds_no_parameter_still_makes_its_graph_run_whole():
+
+    class Opaque(torch.autograd.Function):  # e.g. a reentrant checkpoint: parameters out of the graph's sight
+
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    fc = nn.Linear(D, D)
+    inp = torch.randn(B, D, requires_grad=True)
+    out = fc(Opaque.apply(inp))
+    handle = SplitBackward.input_part(out, torch.ones(B, D), [inp], list(fc.parameters()))
+    assert not handle.split and "custom autograd Function Opaque" in handle.reason
+    assert fc.weight.grad is not None

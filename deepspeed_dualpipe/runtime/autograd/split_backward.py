@@ -37,10 +37,14 @@ Fallback: when the graph is unsupported or the caller passes ``split=False``,
 :meth:`SplitBackward.input_part` runs the full backward (input *and* weight
 grads) and :meth:`SplitBackward.weight_part` is a no-op, so the numbers stay right.
 
-Custom autograd Functions (a Megatron linear, DeepSpeed's reentrant activation
-checkpoint): a split would run such a Function's whole backward in both parts.
-A graph holding one is not split: its backward runs once, in the input part,
-and a Function can defer its own weight gradient to the weight part through
+Custom autograd Functions (apex's fused RMSNorm, a Megatron linear, DeepSpeed's
+reentrant activation checkpoint): a split would run such a Function's whole
+backward in both parts, so each runs once, in the input part. One that holds
+parameters (a fused kernel: a parameter is among its inputs) computes their
+gradients there, while the rest of the graph is still split and its weight
+gradients deferred; a graph holding one that holds none (its parameters, if
+any, are out of the graph's sight) is not split at all. Either way a Function
+can defer its own weight gradient to the weight part through
 :mod:`.weight_store`. A Function class that sets ``dualpipe_split_safe = True``
 (pure and cheap) is split like built-in ops.
 
@@ -304,13 +308,13 @@ class SplitBackward:
             if not all(_depends_on(_edge(o).node, in_nodes) for o in outs):
                 reason = "an output does not depend on any input that requires grad"
             else:
-                custom = saved.custom_function([_edge(o).node for o in outs], in_nodes)
-                if custom is not None:
-                    reason = (f"custom autograd Function {custom} (a split would run its backward twice); "
+                fused, bare = _custom_functions([_edge(o).node for o in outs], in_nodes, {_edge(p).node for p in ps})
+                if bare is not None:
+                    reason = (f"custom autograd Function {bare} (a split would run its backward twice); "
                               f"its backward runs once, here")
 
         if reason is None:
-            handle = SplitBackward._try_split(outs, grads, ins, grad_ins, ps, set_input_grads)
+            handle = SplitBackward._try_split(outs, grads, ins, grad_ins, ps, set_input_grads, fused)
             if isinstance(handle, SplitBackward):
                 return handle
             reason = handle
@@ -335,12 +339,17 @@ class SplitBackward:
         return SplitBackward(None, False, reason, input_grads, deferred=deferred)
 
     @staticmethod
-    def _try_split(outs, grads, ins, grad_ins, ps, set_input_grads):
-        """Run the I part; return a handle, or a reason string if the graph could not be split."""
+    def _try_split(outs, grads, ins, grad_ins, ps, set_input_grads, fused=frozenset()):
+        """Run the I part; return a handle, or a reason string if the graph could not be split.
+
+        ``fused``: custom Function nodes that hold parameters (:func:`_custom_functions`); the groups whose weight
+        pass would run one are computed in this part (see :func:`_eager_groups`)."""
         roots = [_edge(o) for o in outs]
         parents = _reverse_graph([r.node for r in roots])
         groups = _param_groups([_edge(t).node for t in grad_ins], {_edge(p).node: p for p in ps}, parents)
+        groups, eager = _eager_groups(groups, fused)
         hooks, old = [], [t.grad if (t.is_leaf or t.retains_grad) else None for t in grad_ins]
+        deferred = []
 
         def capture(group, node):
 
@@ -353,19 +362,29 @@ class SplitBackward:
             for group in groups:
                 for node in group.intermediates:
                     hooks.append(node.register_prehook(capture(group, node)))
-            with saved.attributing() as unpacked:
-                found = _input_pass(roots, grad_ins, grads)
+            with saved.attributing() as unpacked, weight_store.collecting() as deferred:
+                found = _input_pass(roots, grad_ins + eager, grads)
         except RuntimeError as exc:  # nothing was accumulated anywhere: the caller can fall back
             for t, g in zip(grad_ins, old):
                 t.grad = g
+            if fused:  # a custom Function may have accumulated by hand: a second backward would count it twice
+                raise
             return f"split input pass failed: {exc}"
         finally:
             for hook in hooks:
                 hook.remove()
         if any(node not in group.grads for group in groups for node in group.intermediates):
+            if fused:
+                raise RuntimeError("deepspeed_dualpipe: the input pass of a split backward with a fused (custom) "
+                                   "Function did not reach a weight gradient's path; dualpipe.split_backward: false "
+                                   "avoids it")
             # The input pass did not run a node where a weight gradient starts; nothing has been accumulated
             # yet and the graph is whole, so a full backward still gives the right numbers.
             return "a weight gradient's path was not run by the input pass"
+        found, eager_grads = found[:len(grad_ins)], found[len(grad_ins):]
+        for p, g in zip(eager, eager_grads):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
         keep = set().union(*(group.nodes for group in groups)) if groups else set()
         released = saved.release(unpacked, keep)
         del unpacked
@@ -378,7 +397,7 @@ class SplitBackward:
                 t.grad = g if old is None else old + g
                 g = t.grad
             input_grads.append(g)
-        return SplitBackward(groups, True, None, tuple(input_grads), released)
+        return SplitBackward(groups, True, None, tuple(input_grads), released, deferred)
 
     def weight_part(self) -> None:
         """Accumulate the weight grads into ``p.grad`` and free the saved graph state.
@@ -396,6 +415,45 @@ class SplitBackward:
             return
         while groups:
             _weight_pass(groups.pop(0))
+
+
+def _custom_functions(roots, inputs: set, param_nodes: set) -> Tuple[set, Optional[str]]:
+    """The custom autograd Functions between ``roots`` and the ``inputs`` nodes (split-safe ones aside):
+    ``(fused, bare)``. ``fused``: the nodes of those that hold one of the parameters (a fused norm or linear: a
+    parameter's ``AccumulateGrad`` is among their next functions). ``bare``: the name of one that holds none
+    (DeepSpeed's reentrant checkpoint, a collective): its parameters, if any, are out of the graph's sight, so
+    only a full backward is safe; None if there is none."""
+    fused, seen, todo = set(), set(inputs), deque(roots)
+    while todo:
+        node = todo.popleft()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(nxt for nxt, _ in node.next_functions)
+        if not isinstance(node, torch.autograd.function.BackwardCFunction):
+            continue
+        forward_cls = getattr(node, "_forward_cls", None)
+        if getattr(forward_cls, "dualpipe_split_safe", False):
+            continue
+        if not any(nxt in param_nodes for nxt, _ in node.next_functions):
+            return fused, getattr(forward_cls, "__name__", type(node).__name__)
+        fused.add(node)
+    return fused, None
+
+
+def _eager_groups(groups: List[_Group], fused: set) -> Tuple[List[_Group], list]:
+    """``(split groups, eager parameters)``: a group whose weight pass would run a fused Function (its
+    parameters' gradients start there) is not split -- the Function's one backward, in the input pass, computes
+    them (as DeepSeek's DualPipe defers only the large GEMMs' weight gradients); every other group still is."""
+    if not fused:
+        return groups, []
+    split, eager = [], []
+    for group in groups:
+        if group.nodes & fused:
+            eager += list(group.params.values())
+        else:
+            split.append(group)
+    return split, eager
 
 
 def _input_pass(roots, inputs, grads):
