@@ -90,6 +90,10 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         self.trace = None  # a list of InstructionTime while runtime.trace.start_recording records
         self.phase_events = None  # set to [] to record (label, start, end) of each phase of the overlapped pairs
         self.run_events = None  # likewise for the computations that run alone (runtime/profile.py)
+        # A recorded step's clock (runtime/profile.py): phases and waits are stamped on it (CUDA events on the
+        # stream) and resolved once, at the step's end; None otherwise.
+        self.step_clock = None
+        self._wait_stamps = []
         self._waited = 0.0
         self.memory_meter = None  # an activation meter for recorded steps (runtime/profile.py); None: the allocator's
         self._hp_slot_cache = {}  # chunk -> (parameter, group, index) in the bf16 optimizer
@@ -321,7 +325,8 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
             steps.run(self._forward_steps(buffer_id, chunk, micro_batch),
                       events=self.run_events,
                       label=f"F{micro_batch}.{chunk}",
-                      device=self.device)
+                      device=self.device,
+                      clock=self.step_clock)
 
     def _forward_steps(self, buffer_id, chunk, micro_batch):
         """One micro-batch's forward through ``chunk``, as steps (a generator, see :mod:`.autograd.steps`).
@@ -391,7 +396,8 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
             steps.run(self._backward_steps(buffer_id, chunk, micro_batch, split=False),
                       events=self.run_events,
                       label=f"B{micro_batch}.{chunk}",
-                      device=self.device)
+                      device=self.device,
+                      clock=self.step_clock)
             self._weight_gradients_done(chunk)
 
     def _exec_backward_input(self, buffer_id, chunk, micro_batch):
@@ -399,7 +405,8 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
             handle = steps.run(self._backward_steps(buffer_id, chunk, micro_batch, self._split),
                                events=self.run_events,
                                label=f"B{micro_batch}.{chunk}",
-                               device=self.device)
+                               device=self.device,
+                               clock=self.step_clock)
             self._keep_weight_part(buffer_id, chunk, handle)
 
     def _keep_weight_part(self, buffer_id, chunk, handle):
@@ -468,7 +475,8 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         backward = self._backward_steps(backward_buffer, backward_chunk, backward_micro_batch, split)
         forward = self._forward_steps(forward_buffer, forward_chunk, forward_micro_batch)
         labels = (f"B{backward_micro_batch}.{backward_chunk}", f"F{forward_micro_batch}.{forward_chunk}")
-        recorded = dict(events=self.phase_events, device=self.device)  # both orders record, to compare them
+        # both orders record, to compare them
+        recorded = dict(events=self.phase_events, device=self.device, clock=self.step_clock)
         if self.dualpipe.overlap_moe_a2a:
             handle, _ = steps.interleave(backward, forward, labels=labels, **recorded)
         else:  # the plain order: the whole forward, then the whole backward

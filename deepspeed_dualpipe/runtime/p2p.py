@@ -143,10 +143,15 @@ class PointToPoint:
         """Wait for a slot's posted receive (if any); returns ``None``, for the slot to forget it."""
         self._send_reqs.poll()
         if pending is not None:
-            start = time.perf_counter()
+            # In a recorded step on the step's clock: on CUDA the wait is the stream's (the host returns at
+            # once), so only events around it on the stream see how long the peer kept this rank waiting.
+            clock = self.step_clock
+            start, stamp = time.perf_counter(), (None if clock is None else clock.now())
             with self._timed(PIPE_RECV_INPUT_TIMER if what == "the activation" else PIPE_RECV_GRAD_TIMER):
                 self._wait_requests(pending, what, chunk, micro_batch, location[0])
-            self._waited += time.perf_counter() - start
+            self._waited += time.perf_counter() - start  # the host's view (trace.start_recording)
+            if clock is not None:
+                self._wait_stamps.append((stamp, clock.now()))
 
     def _wait_requests(self, requests, what, chunk, micro_batch, peer, deadline=None, source="from"):
         """Wait for posted requests. On CUDA, on the stream (``wait()`` returns at once; NCCL's watchdog and the

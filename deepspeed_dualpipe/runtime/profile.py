@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from deepspeed_dualpipe.analysis.events import EventReader, Op
+from deepspeed_dualpipe.runtime.autograd.clocks import clock_for
 from deepspeed_dualpipe.runtime.memory import MemoryMeter, StepMemory, parameter_bytes
 from deepspeed_dualpipe.runtime.overlap import hidden_seconds
 from deepspeed_dualpipe.runtime.trace import InstructionTime, around_each_instruction, instruction_from
@@ -129,37 +130,67 @@ def summarize(engine, trace, pair_phases, alone_phases, wall_s: float, cpu=None,
     return step
 
 
-def record_step(engine, run: Callable[[], object], memory: bool = False):
+class InstructionClock:
+    """Stamps each instruction's start and end, and the engine's waits on peers within it, on one clock (CUDA
+    events on the compute stream on CUDA, where the host returns from a launch or a wait at once); nothing is
+    read until :meth:`resolve`, once, at the end of the step."""
+
+    def __init__(self, engine, clock):
+        self.engine, self.clock = engine, clock
+        self._open, self.stamped = [], []  # stamped: (kind, kwargs, start, end, waits, cpu seconds)
+
+    def before(self, kind, kwargs):
+        self.engine._waited, self.engine._wait_stamps = 0.0, []  # the engine stamps its waits on the clock
+        self._open.append((self.clock.now(), time.thread_time()))
+
+    def after(self, kind, kwargs):
+        start, cpu_start = self._open.pop()
+        self.stamped.append(
+            (kind, kwargs, start, self.clock.now(), self.engine._wait_stamps, time.thread_time() - cpu_start))
+        self.engine._wait_stamps = []
+
+    def resolve(self, *phases: list) -> tuple:
+        """``(InstructionTime list, CPU seconds of each, each of ``phases`` resolved)``: one resolution (one
+        synchronisation on CUDA) for the whole step."""
+        records = [("i", start, end) for _, _, start, end, _, _ in self.stamped]
+        records += [("w", s, e) for *_, waits, _ in self.stamped for s, e in waits]
+        for phase in phases:
+            records += phase
+        resolved = iter(self.clock.resolve(records))
+        spans = [next(resolved)[1:] for _ in self.stamped]
+        trace = []
+        for (kind, kwargs, _, _, waits, _), (start, end) in zip(self.stamped, spans):
+            waited = sum(e - s for _, s, e in (next(resolved) for _ in waits))
+            trace.append(InstructionTime(instruction_from(kind, kwargs), start, end, waited))
+        out = [[next(resolved) for _ in phase] for phase in phases]
+        return trace, [cpu for *_, cpu in self.stamped], out
+
+
+def record_step(engine, run: Callable[[], object], memory: bool = False, clock=None):
     """``(run(), RankStep)``: one ``train_batch`` recorded through the instruction hook; with ``memory``, its
     activation memory read by ``engine.memory_meter`` (default: the allocator, :func:`step_meter`). It nests
-    inside a recording already running (the demo's timeline), and leaves that one's phase events in place."""
+    inside a recording already running (the demo's timeline), and leaves that one's phase events in place.
+    ``clock``: what stamps the step (default :func:`~.autograd.clocks.clock_for` its device)."""
     meter = getattr(engine, "memory_meter", None) if memory else None
     if memory and meter is None:
         meter = step_meter(engine)
-    trace, started, cpu = [], [], []
-
-    def before(kind, kwargs):
-        engine._waited = 0.0  # the engine adds its waits on peers here (as trace.start_recording does)
-        started.append((time.perf_counter(), time.thread_time()))
-
-    def after(kind, kwargs):
-        start, cpu_start = started.pop()
-        trace.append(InstructionTime(instruction_from(kind, kwargs), start, time.perf_counter(), engine._waited))
-        cpu.append(time.thread_time() - cpu_start)
-
+    clock = clock_for(engine.device) if clock is None else clock
+    timer = InstructionClock(engine, clock)
     outer = engine.phase_events  # a list while another recording runs
     engine.phase_events = [] if outer is None else outer
     first_phase = len(engine.phase_events)
-    engine.run_events = []
+    engine.run_events, engine.step_clock = [], clock
     start, cpu_start, process_start = time.perf_counter(), time.thread_time(), time.process_time()
     try:
-        with around_each_instruction(engine, before, after):
+        with around_each_instruction(engine, timer.before, timer.after):
             result = meter.measure(run) if meter is not None else run()
+        pairs, alone = engine.phase_events[first_phase:], engine.run_events
+        trace, cpu, (pairs, alone) = timer.resolve(pairs, alone)  # on CUDA: the step's one synchronisation
+        engine.phase_events[first_phase:] = pairs  # an outer recording reads them in seconds
         wall, cpu_total = time.perf_counter() - start, time.thread_time() - cpu_start
         process_cpu = time.process_time() - process_start
-        pairs, alone = engine.phase_events[first_phase:], engine.run_events
     finally:
-        engine.phase_events, engine.run_events = outer, None
+        engine.phase_events, engine.run_events, engine.step_clock = outer, None, None
     step = summarize(engine, trace, pairs, alone, wall, cpu, cpu_total)
     step.process_cpu_s = process_cpu
     if meter is not None:
@@ -187,4 +218,4 @@ def read_meter(meter) -> tuple:
     return list(getattr(meter, "after", None) or []), peak if peak is not None else getattr(result, "peak", None)
 
 
-__all__ = ["RankStep", "read_meter", "record_step", "step_meter", "summarize"]
+__all__ = ["InstructionClock", "RankStep", "read_meter", "record_step", "step_meter", "summarize"]

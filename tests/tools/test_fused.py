@@ -120,7 +120,8 @@ def _train_demo_with_apex(batches):
             "schedule": "zbv"
         }
     }
-    result = harness.train_pipeline(initialize, config, functools.partial(layer_specs, DEMO), 2, STEPS, batches, lm_loss)
+    result = harness.train_pipeline(initialize, config, functools.partial(layer_specs, DEMO), 2, STEPS, batches,
+                                    lm_loss)
     module = engines[0].module
     names = {id(p): harness._global_name(n) for n, p in module.named_parameters()}
     of = lambda kind: sorted({names[id(p)] for m in module.modules() if isinstance(m, kind) for p in m.parameters()})

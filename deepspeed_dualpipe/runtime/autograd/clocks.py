@@ -26,6 +26,7 @@ class HostClock:
     """Timestamps on the host (``time.perf_counter``)."""
 
     now = staticmethod(time.perf_counter)
+    synchronizations = 0
 
     @staticmethod
     def watch(pending) -> None:
@@ -49,14 +50,28 @@ class CudaClock:
 
     def __init__(self, device):
         self.device = torch.device(device)
-        self._side = torch.cuda.Stream(device=self.device)
+        self._side_stream = None  # made on the first all-to-all watched
         self._base = self.now()
         self._base_host = time.perf_counter()
+        self.synchronizations = 0  # how often resolve() waited for the device (once per recorded step)
 
-    def now(self) -> torch.cuda.Event:
+    def _event(self):
+        """A timing event recorded now on the compute stream (a seam: tests give a fake device)."""
         event = torch.cuda.Event(enable_timing=True)
         event.record(torch.cuda.current_stream(self.device))
         return event
+
+    def _synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    @property
+    def _side(self):
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(device=self.device)
+        return self._side_stream
+
+    def now(self):
+        return self._event()
 
     def watch(self, pending) -> None:
         """Record the all-to-all's completion on the side stream, which waits for NCCL's end event."""
@@ -81,12 +96,15 @@ class CudaClock:
         return pending.device_completed
 
     def resolve(self, records: List[tuple]) -> List[tuple]:
-        torch.cuda.synchronize(self.device)
+        """``(label, start, end)`` records with their events turned into seconds, after one synchronisation:
+        a recorded step resolves everything it stamped here once, at its end."""
+        self._synchronize()
+        self.synchronizations += 1
 
         def seconds(t):
-            if isinstance(t, torch.cuda.Event):
-                return self._base_host + self._base.elapsed_time(t) / 1e3
-            return t
+            if t is None or isinstance(t, (int, float)):
+                return t
+            return self._base_host + self._base.elapsed_time(t) / 1e3
 
         return [(label, seconds(start), seconds(end)) for label, start, end in records]
 

@@ -227,27 +227,29 @@ class _Driver:
                 (f"{self.label}:{pending.name}", self.clock.launch(pending), self.clock.completion(pending)))
 
 
-def _recorded(events: Optional[list], device):
+def _recorded(events: Optional[list], device, clock=None):
     """``(records, clock)``: where the drivers record and with what clock (nothing without ``events``)."""
-    return ([], clock_for(device)) if events is not None else (None, None)
+    return ([], clock or clock_for(device)) if events is not None else (None, None)
 
 
-def _flush(events: Optional[list], records: Optional[list], clock) -> None:
+def _flush(events: Optional[list], records: Optional[list], clock, given=None) -> None:
+    """Hand the records on: resolved into seconds now, or, on a ``given`` clock (a recorded step's), as they
+    are, for its owner to resolve once at the end of the step (no synchronisation per instruction)."""
     if events is not None:
-        events.extend(clock.resolve(records))
+        events.extend(records if given is not None else clock.resolve(records))
 
 
-def run(gen: Steps, events: Optional[list] = None, label: str = "run", device=None) -> Any:
+def run(gen: Steps, events: Optional[list] = None, label: str = "run", device=None, clock=None) -> Any:
     """Drive ``gen`` alone: every all-to-all is waited as soon as it is launched. Returns its result.
 
-    ``events``/``device``: as for :func:`interleave`."""
-    records, clock = _recorded(events, device)
+    ``events``/``device``/``clock``: as for :func:`interleave`."""
+    records, clock, given = *_recorded(events, device, clock), clock
     driver = _Driver(gen, label, records, clock)
     while not driver.finished:
         driver.step()
         if driver.pending is not None:
             driver.pending.wait()
-    _flush(events, records, clock)
+    _flush(events, records, clock, given)
     return driver.result
 
 
@@ -255,7 +257,8 @@ def interleave(first: Steps,
                second: Steps,
                events: Optional[list] = None,
                labels: Sequence[str] = ("first", "second"),
-               device=None) -> Tuple[Any, Any]:
+               device=None,
+               clock=None) -> Tuple[Any, Any]:
     """Drive two generators alternately; each runs until it launches an all-to-all, then the other.
 
     ``first`` starts. For a DualPipe pair pass the backward first, as Megatron-core orders it: its
@@ -266,13 +269,14 @@ def interleave(first: Steps,
     time it blocked waiting for its own all-to-all) and every all-to-all (``"<label>:<name>"``, from
     its launch to when it actually completed) is appended as ``(label, start, end)`` in
     ``time.perf_counter`` seconds; on a CUDA ``device`` they are timed with CUDA events
-    (:mod:`.clocks`). :mod:`deepspeed_dualpipe.runtime.overlap` reads what overlapped.
+    (:mod:`.clocks`). :mod:`deepspeed_dualpipe.runtime.overlap` reads what overlapped. A ``clock`` given (a
+    recorded step's, :mod:`deepspeed_dualpipe.runtime.profile`) records on it and leaves its stamps unresolved.
     """
-    records, clock = _recorded(events, device)
+    records, clock, given = *_recorded(events, device, clock), clock
     drivers = [_Driver(first, labels[0], records, clock), _Driver(second, labels[1], records, clock)]
     while not all(d.finished for d in drivers):
         for d in drivers:
             if not d.finished:
                 d.step()
-    _flush(events, records, clock)
+    _flush(events, records, clock, given)
     return drivers[0].result, drivers[1].result
