@@ -8,20 +8,21 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 
-export DS_ACCELERATOR ?= cpu
+# DS_ACCELERATOR is not exported from here: `make demo` leaves DeepSpeed's choice to the launcher (GPUs where they
+# exist, the CPU otherwise; tools/lm/launch.py); the tests pick the CPU themselves (tests/conftest.py).
 # DeepSpeed's JIT-built ops live inside the environment, not in ~/.cache: a build killed elsewhere
 # leaves a lock there that torch waits on forever (a CI run hung on one for its whole time limit).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: demo test gpu-check lint format venv clean
 
-# The main job: 4 ranks (CPU without a GPU) train the MoE language model of configs/dualpipe_moe.json
+# The main job: 4 ranks (one GPU each where 4 exist, else the CPU) train the MoE language model of configs/dualpipe_moe.json
 # through DeepSpeed's launcher; outputs in runs/dualpipe_moe/.
 demo: $(STAMP)
 	$(PY) -m deepspeed_dualpipe demo --config configs/dualpipe_moe.json --ranks 4
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The gpu-marked tests (tests/gpu): split backward, tape and DualPipeMoE on CUDA against CPU, and no host sync
 # in the engine's per-instruction path (torch.cuda.set_sync_debug_mode). DeepSpeed picks its accelerator
@@ -51,7 +52,7 @@ $(STAMP): pyproject.toml setup.cfg
 	@# once, rather than inside the first multi-process test's time limit. Nothing else builds during
 	@# set-up, so a lock left here is stale (an interrupted build) and would make the load wait forever.
 	rm -f $(TORCH_EXTENSIONS_DIR)/deepspeed_shm_comm/lock
-	timeout 1200 $(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
+	DS_ACCELERATOR=cpu timeout 1200 $(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(STAMP)
 
 clean:
