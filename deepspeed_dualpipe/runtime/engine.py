@@ -53,6 +53,7 @@ from deepspeed_dualpipe.runtime.autograd import steps
 from deepspeed_dualpipe.runtime.gradients import GradientReductions
 from deepspeed_dualpipe.runtime.autograd.aux_loss import aux_loss_scale
 from deepspeed_dualpipe.runtime.module import DualPipeModule
+from deepspeed_dualpipe.runtime.cuda_env import warn_about_connections
 from deepspeed_dualpipe.runtime.monitor import StepFigures
 from deepspeed_dualpipe.runtime.p2p import PointToPoint, as_tuple as _as_tuple
 from deepspeed_dualpipe.runtime.sends import PendingSends
@@ -119,6 +120,7 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
                            f"the other chunks only (recomputed islands there: "
                            f"dualpipe.recompute_islands={sorted(self._recompute)})")
         self.figures = StepFigures(self, self.dualpipe.dualpipe)
+        warn_about_connections(self)  # CUDA_DEVICE_MAX_CONNECTIONS=1 would serialise the overlapped pairs
         if self.dualpipe.verify_schedule:
             from deepspeed_dualpipe.analysis.verify import verify
             verify(self.schedule_name, self.num_stages, self.micro_batches)
