@@ -24,11 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The gpu-marked tests (tests/gpu): split backward, tape and DualPipeMoE on CUDA against CPU, and no host sync
-# in the engine's per-instruction path (torch.cuda.set_sync_debug_mode). DeepSpeed picks its accelerator
-# itself here (the DS_ACCELERATOR=cpu above is dropped); without a GPU every test skips, saying why.
+# Every gpu-marked test of the tree (tests/gpu, the CUDA overlap, memory and apex tests) in one run, then one
+# report: what ran, on how many GPUs, and the figures (docs/gpu.md). Without a GPU it says so, in a second.
 gpu-check: $(STAMP)
-	env -u DS_ACCELERATOR $(PY) -m pytest -q -rs -m gpu tests/gpu $(PYTEST_ARGS)
+	$(PY) deepspeed_dualpipe/testing/gpu_check.py $(PYTEST_ARGS)
 
 # DeepSpeed's formatter (yapf, 119 columns, .style.yapf) and linter (flake8 on E9,F,W6, setup.cfg).
 LINTED := deepspeed_dualpipe tests examples

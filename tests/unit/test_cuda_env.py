@@ -21,8 +21,11 @@ def warnings_logged():
 
 
 def _engine(schedule, device="cuda", stages=4, micro_batches=8):
-    return types.SimpleNamespace(device=device, schedule_name=schedule, num_stages=stages,
-                                 micro_batches=micro_batches, stage_id=0)
+    return types.SimpleNamespace(device=device,
+                                 schedule_name=schedule,
+                                 num_stages=stages,
+                                 micro_batches=micro_batches,
+                                 stage_id=0)
 
 
 def test_the_paired_schedules_have_overlapped_pairs_and_zero_bubble_ones_do_not():
@@ -37,10 +40,16 @@ def test_one_connection_under_a_paired_schedule_on_cuda_is_warned_about_naming_t
 
 
 @pytest.mark.parametrize("engine, env", [
-    (_engine("dualpipe"), {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}),
+    (_engine("dualpipe"), {
+        "CUDA_DEVICE_MAX_CONNECTIONS": "8"
+    }),
     (_engine("dualpipe"), {}),
-    (_engine("zb1p"), {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}),
-    (_engine("dualpipe", device="cpu"), {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}),
+    (_engine("zb1p"), {
+        "CUDA_DEVICE_MAX_CONNECTIONS": "1"
+    }),
+    (_engine("dualpipe", device="cpu"), {
+        "CUDA_DEVICE_MAX_CONNECTIONS": "1"
+    }),
 ])
 def test_no_warning_with_more_connections_without_pairs_or_off_cuda(engine, env, warnings_logged):
     assert warn_about_connections(engine, env) is None and not warnings_logged
