@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import _route_slots, _sparse_decode, _sparse_encode
-from deepspeed.utils import groups
+from deepspeed.utils import groups, logger
 from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
 
+from deepspeed_dualpipe.moe.sizes import dispatch_warning, warn_limit
 from deepspeed_dualpipe.runtime.autograd.steps import InlineTape, run
 
 __all__ = ["DualPipeMoE"]
@@ -64,6 +65,18 @@ class DualPipeMoE(MoE):
     """``deepspeed.moe.layer.MoE`` whose forward can run as overlappable phases."""
 
     ISLANDS = ("gate", "experts", "residual", "decode")  # the compute islands of forward_steps, by name
+    # drop_tokens=False: warn when one micro-batch's dispatch buffer exceeds this many bytes (None: a quarter of
+    # the CUDA device's memory; moe/sizes.py). Checked once, on the first micro-batch routed.
+    dispatch_warn_bytes: Optional[int] = None
+    _dispatch_sized = False
+
+    def _size_dispatch(self, tokens: torch.Tensor, num_experts: int) -> Optional[str]:
+        self._dispatch_sized = True
+        limit = warn_limit(tokens.device, self.dispatch_warn_bytes)
+        message = dispatch_warning(num_experts, tokens.shape[0], tokens.shape[1], tokens.element_size(), limit)
+        if message is not None:
+            logger.warning(message)
+        return message
 
     # ----- what DeepSpeed's MoE offers ---------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
@@ -105,6 +118,8 @@ class DualPipeMoE(MoE):
         """
         moe = self.deepspeed_moe
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
+        if not moe.gate.drop_tokens and not self._dispatch_sized:
+            self._size_dispatch(tokens, moe.num_local_experts * moe.ep_size)
         with _capacity_of_every_token(moe.gate, tokens.shape[0]):
             l_aux, capacity, num_experts, indices, locations, gates, exp_counts = moe.gate(
                 tokens, used_token, True, False)
