@@ -25,7 +25,7 @@ from deepspeed_dualpipe.analysis.events import EventReader, Op
 from deepspeed_dualpipe.runtime.autograd.clocks import clock_for
 from deepspeed_dualpipe.runtime.memory import MemoryMeter, StepMemory, parameter_bytes
 from deepspeed_dualpipe.runtime.overlap import hidden_seconds
-from deepspeed_dualpipe.runtime.trace import InstructionTime, around_each_instruction, instruction_from
+from deepspeed_dualpipe.runtime.trace import InstructionClock, around_each_instruction
 
 _P2P = ("SendActivation", "RecvActivation", "SendGrad", "RecvGrad")
 
@@ -130,42 +130,6 @@ def summarize(engine, trace, pair_phases, alone_phases, wall_s: float, cpu=None,
     return step
 
 
-class InstructionClock:
-    """Stamps each instruction's start and end, and the engine's waits on peers within it, on one clock (CUDA
-    events on the compute stream on CUDA, where the host returns from a launch or a wait at once); nothing is
-    read until :meth:`resolve`, once, at the end of the step."""
-
-    def __init__(self, engine, clock):
-        self.engine, self.clock = engine, clock
-        self._open, self.stamped = [], []  # stamped: (kind, kwargs, start, end, waits, cpu seconds)
-
-    def before(self, kind, kwargs):
-        self.engine._waited, self.engine._wait_stamps = 0.0, []  # the engine stamps its waits on the clock
-        self._open.append((self.clock.now(), time.thread_time()))
-
-    def after(self, kind, kwargs):
-        start, cpu_start = self._open.pop()
-        self.stamped.append(
-            (kind, kwargs, start, self.clock.now(), self.engine._wait_stamps, time.thread_time() - cpu_start))
-        self.engine._wait_stamps = []
-
-    def resolve(self, *phases: list) -> tuple:
-        """``(InstructionTime list, CPU seconds of each, each of ``phases`` resolved)``: one resolution (one
-        synchronisation on CUDA) for the whole step."""
-        records = [("i", start, end) for _, _, start, end, _, _ in self.stamped]
-        records += [("w", s, e) for *_, waits, _ in self.stamped for s, e in waits]
-        for phase in phases:
-            records += phase
-        resolved = iter(self.clock.resolve(records))
-        spans = [next(resolved)[1:] for _ in self.stamped]
-        trace = []
-        for (kind, kwargs, _, _, waits, _), (start, end) in zip(self.stamped, spans):
-            waited = sum(e - s for _, s, e in (next(resolved) for _ in waits))
-            trace.append(InstructionTime(instruction_from(kind, kwargs), start, end, waited))
-        out = [[next(resolved) for _ in phase] for phase in phases]
-        return trace, [cpu for *_, cpu in self.stamped], out
-
-
 def record_step(engine, run: Callable[[], object], memory: bool = False, clock=None):
     """``(run(), RankStep)``: one ``train_batch`` recorded through the instruction hook; with ``memory``, its
     activation memory read by ``engine.memory_meter`` (default: the allocator, :func:`step_meter`). It nests
@@ -179,6 +143,7 @@ def record_step(engine, run: Callable[[], object], memory: bool = False, clock=N
     outer = engine.phase_events  # a list while another recording runs
     engine.phase_events = [] if outer is None else outer
     first_phase = len(engine.phase_events)
+    outer_clock = getattr(engine, "step_clock", None)  # a recording's (trace.start_recording), if one runs
     engine.run_events, engine.step_clock = [], clock
     start, cpu_start, process_start = time.perf_counter(), time.thread_time(), time.process_time()
     try:
@@ -190,7 +155,7 @@ def record_step(engine, run: Callable[[], object], memory: bool = False, clock=N
         wall, cpu_total = time.perf_counter() - start, time.thread_time() - cpu_start
         process_cpu = time.process_time() - process_start
     finally:
-        engine.phase_events, engine.run_events, engine.step_clock = outer, None, None
+        engine.phase_events, engine.run_events, engine.step_clock = outer, None, outer_clock
     step = summarize(engine, trace, pairs, alone, wall, cpu, cpu_total)
     step.process_cpu_s = process_cpu
     if meter is not None:
@@ -218,4 +183,4 @@ def read_meter(meter) -> tuple:
     return list(getattr(meter, "after", None) or []), peak if peak is not None else getattr(result, "peak", None)
 
 
-__all__ = ["InstructionClock", "RankStep", "read_meter", "record_step", "step_meter", "summarize"]
+__all__ = ["RankStep", "read_meter", "record_step", "step_meter", "summarize"]

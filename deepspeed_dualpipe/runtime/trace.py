@@ -74,27 +74,81 @@ def around_each_instruction(engine, before=None, after=None):
         undo()
 
 
-def start_recording(engine) -> list:
+class InstructionClock:
+    """Stamps each instruction's start and end, and the engine's waits on peers within it, on one clock (CUDA
+    events on the compute stream on CUDA, where the host returns from a launch or a wait at once); nothing is
+    read until :meth:`resolve`, once, at the end of the step."""
+
+    def __init__(self, engine, clock):
+        self.engine, self.clock = engine, clock
+        self._open, self.stamped = [], []  # stamped: (kind, kwargs, start, end, waits, cpu seconds)
+
+    def before(self, kind, kwargs):
+        self.engine._waited, self.engine._wait_stamps = 0.0, []  # the engine stamps its waits on the clock
+        self._open.append((self.clock.now(), time.thread_time()))
+
+    def after(self, kind, kwargs):
+        start, cpu_start = self._open.pop()
+        self.stamped.append(
+            (kind, kwargs, start, self.clock.now(), self.engine._wait_stamps, time.thread_time() - cpu_start))
+        self.engine._wait_stamps = []
+
+    def resolve(self, *phases: list) -> tuple:
+        """``(InstructionTime list, CPU seconds of each, each of ``phases`` resolved)``: one resolution (one
+        synchronisation on CUDA) for the whole step."""
+        records = [("i", start, end) for _, _, start, end, _, _ in self.stamped]
+        records += [("w", s, e) for *_, waits, _ in self.stamped for s, e in waits]
+        for phase in phases:
+            records += phase
+        resolved = iter(self.clock.resolve(records))
+        spans = [next(resolved)[1:] for _ in self.stamped]
+        trace = []
+        for (kind, kwargs, _, _, waits, _), (start, end) in zip(self.stamped, spans):
+            waited = sum(e - s for _, s, e in (next(resolved) for _ in waits))
+            trace.append(InstructionTime(instruction_from(kind, kwargs), start, end, waited))
+        out = [[next(resolved) for _ in phase] for phase in phases]
+        return trace, [cpu for *_, cpu in self.stamped], out
+
+
+def start_recording(engine, clock=None) -> list:
     """Record an :class:`InstructionTime` per instruction ``engine`` runs into ``engine.trace`` (returned),
     until :func:`stop_recording`. The plugin's engine also records the steps of its overlapped pairs'
-    MoE phases into ``engine.phase_events``."""
+    MoE phases into ``engine.phase_events``. On the host clock each entry is in seconds at once; on CUDA
+    (``clock``: default :func:`~.autograd.clocks.clock_for` the engine's device) the instructions, their waits
+    on peers and the phases are CUDA events on the stream, read once by :func:`resolve_recording`."""
+    from deepspeed_dualpipe.runtime.autograd.clocks import HostClock, clock_for
     stop_recording(engine)
-    trace, started = [], {}
-
-    def before(kind, kwargs):
-        engine._waited = 0.0  # the plugin's engine adds its waits on peers here
-        started[kind] = time.perf_counter()
+    clock = clock_for(getattr(engine, "device", None)) if clock is None else clock
+    timer, trace = InstructionClock(engine, clock), []
+    host = isinstance(clock, HostClock)
 
     def after(kind, kwargs):
-        trace.append(
-            InstructionTime(instruction_from(kind, kwargs), started.pop(kind), time.perf_counter(),
-                            getattr(engine, "_waited", 0.0)))
+        timer.after(kind, kwargs)
+        if host:  # seconds already: nothing to resolve
+            trace.extend(timer.resolve()[0])
+            timer.stamped.clear()
 
-    engine._stop_recording = _wrap(engine, before, after)
+    engine._stop_recording = _wrap(engine, timer.before, after)
+    engine._recording = None if host else timer
     engine.trace = trace
+    engine.step_clock = clock  # the plugin's engine stamps its waits and phases on it
     if hasattr(engine, "phase_events"):
         engine.phase_events = []
     return trace
+
+
+def resolve_recording(engine) -> None:
+    """Read a CUDA recording's events (one synchronisation): ``engine.trace`` and ``engine.phase_events`` in
+    seconds from here on. Nothing to do on the host clock."""
+    timer = vars(engine).get("_recording")
+    if timer is None:
+        return
+    phases = getattr(engine, "phase_events", None)
+    trace, _, resolved = timer.resolve(*([phases] if phases is not None else []))
+    engine.trace.extend(trace)
+    timer.stamped.clear()
+    if phases is not None:
+        phases[:] = resolved[0]
 
 
 def stop_recording(engine) -> None:
@@ -102,12 +156,16 @@ def stop_recording(engine) -> None:
     undo = vars(engine).pop("_stop_recording", None)
     if undo is not None:
         undo()
+    vars(engine).pop("_recording", None)
+    if getattr(engine, "step_clock", None) is not None:
+        engine.step_clock = None
     engine.trace = None
 
 
 def phase_records(engine, t0: float) -> list:
     """The engine's recorded MoE phases as ``(label, start, end)`` relative to ``t0`` (labels like
     ``"B3.1:compute"`` or ``"F4.0:dispatch"``: micro-batch 3's backward in chunk 1, ...); recording stops."""
+    resolve_recording(engine)
     events = getattr(engine, "phase_events", None) or []
     if hasattr(engine, "phase_events"):
         engine.phase_events = None
@@ -115,6 +173,6 @@ def phase_records(engine, t0: float) -> list:
 
 
 __all__ = [
-    "InstructionTime", "instruction_from", "around_each_instruction", "start_recording", "stop_recording",
-    "phase_records"
+    "InstructionClock", "InstructionTime", "instruction_from", "resolve_recording", "around_each_instruction",
+    "start_recording", "stop_recording", "phase_records"
 ]

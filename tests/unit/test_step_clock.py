@@ -12,7 +12,7 @@ import torch
 from deepspeed_dualpipe.runtime.autograd import steps
 from deepspeed_dualpipe.runtime.autograd.clocks import CudaClock
 from deepspeed_dualpipe.runtime.p2p import PointToPoint
-from deepspeed_dualpipe.runtime.profile import InstructionClock
+from deepspeed_dualpipe.runtime.trace import InstructionClock
 
 
 class FakeDevice:
@@ -97,3 +97,28 @@ def test_a_recorded_step_keeps_its_phases_as_device_stamps_for_one_read_at_the_e
     assert clock.synchronizations == 0 and isinstance(events[0][1], FakeEvent)
     ((label, start, end), ) = clock.resolve(events)
     assert clock.synchronizations == 1 and label == "F0.0:compute" and end >= start
+
+
+def test_a_timeline_recording_on_cuda_reads_its_events_once_when_asked_and_times_waits_on_the_stream():
+    from deepspeed_dualpipe.runtime.trace import resolve_recording, start_recording, stop_recording
+    device = FakeDevice()
+    clock = FakeCudaClock(device)
+    engine = _rank(device, clock)
+    kind = type("RecvGrad", (), {})
+
+    def receive(self, **kwargs):
+        device.run(0.010)
+        PointToPoint._wait(self, [PeerRequest(device, 0.030)], "the gradient", 0, 0, (1, 0))
+
+    engine._INSTRUCTION_MAP = {kind: receive}
+    engine.phase_events = None
+    trace = start_recording(engine, clock)
+    for _ in range(3):
+        engine._INSTRUCTION_MAP[kind](engine, buffer_id=0)
+    assert trace == [] and clock.synchronizations == 0  # nothing read while recording
+    resolve_recording(engine)
+    assert clock.synchronizations == 1
+    assert [t.waited for t in trace] == pytest.approx([0.030] * 3)
+    assert [t.end - t.start for t in trace] == pytest.approx([0.040] * 3)
+    stop_recording(engine)
+    assert engine.step_clock is None and engine._INSTRUCTION_MAP[kind] is receive

@@ -34,7 +34,7 @@ import torch
 
 from deepspeed_dualpipe.tools.lm import data as D
 from deepspeed_dualpipe.tools.lm import timeline as TL
-from deepspeed_dualpipe.runtime.trace import phase_records, start_recording, stop_recording
+from deepspeed_dualpipe.runtime.trace import phase_records, resolve_recording, start_recording, stop_recording
 from deepspeed_dualpipe.runtime import memory as MEM
 from deepspeed_dualpipe.tools.lm.model import (PARTITION, LocalModel, ModelConfig, layer_specs, lm_loss, seed_layer)
 
@@ -319,6 +319,7 @@ def train(config: Dict, lm: LMConfig, args=None) -> Optional[dict]:
         losses.append(loss)
         interval_steps += 1
         if trace_now:
+            resolve_recording(engine)  # on CUDA: the recorded events, read once
             mine = TL.records(engine.trace, t0, layout, engine.stage_id)
             phases = phase_records(engine, t0)
             stop_recording(engine)
