@@ -22,10 +22,10 @@ from deepspeed_dualpipe.tools.advise.costs import FORMAT, ModelCosts, backward_c
 from deepspeed_dualpipe.tools.advise.memory import live_after_each_instruction, memory_fit, peak_activation_bytes, \
     stage_units
 from deepspeed_dualpipe.tools.advise.predict import Prediction, backward_s, chunk_costs, predict, predict_all, \
-    recommend, splits_backward
+    recommend
 
 __all__ = [
     "FORMAT", "ModelCosts", "Prediction", "SCHEDULES", "add_parser", "backward_costs", "backward_s", "chunk_costs",
     "combine", "live_after_each_instruction", "load_profile", "main", "measured_runs", "memory_fit", "model_costs",
-    "parse_budget", "peak_activation_bytes", "predict", "predict_all", "recommend", "splits_backward", "stage_units"
+    "parse_budget", "peak_activation_bytes", "predict", "predict_all", "recommend", "stage_units"
 ]

@@ -4,7 +4,7 @@ import os
 import statistics
 from typing import List, Optional
 
-from deepspeed_dualpipe.tools.bench import predict
+from deepspeed_dualpipe.schedule import PAIRED_SCHEDULES
 
 # Memory targets: peak activation bytes per rank over 1F1B's rank 0 within this factor of Table 2's ratio;
 # bytes left after a step within this fraction of the rank's peak.
@@ -34,7 +34,7 @@ def memory_targets(row: dict, base: Optional[dict], stages: int) -> dict:
 def a2a_targets(results: dict) -> dict:
     """The issue's MoE targets for dualpipe (and the same figures for dualpipev), measured and simulated."""
     out = {}
-    for name in sorted(predict.OVERLAPPING):
+    for name in sorted(PAIRED_SCHEDULES):
         if name not in results or f"{name} (no overlap)" not in results:
             continue
         row, off = results[name], results[f"{name} (no overlap)"]
