@@ -24,6 +24,7 @@ def pytest_sessionstart(session):
 def pytest_terminal_summary(terminalreporter, config):
     built = _shm_op_builds() - getattr(config, "_shm_op_builds", 0)
     if built:
-        terminalreporter.write_line(f"DeepSpeed's shm op was compiled {built} time(s) during this run, in {_SHM_LOG.parent} "
-                                    "(expected none: `make venv` builds it once; see tests/conftest.py)",
-                                    yellow=True)
+        terminalreporter.write_line(
+            f"DeepSpeed's shm op was compiled {built} time(s) during this run, in {_SHM_LOG.parent} "
+            "(expected none: `make venv` builds it once; see tests/conftest.py)",
+            yellow=True)

@@ -52,8 +52,7 @@ class ScheduleSpec:
 def _plugin(cls) -> ScheduleSpec:
     """The spec of one of the plugin's schedules: every fact read from its class."""
     return ScheduleSpec(cls.name, cls.layout_kind, EngineKind.PLUGIN, cls, functools.partial(cls, forward_only=True),
-                        cls.validate, cls.summary, cls.paired, cls.split_backward, cls.table2,
-                        cls.torch_inexpressible)
+                        cls.validate, cls.summary, cls.paired, cls.split_backward, cls.table2, cls.torch_inexpressible)
 
 
 def _validate_1f1b(stages, micro_batches):
@@ -64,20 +63,22 @@ def _validate_1f1b(stages, micro_batches):
 SCHEDULES: Dict[str, ScheduleSpec] = {
     spec.name: spec
     for spec in [
-        ScheduleSpec("1f1b", LayoutKind.LINEAR, EngineKind.DEEPSPEED, ds.TrainSchedule, ds.InferenceSchedule,
-                     _validate_1f1b, "DeepSpeed's own 1F1B TrainSchedule, unchanged (baseline)", table2="1f1b"),
+        ScheduleSpec("1f1b",
+                     LayoutKind.LINEAR,
+                     EngineKind.DEEPSPEED,
+                     ds.TrainSchedule,
+                     ds.InferenceSchedule,
+                     _validate_1f1b,
+                     "DeepSpeed's own 1F1B TrainSchedule, unchanged (baseline)",
+                     table2="1f1b"),
         _plugin(ZeroBubbleH1Schedule),
         _plugin(Interleaved1F1BSchedule),
         _plugin(OverlappedInterleaved1F1BSchedule),
         _plugin(ZeroBubbleVSchedule),
         _plugin(DualPipeSchedule),
         _plugin(DualPipeVSchedule),
-        ScheduleSpec("ds-dualpipev",
-                     LayoutKind.V,
-                     EngineKind.DEEPSPEED,
-                     ds.DualPipeVSchedule,
-                     functools.partial(ds.DualPipeVSchedule, forward_only=True),
-                     DualPipeVSchedule.validate,
+        ScheduleSpec("ds-dualpipev", LayoutKind.V, EngineKind.DEEPSPEED, ds.DualPipeVSchedule,
+                     functools.partial(ds.DualPipeVSchedule, forward_only=True), DualPipeVSchedule.validate,
                      "DeepSpeed 0.19.8's built-in DualPipeV (baseline: no W split, no overlap)"),
     ]
 }
@@ -111,6 +112,6 @@ def rank_steps(name: str, stages: int, micro_batches: int, forward_only: bool = 
 
 
 __all__ = [
-    "SCHEDULES", "PLUGIN_SCHEDULES", "DEEPSPEED_SCHEDULES", "PAIRED_SCHEDULES", "TORCH_EXPRESSIBLE", "EngineKind", "ScheduleSpec",
-    "build_schedule", "get_spec", "rank_steps", "ProgramSchedule"
+    "SCHEDULES", "PLUGIN_SCHEDULES", "DEEPSPEED_SCHEDULES", "PAIRED_SCHEDULES", "TORCH_EXPRESSIBLE", "EngineKind",
+    "ScheduleSpec", "build_schedule", "get_spec", "rank_steps", "ProgramSchedule"
 ]

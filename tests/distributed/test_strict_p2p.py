@@ -13,7 +13,7 @@ import functools
 import pytest
 import torch
 
-from tests.distributed import test_equivalence as equivalence
+from tests.helpers import equivalence
 from tests.helpers import harness
 
 STRICT_S = 60  # generous: 2 shared cores; a real deadlock is shown with a short one below
@@ -26,7 +26,7 @@ EXTRA = ("dualpipe-tuple", "dualpipev-clipped", "zb1p-mask", "dualpipe-mask", "d
 @functools.lru_cache(maxsize=None)
 def _strict_launch(P):
     runs = tuple(equivalence.SCHEDULES) + (EXTRA if P == 2 else ())
-    return harness.run_distributed(equivalence._train_all, P, P, 1, runs, timeout=900, strict_p2p=STRICT_S)
+    return harness.run_distributed(equivalence.train_all, P, P, 1, runs, timeout=900, strict_p2p=STRICT_S)
 
 
 @pytest.mark.slow

@@ -120,9 +120,7 @@ def test_invalid_shapes_raise_value_errors_that_name_the_value(schedule, stages,
 
 
 def test_unknown_schedule_names_the_valid_ones():
-    with pytest.raises(
-            ValueError,
-            match="valid schedules: " + ", ".join(SCHEDULES)):
+    with pytest.raises(ValueError, match="valid schedules: " + ", ".join(SCHEDULES)):
         get_spec("gpipe")
 
 
