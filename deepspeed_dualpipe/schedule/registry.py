@@ -13,6 +13,7 @@ from deepspeed_dualpipe.schedule.dualpipe import DualPipeSchedule
 from deepspeed_dualpipe.schedule.dualpipev import DualPipeVSchedule
 from deepspeed_dualpipe.schedule.interleaved import Interleaved1F1BSchedule
 from deepspeed_dualpipe.schedule.interleaved_overlap import OverlappedInterleaved1F1BSchedule
+from deepspeed_dualpipe.schedule.plugin_1f1b import Plugin1F1BSchedule
 from deepspeed_dualpipe.schedule.zb1p import ZeroBubbleH1Schedule
 from deepspeed_dualpipe.schedule.zbv import ZeroBubbleVSchedule
 
@@ -80,6 +81,7 @@ SCHEDULES: Dict[str, ScheduleSpec] = {
         ScheduleSpec("ds-dualpipev", LayoutKind.V, EngineKind.DEEPSPEED, ds.DualPipeVSchedule,
                      functools.partial(ds.DualPipeVSchedule, forward_only=True), DualPipeVSchedule.validate,
                      "DeepSpeed 0.19.8's built-in DualPipeV (baseline: no W split, no overlap)"),
+        _plugin(Plugin1F1BSchedule),
     ]
 }
 
