@@ -9,7 +9,7 @@ from deepspeed_dualpipe.analysis.simulate import simulate
 from deepspeed_dualpipe.analysis.symbolic import Costs
 from deepspeed_dualpipe.schedule import PAIRED_SCHEDULES, get_spec
 from deepspeed_dualpipe.tools.advise.costs import ModelCosts
-from deepspeed_dualpipe.tools.advise.memory import peak_activation_bytes
+from deepspeed_dualpipe.tools.advise.memory import live_after_each_instruction
 
 TIE = 0.01  # predictions this close (relative) are equally fast
 
@@ -62,6 +62,33 @@ def chunk_costs(m: ModelCosts, schedule: str, P: int) -> Costs:
         compute_b = max(B - m.a2a_backward_s / K, 0.0) / layers
         pair = overlapped_pair(layers, compute_f, compute_b, m.a2a_per_call_s)
     return Costs(F=F, B=B, W=min(W, B), FB=pair)
+
+
+def stage_units(m: ModelCosts, K: int) -> List[float]:
+    """Bytes per live micro-batch of each of ``K`` model stages, from the profiled cut's (by overlap of layer
+    ranges: a stage of a coarser cut holds the finer cut's stages it covers)."""
+    fine = m.stage_activation_bytes
+    K0 = len(fine)
+    out = []
+    for t in range(K):
+        lo, hi = t / K, (t + 1) / K
+        out.append(sum(u * max(0.0, min(hi, (s + 1) / K0) - max(lo, s / K0)) * K0 for s, u in enumerate(fine)))
+    return out
+
+
+def peak_activation_bytes(m: ModelCosts, schedule: str, P: int, M: int) -> Optional[int]:
+    """The largest rank's bytes at any instruction end of ``schedule``, with each stage's bytes per live
+    micro-batch, plus the profiled base and transient."""
+    if not m.stage_activation_bytes:
+        return None
+    layout = get_spec(schedule).layout(P, M)
+    units = stage_units(m, layout.model_stages)
+    peaks = []
+    for r in range(P):
+        per_chunk = [units[layout.model_stage(r, c)] for c in range(layout.chunks_per_rank)]
+        live = live_after_each_instruction(schedule, P, M, r)
+        peaks.append(max(sum(u * n for u, n in zip(per_chunk, counts)) for counts in live))
+    return int(m.memory_base_bytes + m.memory_transient_bytes + max(peaks))
 
 
 def predict(m: ModelCosts, schedule: str, P: int, M: int) -> Prediction:
