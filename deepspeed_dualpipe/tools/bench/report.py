@@ -32,7 +32,7 @@ def memory_targets(row: dict, base: Optional[dict], stages: int) -> dict:
 
 
 def a2a_targets(results: dict) -> dict:
-    """The issue's MoE targets for dualpipe (and the same figures for dualpipev), measured and simulated."""
+    """The MoE targets for dualpipe (and the same figures for dualpipev), measured and simulated."""
     out = {}
     for name in sorted(PAIRED_SCHEDULES):
         if name not in results or f"{name} (no overlap)" not in results:
@@ -98,7 +98,7 @@ def contention_warning(excess: float, cores_used: float, cores: int) -> Optional
             f"F=20ms,B=40ms,W=20ms) or run fewer ranks per core.")
 
 
-SIM_TOLERANCE = 0.05  # the issue's: every measured ratio within 0.05 of the simulator's
+SIM_TOLERANCE = 0.05  # the target: every measured ratio within 0.05 of the simulator's
 _TARGETS = {
     "vs_no_overlap": ("the same run without overlap", 0.75),
     "vs_1f1b": ("DeepSpeed 1F1B", 0.70),
