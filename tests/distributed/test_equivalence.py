@@ -4,27 +4,15 @@ For each (P, data-parallel degree), one launch trains the same model with every 
 turn (process start-up dominates the runtime on 2 cores): losses per step and every parameter
 after 3 SGD steps must equal a single process running the same model on the same global
 batches, and all copies of a parameter (data-parallel replicas, DualPipe's mirror copies, tied
-embedding and head) must stay bit-identical.
+embedding and head) must stay bit-identical. The launches without data parallelism run in strict
+mode and serve tests/distributed/test_strict_p2p.py too (tests/helpers/equivalence.py).
 """
-
-import functools
 
 import pytest
 
 from tests.helpers import harness
-from tests.helpers.equivalence import MBS, MODELS, RUNS, SCHEDULES, SEED, STEPS, micro_batches, train_all
-
-
-@functools.lru_cache(maxsize=None)
-def _launch(P, dp):
-    runs = tuple(RUNS) if (P, dp) == (2, 1) else tuple(SCHEDULES) + EXTRA.get((P, dp), ())
-    return harness.run_distributed(train_all, P * dp, P, dp, runs, timeout=600)
-
-
-EXTRA = {
-    (2, 2): ("dualpipe-clipped", "dualpipe-zero1", "dualpipe-bf16"),
-    (4, 1): ("dualpipe-clipped", "dualpipev-clipped")
-}
+from tests.helpers.equivalence import MBS, MODELS, RUNS, SCHEDULES, SEED, STEPS, micro_batches
+from tests.helpers.equivalence import launch as _launch
 
 
 def _check(P, dp, run, perturb=None, rtol=1e-6, atol=harness.ATOL):

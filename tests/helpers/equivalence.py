@@ -1,6 +1,9 @@
 """The runs of the equivalence tests, shared by the tests that reuse them (strict mode, engine features,
-gradient path, mirror reduction, host syncs): the model, the config of a named run, and :func:`train_all`,
-which trains runs one after another inside each rank (process start-up dominates on 2 cores)."""
+gradient path, mirror reduction, host syncs): the model, the config of a named run, :func:`train_all`,
+which trains runs one after another inside each rank (process start-up dominates on 2 cores), and
+:func:`launch`, one launch per shape for the whole suite."""
+
+import functools
 
 from deepspeed_dualpipe.schedule import SCHEDULES as REGISTRY
 from tests.helpers import harness
@@ -75,3 +78,20 @@ def train_all(P, dp, runs):
                                                batches,
                                                eval_batches=evals)
     return results
+
+
+STRICT_S = 60  # strict mode's timeout: generous on 2 shared cores (tests/distributed/test_strict_p2p.py)
+EXTRA = {  # runs beside every schedule's, by (P, data-parallel degree); (2, 1) trains every run
+    (2, 2): ("dualpipe-clipped", "dualpipe-zero1", "dualpipe-bf16"),
+    (4, 1): ("dualpipe-clipped", "dualpipev-clipped")
+}
+
+
+@functools.lru_cache(maxsize=None)
+def launch(P, dp):
+    """Every rank's results of the runs at (P, dp): one launch per shape, read by test_equivalence and, without data
+    parallelism, by test_strict_p2p, so those launches run in strict mode (NCCL's point-to-point rules emulated on
+    gloo; the numbers are the same either way)."""
+    runs = tuple(RUNS) if (P, dp) == (2, 1) else tuple(SCHEDULES) + EXTRA.get((P, dp), ())
+    strict = STRICT_S if dp == 1 else None
+    return harness.run_distributed(train_all, P * dp, P, dp, runs, timeout=900, strict_p2p=strict)
