@@ -47,12 +47,17 @@ TABLE2: Dict[str, Table2Row] = {
 }
 
 
+def table2_row(schedule: str) -> Optional[Table2Row]:
+    """The row of Table 2 that ``schedule`` follows (its class says which), or None."""
+    return TABLE2.get(get_spec(schedule).table2)
+
+
 def table2_activation_ratio(schedule: str, stages: int) -> Optional[float]:
     """Table 2's activation memory per device over 1F1B's on ``stages`` ranks (PP micro-batches of a 1F1B
     stage): a schedule with PP model stages keeps its row's count of micro-batches of one model stage, each
     ``stages / PP`` of a 1F1B stage. dualpipe: (P+1)/P; dualpipev: (2P+1)/(2P) (half-stage units); zb1p: 1.
-    DeepSpeed's ds-dualpipev is a DualPipeV. ``None`` for a schedule Table 2 has no row for."""
-    row = TABLE2.get("dualpipev" if schedule == "ds-dualpipev" else schedule)
+    ``None`` for a schedule Table 2 has no row for (ds-dualpipev: its row assumes the W split DeepSpeed's lacks)."""
+    row = table2_row(schedule)
     if row is None:
         return None
     PP = get_spec(schedule).layout(stages, 2 * stages).model_stages
@@ -83,7 +88,7 @@ class Simulated:
 
     @property
     def formula_bubble(self) -> Optional[float]:
-        row = TABLE2.get(self.schedule)
+        row = table2_row(self.schedule)
         return None if row is None else row.bubble_of(self.model_stages, self.costs)
 
     def to_json(self) -> dict:
@@ -113,7 +118,7 @@ def table(results: List[Simulated]) -> str:
     ]
     rows = []
     for s in results:
-        row = TABLE2.get(s.schedule)
+        row = table2_row(s.schedule)
         lo, hi = min(s.bubble), max(s.bubble)
         act_lo, act_hi = min(s.peak_activations), max(s.peak_activations)
         rows.append([

@@ -27,15 +27,7 @@ from types import SimpleNamespace
 from typing import Dict, List
 
 from deepspeed_dualpipe.analysis.events import Comm, rank_events
-from deepspeed_dualpipe.schedule import get_spec, rank_steps
-
-TORCH_EXPRESSIBLE = ("1f1b", "zb1p", "interleaved-1f1b", "zbv", "dualpipev", "ds-dualpipev")
-
-_NOT_EXPRESSIBLE = {
-    "dualpipe":
-    "DualPipe duplicates every model stage on two ranks (rank r and its mirror P-1-r, one copy per "
-    "direction), while torch.distributed.pipelining maps each stage index to exactly one rank",
-}
+from deepspeed_dualpipe.schedule import TORCH_EXPRESSIBLE, get_spec, rank_steps
 
 _NEEDED = ("_Action", "_ComputationType", "_validate_schedule", "_format_pipeline_order", "PipelineScheduleMulti")
 
@@ -76,10 +68,9 @@ def _torch() -> SimpleNamespace:
 
 def _check_expressible(schedule: str):
     spec = get_spec(schedule)  # ValueError for unknown names
-    if schedule not in TORCH_EXPRESSIBLE:
-        reason = _NOT_EXPRESSIBLE.get(schedule, "no mapping to torch's format is defined for it")
+    if spec.torch_inexpressible is not None:  # the schedule's own fact (docs/design.md, "Adding a schedule")
         raise ValueError(f"schedule {schedule!r} cannot be expressed in torch.distributed.pipelining's "
-                         f"format: {reason}; expressible schedules: {', '.join(TORCH_EXPRESSIBLE)}")
+                         f"format: {spec.torch_inexpressible}; expressible schedules: {', '.join(TORCH_EXPRESSIBLE)}")
     return spec
 
 

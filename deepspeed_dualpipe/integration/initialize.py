@@ -22,6 +22,7 @@ from deepspeed_dualpipe.integration import convert, megatron
 from deepspeed_dualpipe.integration.optimizer import check_optimizer
 from deepspeed_dualpipe.integration.recording import record_pipeline_module_args
 from deepspeed_dualpipe.integration.strict import strict_mode_from_env
+from deepspeed_dualpipe.schedule import LayoutKind, get_spec
 
 # Set while initialize runs, so a patched deepspeed.initialize (or an installed wrapper)
 # that calls back into us goes straight to DeepSpeed instead of converting the model twice.
@@ -62,11 +63,13 @@ def initialize(args=None, model=None, *positional, **kwargs):
     """Drop-in for ``deepspeed.initialize``: same arguments, same return value
     ``(engine, optimizer, training_dataloader, lr_scheduler)``.
 
-    - schedule "1f1b" (or absent), or ``model`` not a ``PipelineModule``: ``deepspeed.initialize``
-      unchanged.
-    - "ds-dualpipev": the model is rebuilt as DeepSpeed's ``DualPipeVModule``, for which
-      ``deepspeed.initialize`` builds its ``DualPipeVEngine``.
-    - the plugin's schedules ("zb1p", "interleaved-1f1b", "zbv", "dualpipe", "dualpipev"): the model is rebuilt
+    What happens follows the schedule's facts in the registry (:mod:`deepspeed_dualpipe.schedule.registry`):
+
+    - DeepSpeed's schedule on a linear layout ("1f1b", the default), or ``model`` not a ``PipelineModule``:
+      ``deepspeed.initialize`` unchanged.
+    - DeepSpeed's schedule on a V layout ("ds-dualpipev"): the model is rebuilt as DeepSpeed's
+      ``DualPipeVModule``, for which ``deepspeed.initialize`` builds its ``DualPipeVEngine``.
+    - the plugin's schedules (``PLUGIN_SCHEDULES``: "zb1p", "dualpipe", ...): the model is rebuilt
       in chunks (:mod:`.chunked`: the user's class, attributes, weights and random stream kept) and
       ``deepspeed.initialize`` runs with
       ``deepspeed.PipelineEngine`` (looked up by it at call time) set to ``DualPipeEngine``.
@@ -90,14 +93,15 @@ def initialize(args=None, model=None, *positional, **kwargs):
         return ds_initialize(args=args, model=model, **kwargs)
 
     schedule = dualpipe_config(config).schedule
+    spec = get_spec(schedule)
     _check_expert_parallelism(model)
-    if schedule == "1f1b":
+    if not spec.runs_on_plugin_engine and spec.layout_kind is LayoutKind.LINEAR:  # DeepSpeed's 1F1B
         check_optimizer(kwargs.get("optimizer"), model)
         return _weigh_aux_losses_by_gas(ds_initialize(args=args, model=model, **kwargs))
 
     _ACTIVE = True
     try:
-        if schedule == "ds-dualpipev":
+        if not spec.runs_on_plugin_engine:  # DeepSpeed's DualPipeV: its own module class
             rebuilt = convert.as_deepspeed_dualpipev(model)
             kwargs = convert.carry_over(kwargs, model, rebuilt)
             check_optimizer(kwargs.get("optimizer"), rebuilt)

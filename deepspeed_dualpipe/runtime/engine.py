@@ -36,7 +36,6 @@ One ``_exec_*`` method per instruction, as in DeepSpeed. What differs from 1F1B:
 
 from collections import OrderedDict
 from contextlib import contextmanager
-from datetime import timedelta
 
 import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
@@ -56,12 +55,10 @@ from deepspeed_dualpipe.runtime.module import DualPipeModule
 from deepspeed_dualpipe.runtime.cuda_env import warn_about_connections
 from deepspeed_dualpipe.runtime.monitor import StepFigures
 from deepspeed_dualpipe.runtime.p2p import PointToPoint, as_tuple as _as_tuple
-from deepspeed_dualpipe.runtime.sends import PendingSends
 from deepspeed_dualpipe.runtime.slots import Handoffs, Slot
 from deepspeed_dualpipe.runtime.groups import create_expert_holder_groups, mirror_rank_lists
 from deepspeed_dualpipe.schedule import build_schedule, get_spec
 from deepspeed_dualpipe.runtime.autograd import saved
-from deepspeed_dualpipe.schedule.commit import Handshakes
 from deepspeed_dualpipe.runtime.autograd.split_backward import SplitBackward, module_supports_split
 
 _FORWARD_TIMERS = (FORWARD_MICRO_TIMER, FORWARD_GLOBAL_TIMER)
@@ -79,15 +76,10 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         from deepspeed_dualpipe.config import dualpipe_config  # local: the config module imports the registry
         self.dualpipe = dualpipe_config(self._config._param_dict)
         self.schedule_name = self.module.schedule
-        self._timeout = timedelta(seconds=self.dualpipe.p2p_timeout_s)
+        self._init_point_to_point()  # runtime/p2p.py: queues, channel shapes, pending sends
         self._split = self.dualpipe.split_backward and module_supports_split(self.module)
         self.slots = []  # one Slot per buffer slot of the running schedule (see runtime/slots.py)
         self.handoffs = Handoffs.empty()
-        self._shapes = {}  # chunk -> [(shape, dtype)] of its received activations
-        self._sent_specs = {}  # chunk -> [(shape, dtype)] announced to the next stage in its metadata
-        self._handshakes = Handshakes()  # which channels have carried their shapes (schedule/commit.py)
-        self._queued = []  # (p2p instruction, tensors) since the last CommitP2P
-        self._send_reqs = PendingSends(self, background=self.device.type == "cpu")  # runtime/sends.py
         self.trace = None  # a list of InstructionTime while runtime.trace.start_recording records
         self.phase_events = None  # set to [] to record (label, start, end) of each phase of the overlapped pairs
         self.run_events = None  # likewise for the computations that run alone (runtime/profile.py)
@@ -461,22 +453,20 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
             slot.inputs = None
         return handle
 
-    def _exec_overlapped_forward_backward(self, forward_buffer, forward_chunk, forward_micro_batch, backward_buffer,
-                                          backward_chunk, backward_micro_batch, backward_op):
+    def _exec_overlapped_forward_backward(self, **pair):
         """DualPipe's overlapped pair: with phased (MoE) chunks, each all-to-all of one micro-batch runs
         while the other computes. The backward leads (Megatron-core's order: its first step launches the
         combine's gradient all-to-all, which then hides under the forward's attention). Chunks without
         phases, or ``dualpipe.overlap_moe_a2a: false``, run the two halves one after the other."""
         with self._timed(*_BACKWARD_TIMERS):  # wall_clock_breakdown: a pair counts as backward time
-            self._pair(forward_buffer, forward_chunk, forward_micro_batch, backward_buffer, backward_chunk,
-                       backward_micro_batch, backward_op)
+            self._pair(instructions.OverlappedForwardBackward(**pair))
 
-    def _pair(self, forward_buffer, forward_chunk, forward_micro_batch, backward_buffer, backward_chunk,
-              backward_micro_batch, backward_op):
-        split = backward_op == "I" and self._split
-        backward = self._backward_steps(backward_buffer, backward_chunk, backward_micro_batch, split)
-        forward = self._forward_steps(forward_buffer, forward_chunk, forward_micro_batch)
-        labels = (f"B{backward_micro_batch}.{backward_chunk}", f"F{forward_micro_batch}.{forward_chunk}")
+    def _pair(self, pair: instructions.OverlappedForwardBackward):
+        split = pair.backward_op == "I" and self._split
+        backward = self._backward_steps(pair.backward_buffer, pair.backward_chunk, pair.backward_micro_batch, split)
+        forward = self._forward_steps(pair.forward_buffer, pair.forward_chunk, pair.forward_micro_batch)
+        labels = (f"B{pair.backward_micro_batch}.{pair.backward_chunk}",
+                  f"F{pair.forward_micro_batch}.{pair.forward_chunk}")
         # both orders record, to compare them
         recorded = dict(events=self.phase_events, device=self.device, clock=self.step_clock)
         if self.dualpipe.overlap_moe_a2a:
@@ -484,10 +474,10 @@ class DualPipeEngine(PointToPoint, GradientReductions, PipelineEngine):
         else:  # the plain order: the whole forward, then the whole backward
             steps.run(forward, label=labels[1], **recorded)
             handle = steps.run(backward, label=labels[0], **recorded)
-        if backward_op == "I":
-            self._keep_weight_part(backward_buffer, backward_chunk, handle)
+        if pair.backward_op == "I":
+            self._keep_weight_part(pair.backward_buffer, pair.backward_chunk, handle)
         else:
-            self._weight_gradients_done(backward_chunk)
+            self._weight_gradients_done(pair.backward_chunk)
 
     def _exec_send_activations(self, buffer_id, chunk, micro_batch, peer):
         PointToPoint._exec_send_activations(self, buffer_id, chunk, micro_batch, peer)

@@ -27,7 +27,8 @@ from deepspeed.runtime.pipe.engine import (PIPE_RECV_GRAD_TIMER, PIPE_RECV_INPUT
 
 from deepspeed_dualpipe.runtime.errors import PeerTimeout, connection_failed
 from deepspeed_dualpipe.schedule import instructions
-from deepspeed_dualpipe.schedule.commit import SHAPES
+from deepspeed_dualpipe.runtime.sends import PendingSends
+from deepspeed_dualpipe.schedule.commit import SHAPES, Handshakes
 
 _META_SIZE = 64  # int32 slots: count, then (dtype id, ndim, *shape) per tensor
 _SENDS = (instructions.SendActivation, instructions.SendGrad)
@@ -40,11 +41,18 @@ def as_tuple(x):
 class PointToPoint:
     """The engine's ``_exec_*`` for sends, receives and commits, and the waits behind them (a mixin).
 
-    State (set up by the engine): ``_queued`` [(instruction, tensors)] since the last commit,
-    ``_handshakes`` (:class:`~deepspeed_dualpipe.schedule.commit.Handshakes`), ``_shapes`` and
-    ``_sent_specs`` per chunk, and ``_send_reqs``, the posted sends not yet seen complete, with their tensors
-    (:class:`~.sends.PendingSends`; a gloo send whose request is dropped before it completes may never arrive).
+    Its state is made by :meth:`_init_point_to_point`, which the engine calls once its config is read.
     """
+
+    def _init_point_to_point(self):
+        self._timeout = timedelta(seconds=self.dualpipe.p2p_timeout_s)  # every gloo wait's bound
+        self._queued = []  # (p2p instruction, tensors) since the last CommitP2P
+        self._handshakes = Handshakes()  # which channels have carried their shapes (schedule/commit.py)
+        self._shapes = {}  # chunk -> [(shape, dtype)] of its received activations
+        self._sent_specs = {}  # chunk -> [(shape, dtype)] announced to the next stage in its metadata
+        # The posted sends not yet seen complete, with their tensors (a gloo send whose request is dropped before it
+        # completes may never arrive): runtime/sends.py.
+        self._send_reqs = PendingSends(self, background=self.device.type == "cpu")
 
     def _peer(self, peer: int) -> int:
         return self.grid.stage_to_global(stage_id=peer)

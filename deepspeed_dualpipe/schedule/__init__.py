@@ -10,6 +10,7 @@ from deepspeed_dualpipe.schedule.registry import (
     PAIRED_SCHEDULES,
     PLUGIN_SCHEDULES,
     SCHEDULES,  # noqa: F401
+    TORCH_EXPRESSIBLE,
     EngineKind,
     ScheduleSpec,
     build_schedule,
@@ -17,6 +18,6 @@ from deepspeed_dualpipe.schedule.registry import (
     rank_steps)
 
 __all__ = [
-    "SCHEDULES", "PLUGIN_SCHEDULES", "DEEPSPEED_SCHEDULES", "PAIRED_SCHEDULES", "EngineKind", "Layout", "LayoutKind",
-    "ScheduleSpec", "build_schedule", "get_spec", "rank_steps"
+    "SCHEDULES", "PLUGIN_SCHEDULES", "DEEPSPEED_SCHEDULES", "PAIRED_SCHEDULES", "TORCH_EXPRESSIBLE", "EngineKind",
+    "Layout", "LayoutKind", "ScheduleSpec", "build_schedule", "get_spec", "rank_steps"
 ]

@@ -1,6 +1,7 @@
 """The base of the plugin's schedules: a DeepSpeed ``PipeSchedule`` built from a program."""
 
 import copy
+import functools
 from abc import abstractmethod
 
 from deepspeed.runtime.pipe.schedule import PipeSchedule
@@ -22,11 +23,19 @@ def set_micro_batches(count: int) -> str:
             f"--micro-batch-size x the data-parallel size)")
 
 
-_LOCKSTEP_CACHE = {}
+@functools.lru_cache(maxsize=64)
+def _lockstep_programs(cls, micro_batches: int, stages: int, forward_only: bool):
+    """Every rank's steps of ``cls`` placed by :func:`~.lockstep.lockstep`, computed once per shape (each rank's
+    schedule, and the verifier's, needs them all). Callers copy a rank's steps before assigning buffers."""
+    layout = Layout(cls.layout_kind, stages, micro_batches)
+    return lockstep([cls.rank_program(layout, rank, forward_only, commits=False) for rank in range(stages)])
 
 
 class ProgramSchedule(PipeSchedule):
     """A schedule whose instructions come from :meth:`program`, written with :class:`ProgramBuilder` verbs.
+
+    A schedule's facts are class attributes, read by the registry, the tests, the bench, the simulator,
+    the torch export and ``initialize`` (docs/design.md, "Adding a schedule").
 
     Args:
         micro_batches: micro-batches per batch (DeepSpeed's ``gradient_accumulation_steps``).
@@ -35,8 +44,14 @@ class ProgramSchedule(PipeSchedule):
         forward_only: skip backward, weight passes and the optimizer step (evaluation).
     """
 
-    name = ""
-    layout_kind = LayoutKind.LINEAR
+    name = ""  # the config name (``pipeline.schedule``)
+    summary = ""  # one line for the registry's listings
+    layout_kind = LayoutKind.LINEAR  # where its chunks live (:class:`~.layout.Layout`)
+    # Runs overlapped F&B pairs (the builder's ``forward_backward``), where dualpipe.overlap_moe_a2a applies.
+    paired = False
+    split_backward = False  # splits backwards into input (I) and weight (W) passes
+    table2 = None  # the row of DeepSeek-V3's Table 2 it follows (analysis.simulate.TABLE2), or None
+    torch_inexpressible = None  # why torch.distributed.pipelining cannot express it, or None when it can
     # True: the program places receives and sends only around each computation, and groups NCCL can complete
     # come from :func:`~.lockstep.lockstep` over every rank's program instead (interleaved 1F1B, ZB-V)
     lockstep_p2p = False
@@ -49,28 +64,18 @@ class ProgramSchedule(PipeSchedule):
         self.forward_only = forward_only
         self.layout = Layout(self.layout_kind, stages, micro_batches)
         if self.lockstep_p2p:
-            self._steps = copy.deepcopy(self._lockstep_programs()[stage_id])  # buffers are assigned in place
+            programs = _lockstep_programs(type(self), micro_batches, stages, forward_only)
+            self._steps = copy.deepcopy(programs[stage_id])  # buffers are assigned in place
         else:
-            self._steps = self._program_of(stage_id)
+            self._steps = self.rank_program(self.layout, stage_id, forward_only)
         self._buffers = assign_buffers(self._steps)
 
-    def _lockstep_programs(self):
-        """Every rank's steps placed by :func:`~.lockstep.lockstep`, computed once per shape (each rank's
-        schedule, and the verifier's, needs them all)."""
-        key = (type(self), self.micro_batches, self.stages, self.forward_only)
-        if key not in _LOCKSTEP_CACHE:
-            if len(_LOCKSTEP_CACHE) > 64:
-                _LOCKSTEP_CACHE.clear()
-            _LOCKSTEP_CACHE[key] = lockstep([self._program_of(rank, commits=False) for rank in range(self.stages)])
-        return _LOCKSTEP_CACHE[key]
-
-    def _program_of(self, rank: int, commits: bool = True):
-        """Rank ``rank``'s steps, written by :meth:`program` as that rank's schedule would."""
-        schedule = self if rank == self.stage_id else copy.copy(self)
-        PipeSchedule.__init__(schedule, self.micro_batches, self.stages, rank)
-        builder = ProgramBuilder(self.layout, rank, self.forward_only)
-        schedule.program(builder)
-        return builder.finish(reduce_mirror=self.layout.param_copies > 1, commits=commits)
+    @classmethod
+    def rank_program(cls, layout: Layout, rank: int, forward_only: bool, commits: bool = True):
+        """Rank ``rank``'s steps, as :meth:`program` writes them into a fresh builder."""
+        builder = ProgramBuilder(layout, rank, forward_only)
+        cls.program(builder)
+        return builder.finish(reduce_mirror=layout.param_copies > 1, commits=commits)
 
     @classmethod
     def validate(cls, stages: int, micro_batches: int) -> None:
@@ -78,9 +83,11 @@ class ProgramSchedule(PipeSchedule):
         require_int("stages", stages, 1)
         require_int("micro_batches", micro_batches, 1)
 
+    @classmethod
     @abstractmethod
-    def program(self, b: ProgramBuilder) -> None:
-        """Issue this rank's operations, in order, through the builder's verbs."""
+    def program(cls, b: ProgramBuilder) -> None:
+        """Issue the operations of rank ``b.rank``, in order, through the builder's verbs: a function of the
+        builder alone (its rank, ``b.stages``, ``b.micro_batches``, ``b.layout``)."""
 
     def steps(self):
         yield from self._steps

@@ -32,6 +32,15 @@ class ProgramBuilder:
         self._next: Dict[str, List[int]] = {}
         self._weights = deque()  # (chunk, micro_batch) of BackwardInputs whose weight pass is pending
 
+    @property
+    def stages(self) -> int:
+        """Pipeline ranks."""
+        return self.layout.ranks
+
+    @property
+    def micro_batches(self) -> int:
+        return self.layout.micro_batches
+
     # ----- bookkeeping -------------------------------------------------------------------------
     def _take(self, counter: str, chunk: int) -> int:
         """The next micro-batch of ``chunk`` for ``counter`` (each op kind walks micro-batches in order)."""

@@ -85,7 +85,14 @@ class DualPipeSchedule(ProgramSchedule):
     """DualPipe as a DeepSpeed ``PipeSchedule``: P even, M even, M >= 2P."""
 
     name = "dualpipe"
+    summary = "DualPipe: bidirectional, mirrored chunks, overlapped F&B pairs"
     layout_kind = LayoutKind.BIDIRECTIONAL
+    paired = True
+    split_backward = True
+    table2 = "dualpipe"
+    torch_inexpressible = ("DualPipe duplicates every model stage on two ranks (rank r and its mirror P-1-r, one "
+                           "copy per direction), while torch.distributed.pipelining maps each stage index to exactly "
+                           "one rank")
 
     @classmethod
     def validate(cls, stages: int, micro_batches: int) -> None:
@@ -99,12 +106,13 @@ class DualPipeSchedule(ProgramSchedule):
                              f"{2 * stages} (half enter at each end), got micro_batches={micro_batches}; "
                              f"{set_micro_batches(max(2 * stages, micro_batches + micro_batches % 2))}")
 
-    def program(self, b: ProgramBuilder) -> None:
-        P, r = self.stages, self.stage_id
+    @classmethod
+    def program(cls, b: ProgramBuilder) -> None:
+        P, r = b.stages, b.rank
         half = P // 2
         eight_steps(b,
                     ranks=half,
                     position=min(r, P - 1 - r),
-                    micro_batches=self.micro_batches // 2,
+                    micro_batches=b.micro_batches // 2,
                     near=0 if r < half else 1,
                     middle=r in (half - 1, half))

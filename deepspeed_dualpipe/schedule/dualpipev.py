@@ -15,7 +15,11 @@ class DualPipeVSchedule(ProgramSchedule):
     """DualPipeV as a DeepSpeed ``PipeSchedule``: any P >= 1, M >= 2P."""
 
     name = "dualpipev"
+    summary = "DualPipeV: DualPipe cut in half, V-shaped, no duplicated parameters"
     layout_kind = LayoutKind.V
+    paired = True
+    split_backward = True
+    table2 = "dualpipev"
 
     @classmethod
     def validate(cls, stages: int, micro_batches: int) -> None:
@@ -26,6 +30,7 @@ class DualPipeVSchedule(ProgramSchedule):
                              f"(each rank holds two stages), got micro_batches={micro_batches}; "
                              f"{set_micro_batches(2 * stages)} or more")
 
-    def program(self, b: ProgramBuilder) -> None:
-        P, r = self.stages, self.stage_id
-        eight_steps(b, ranks=P, position=r, micro_batches=self.micro_batches, near=0, middle=r == P - 1)
+    @classmethod
+    def program(cls, b: ProgramBuilder) -> None:
+        P, r = b.stages, b.rank
+        eight_steps(b, ranks=P, position=r, micro_batches=b.micro_batches, near=0, middle=r == P - 1)

@@ -30,10 +30,12 @@ class Interleaved1F1BSchedule(ProgramSchedule):
     """Interleaved 1F1B as a DeepSpeed ``PipeSchedule``: any P >= 1, M a multiple of max(1, M // P)."""
 
     name = "interleaved-1f1b"
+    summary = ("Interleaved 1F1B: two virtual stages per rank (r and P+r), as Megatron and "
+               "torch.distributed.pipelining")
     lockstep_p2p = True
     layout_kind = LayoutKind.INTERLEAVED
-    # True: the steady state runs each forward and backward as one overlapped pair (interleaved-1f1b-overlap)
-    paired = False
+    table2 = "interleaved-1f1b"
+    # paired (interleaved-1f1b-overlap): the steady state runs each forward and backward as one overlapped pair
 
     @classmethod
     def validate(cls, stages: int, micro_batches: int) -> None:
@@ -46,13 +48,14 @@ class Interleaved1F1BSchedule(ProgramSchedule):
                              f"(max(1, micro_batches // stages)), so micro_batches must be a multiple of {n}, got "
                              f"micro_batches={micro_batches}; {set_micro_batches(fits[0])}")
 
-    def program(self, b: ProgramBuilder) -> None:
-        P, r, M = self.stages, self.stage_id, self.micro_batches
+    @classmethod
+    def program(cls, b: ProgramBuilder) -> None:
+        P, r, M = b.stages, b.rank, b.micro_batches
         per_round = M // rounds(P, M)
         # Rank r starts its first backward after the forwards of every chunk of one round but the last,
         # plus two per rank downstream of it (the last chunk's forward and backward still travelling).
         # Paired: one more, so that the two halves of a pair are independent micro-batches.
-        warmup = min((CHUNKS - 1) * per_round + 2 * (P - 1 - r) + int(self.paired), CHUNKS * M)
+        warmup = min((CHUNKS - 1) * per_round + 2 * (P - 1 - r) + int(cls.paired), CHUNKS * M)
         total = CHUNKS * M
 
         def forward_chunk(i):  # forwards walk the chunks up, a round at a time
@@ -64,7 +67,7 @@ class Interleaved1F1BSchedule(ProgramSchedule):
         for i in range(warmup):  # warm-up: forwards only
             b.forward(forward_chunk(i))
         for i in range(warmup, total):  # steady state: one forward, one backward (or the two as one pair)
-            if self.paired:
+            if cls.paired:
                 b.forward_backward(forward_chunk(i), backward_chunk(i))
             else:
                 b.forward(forward_chunk(i))

@@ -27,4 +27,8 @@ class OverlappedInterleaved1F1BSchedule(Interleaved1F1BSchedule):
     interleaved 1F1B: any P >= 1, M a multiple of max(1, M // P))."""
 
     name = "interleaved-1f1b-overlap"
+    summary = ("Interleaved 1F1B whose steady state runs overlapped F&B pairs (Megatron-core's combined 1F1B for "
+               "MoE all-to-all overlap; for ablations)")
     paired = True
+    table2 = None  # Table 2 has no row for it
+    torch_inexpressible = "no mapping to torch's format is defined for it"

@@ -1,8 +1,9 @@
 """The schedule registry: every schedule the plugin can run, by its config name."""
 
+import functools
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 from deepspeed.runtime.pipe import schedule as ds
 
@@ -12,6 +13,7 @@ from deepspeed_dualpipe.schedule.dualpipe import DualPipeSchedule
 from deepspeed_dualpipe.schedule.dualpipev import DualPipeVSchedule
 from deepspeed_dualpipe.schedule.interleaved import Interleaved1F1BSchedule
 from deepspeed_dualpipe.schedule.interleaved_overlap import OverlappedInterleaved1F1BSchedule
+from deepspeed_dualpipe.schedule.plugin_1f1b import Plugin1F1BSchedule
 from deepspeed_dualpipe.schedule.zb1p import ZeroBubbleH1Schedule
 from deepspeed_dualpipe.schedule.zbv import ZeroBubbleVSchedule
 
@@ -25,6 +27,9 @@ class EngineKind(str, Enum):
 
 @dataclass(frozen=True)
 class ScheduleSpec:
+    """A schedule's facts, as everything else reads them. The plugin's schedules state them on their class
+    (:class:`~.base.ProgramSchedule`); DeepSpeed's two are described here."""
+
     name: str
     layout_kind: LayoutKind
     engine: EngineKind
@@ -32,7 +37,10 @@ class ScheduleSpec:
     inference: Callable
     validate: Callable  # (stages, micro_batches) -> None, raises ValueError
     summary: str
-    overlapped_pairs: bool = False  # runs OverlappedForwardBackward pairs, where dualpipe.overlap_moe_a2a applies
+    paired: bool = False  # runs overlapped F&B pairs, where dualpipe.overlap_moe_a2a applies
+    split_backward: bool = False  # splits backwards into input (I) and weight (W) passes
+    table2: Optional[str] = None  # the row of DeepSeek-V3's Table 2 it follows (analysis.simulate.TABLE2)
+    torch_inexpressible: Optional[str] = None  # why torch.distributed.pipelining cannot express it, or None
 
     def layout(self, stages: int, micro_batches: int) -> Layout:
         return Layout(self.layout_kind, stages, micro_batches)
@@ -42,9 +50,10 @@ class ScheduleSpec:
         return self.engine is EngineKind.PLUGIN
 
 
-def _plugin(cls, summary, overlapped_pairs=False):
-    return ScheduleSpec(cls.name, cls.layout_kind, EngineKind.PLUGIN, cls, lambda *a: cls(*a, forward_only=True),
-                        cls.validate, summary, overlapped_pairs)
+def _plugin(cls) -> ScheduleSpec:
+    """The spec of one of the plugin's schedules: every fact read from its class."""
+    return ScheduleSpec(cls.name, cls.layout_kind, EngineKind.PLUGIN, cls, functools.partial(cls, forward_only=True),
+                        cls.validate, cls.summary, cls.paired, cls.split_backward, cls.table2, cls.torch_inexpressible)
 
 
 def _validate_1f1b(stages, micro_batches):
@@ -52,36 +61,37 @@ def _validate_1f1b(stages, micro_batches):
     require_int("micro_batches", micro_batches, 1)
 
 
-def _validate_ds_dualpipev(stages, micro_batches):
-    DualPipeVSchedule.validate(stages, micro_batches)
-
-
 SCHEDULES: Dict[str, ScheduleSpec] = {
     spec.name: spec
     for spec in [
-        ScheduleSpec("1f1b", LayoutKind.LINEAR, EngineKind.DEEPSPEED, ds.TrainSchedule, ds.InferenceSchedule,
-                     _validate_1f1b, "DeepSpeed's own 1F1B TrainSchedule, unchanged (baseline)"),
-        _plugin(ZeroBubbleH1Schedule, "ZeroBubble ZB-H1: backward split into I and W, W deferred"),
-        _plugin(
-            Interleaved1F1BSchedule, "Interleaved 1F1B: two virtual stages per rank (r and P+r), as Megatron "
-            "and torch.distributed.pipelining"),
-        _plugin(OverlappedInterleaved1F1BSchedule, "Interleaved 1F1B whose steady state runs overlapped F&B pairs "
-                "(Megatron-core's combined 1F1B for MoE all-to-all overlap; for ablations)",
-                overlapped_pairs=True),
-        _plugin(ZeroBubbleVSchedule, "ZB-V: zero-bubble V (stages r and 2P-1-r), backward split into I and W"),
-        _plugin(DualPipeSchedule, "DualPipe: bidirectional, mirrored chunks, overlapped F&B pairs", True),
-        _plugin(DualPipeVSchedule, "DualPipeV: DualPipe cut in half, V-shaped, no duplicated parameters", True),
+        ScheduleSpec("1f1b",
+                     LayoutKind.LINEAR,
+                     EngineKind.DEEPSPEED,
+                     ds.TrainSchedule,
+                     ds.InferenceSchedule,
+                     _validate_1f1b,
+                     "DeepSpeed's own 1F1B TrainSchedule, unchanged (baseline)",
+                     table2="1f1b"),
+        _plugin(ZeroBubbleH1Schedule),
+        _plugin(Interleaved1F1BSchedule),
+        _plugin(OverlappedInterleaved1F1BSchedule),
+        _plugin(ZeroBubbleVSchedule),
+        _plugin(DualPipeSchedule),
+        _plugin(DualPipeVSchedule),
         ScheduleSpec("ds-dualpipev", LayoutKind.V, EngineKind.DEEPSPEED, ds.DualPipeVSchedule,
-                     lambda m, s, i: ds.DualPipeVSchedule(m, s, i, forward_only=True), _validate_ds_dualpipev,
+                     functools.partial(ds.DualPipeVSchedule, forward_only=True), DualPipeVSchedule.validate,
                      "DeepSpeed 0.19.8's built-in DualPipeV (baseline: no W split, no overlap)"),
+        _plugin(Plugin1F1BSchedule),
     ]
 }
 
-# Names by engine, derived from the registry.
+# Names by engine and by fact, derived from the registry.
 PLUGIN_SCHEDULES = tuple(name for name, spec in SCHEDULES.items() if spec.runs_on_plugin_engine)
 DEEPSPEED_SCHEDULES = tuple(name for name, spec in SCHEDULES.items() if not spec.runs_on_plugin_engine)
 # Those whose overlapped pairs interleave MoE all-to-alls with the other micro-batch (dualpipe.overlap_moe_a2a).
-PAIRED_SCHEDULES = tuple(name for name, spec in SCHEDULES.items() if spec.overlapped_pairs)
+PAIRED_SCHEDULES = tuple(name for name, spec in SCHEDULES.items() if spec.paired)
+# Those torch.distributed.pipelining's action format can express (analysis.torch_format).
+TORCH_EXPRESSIBLE = tuple(name for name, spec in SCHEDULES.items() if spec.torch_inexpressible is None)
 
 
 def get_spec(name: str) -> ScheduleSpec:
@@ -104,6 +114,6 @@ def rank_steps(name: str, stages: int, micro_batches: int, forward_only: bool = 
 
 
 __all__ = [
-    "SCHEDULES", "PLUGIN_SCHEDULES", "DEEPSPEED_SCHEDULES", "PAIRED_SCHEDULES", "EngineKind", "ScheduleSpec",
-    "build_schedule", "get_spec", "rank_steps", "ProgramSchedule"
+    "SCHEDULES", "PLUGIN_SCHEDULES", "DEEPSPEED_SCHEDULES", "PAIRED_SCHEDULES", "TORCH_EXPRESSIBLE", "EngineKind",
+    "ScheduleSpec", "build_schedule", "get_spec", "rank_steps", "ProgramSchedule"
 ]

@@ -16,10 +16,14 @@ class ZeroBubbleH1Schedule(ProgramSchedule):
     """ZB-H1 as a DeepSpeed ``PipeSchedule``: any P >= 1, M >= 1."""
 
     name = "zb1p"
+    summary = "ZeroBubble ZB-H1: backward split into I and W, W deferred"
     layout_kind = LayoutKind.LINEAR
+    split_backward = True
+    table2 = "zb1p"
 
-    def program(self, b: ProgramBuilder) -> None:
-        P, r, M = self.stages, self.stage_id, self.micro_batches
+    @classmethod
+    def program(cls, b: ProgramBuilder) -> None:
+        P, r, M = b.stages, b.rank, b.micro_batches
         split = r > 0  # rank 0 has no bubble to fill: its W would follow its I at once
         warmup = min(P - 1 - r, M)
         held_back = min(r, M - warmup)

@@ -98,11 +98,15 @@ class ZeroBubbleVSchedule(ProgramSchedule):
     """ZB-V as a DeepSpeed ``PipeSchedule``: any P >= 1, M >= 1."""
 
     name = "zbv"
+    summary = "ZB-V: zero-bubble V (stages r and 2P-1-r), backward split into I and W"
     lockstep_p2p = True
     layout_kind = LayoutKind.V
+    split_backward = True
+    table2 = "zbv"
 
-    def program(self, b: ProgramBuilder) -> None:
-        P, r, M, layout = self.stages, self.stage_id, self.micro_batches, b.layout
+    @classmethod
+    def program(cls, b: ProgramBuilder) -> None:
+        P, r, M, layout = b.stages, b.rank, b.micro_batches, b.layout
         # Point-to-point messages between two ranks match in posting order, and a rank needs its
         # neighbour's activations and gradients in another order than the neighbour makes them (the
         # neighbour's warm-up forwards run ahead of its first backward). So this rank posts its receives

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.distributed import test_equivalence as equivalence
+from tests.helpers import equivalence
 from tests.helpers import harness, models
 
 P, STEPS = 2, 3

@@ -4,99 +4,15 @@ For each (P, data-parallel degree), one launch trains the same model with every 
 turn (process start-up dominates the runtime on 2 cores): losses per step and every parameter
 after 3 SGD steps must equal a single process running the same model on the same global
 batches, and all copies of a parameter (data-parallel replicas, DualPipe's mirror copies, tied
-embedding and head) must stay bit-identical.
+embedding and head) must stay bit-identical. The launches without data parallelism run in strict
+mode and serve tests/distributed/test_strict_p2p.py too (tests/helpers/equivalence.py).
 """
-
-import functools
 
 import pytest
 
 from tests.helpers import harness
-from tests.helpers import models
-
-SCHEDULES = [
-    "1f1b", "zb1p", "interleaved-1f1b", "interleaved-1f1b-overlap", "zbv", "dualpipe", "dualpipev", "ds-dualpipev"
-]
-MBS, STEPS, SEED = 2, 3, 0
-
-MODELS = {
-    "tied": models.tied_specs,
-    "untied": models.untied_specs,
-    "tuple": models.tuple_specs,
-    "mask": models.mask_specs
-}
-
-
-def micro_batches(P):
-    return 2 * P  # the least that every schedule accepts (DualPipe: even, >= 2P)
-
-
-CLIP = 0.05  # small enough that every step clips
-
-
-def ds_config(schedule, P, dualpipe=None, **extra):
-    config = {
-        "train_micro_batch_size_per_gpu": MBS,
-        "gradient_accumulation_steps": micro_batches(P),
-        "steps_per_print": 10**9,
-        "gradient_clipping": 0.0,  # DeepSpeed 0.19.8 clips at 1.0 by default; the reference is plain SGD
-        "pipeline": {
-            "schedule": schedule
-        },
-        **extra,
-    }
-    if dualpipe:
-        config["dualpipe"] = dualpipe
-    return config
-
-
-RUNS = {  # name -> (schedule, model, dualpipe settings, other config keys)
-    **{s: (s, "tied", None, {}) for s in SCHEDULES},
-    "dualpipe-untied": ("dualpipe", "untied", None, {}),
-    "dualpipe-full-backward": ("dualpipe", "tied", {"split_backward": False}, {}),
-    "1f1b-untied": ("1f1b", "untied", None, {}),
-    "dualpipe-clipped": ("dualpipe", "tied", None, {"gradient_clipping": CLIP}),
-    "dualpipev-clipped": ("dualpipev", "tied", None, {"gradient_clipping": CLIP}),
-    "zb1p-clipped": ("zb1p", "tied", None, {"gradient_clipping": CLIP}),
-    "interleaved-1f1b-clipped": ("interleaved-1f1b", "tied", None, {"gradient_clipping": CLIP}),
-    "zbv-clipped": ("zbv", "tied", None, {"gradient_clipping": CLIP}),
-    "dualpipe-zero1": ("dualpipe", "tied", None, {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}),
-    "dualpipev-zero1": ("dualpipev", "tied", None, {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}),
-    **{f"{s}-bf16": (s, "tied", None, {"bf16": {"enabled": True}}) for s in ("zb1p", "dualpipe", "dualpipev")},
-    **{f"{s}-tuple": (s, "tuple", None, {}) for s in SCHEDULES},
-    **{f"{s}-mask": (s, "mask", None, {}) for s in ("zb1p", "dualpipe", "dualpipev")},
-}
-
-
-def _train_all(P, dp, runs):
-    """Runs in every rank: each run's schedule through deepspeed_dualpipe.initialize."""
-    import deepspeed_dualpipe
-
-    batches = harness.make_batches(SEED, STEPS, dp, micro_batches(P), MBS)
-    evals = harness.make_batches(SEED + 1, 2, dp, micro_batches(P), MBS)
-    results = {}
-    for name in runs:
-        schedule, model, settings, extra = RUNS[name]
-        results[name] = harness.train_pipeline(deepspeed_dualpipe.initialize,
-                                               ds_config(schedule, P, settings, **extra),
-                                               MODELS[model],
-                                               P,
-                                               STEPS,
-                                               batches,
-                                               eval_batches=evals)
-    return results
-
-
-@functools.lru_cache(maxsize=None)
-def _launch(P, dp):
-    runs = tuple(RUNS) if (P, dp) == (2, 1) else tuple(SCHEDULES) + EXTRA.get((P, dp), ())
-    return harness.run_distributed(_train_all, P * dp, P, dp, runs, timeout=600)
-
-
-EXTRA = {
-    (2, 2): ("dualpipe-clipped", "dualpipe-zero1", "dualpipe-bf16"),
-    (4, 1): ("dualpipe-clipped", "dualpipev-clipped")
-}
+from tests.helpers.equivalence import MBS, MODELS, RUNS, SCHEDULES, SEED, STEPS, micro_batches
+from tests.helpers.equivalence import launch as _launch
 
 
 def _check(P, dp, run, perturb=None, rtol=1e-6, atol=harness.ATOL):

@@ -12,7 +12,7 @@ has native fp16 kernels (``torch.ops.mkldnn._is_mkldnn_fp16_supported()``, false
 and ``deepspeed.initialize`` then refuses it ("Type fp16 is not supported on your device"). torch
 itself computes float16 on CPU (slowly, which does not matter at this size). The ranks of this test,
 and nothing else, replace ``CPU_Accelerator.is_fp16_supported`` with ``True`` before building
-engines (:func:`_enable_fp16_on_cpu`). Nothing else is patched: DeepSpeed's engine, its fp16 and ZeRO
+engines (:func:`tests.helpers.fp16.enable_fp16_on_cpu`). Nothing else is patched: DeepSpeed's engine, its fp16 and ZeRO
 optimizers, loss scalers and overflow checks run unchanged. Overflows come from the gradients
 themselves: a huge loss scale, or an inf that the test writes into one gradient on one rank (by
 wrapping that engine's ``allreduce_gradients``, :func:`_inject_inf`); the loss scaler is never touched.
@@ -48,6 +48,7 @@ import torch
 
 from tests.helpers import harness
 from tests.helpers import models
+from tests.helpers.fp16 import enable_fp16_on_cpu
 
 P, MBS, SEED = 2, 2, 0
 M = 2 * P  # micro-batches: the least every schedule accepts
@@ -122,12 +123,6 @@ def ds_config(schedule, extra):
 
 
 # ----- inside the ranks ----------------------------------------------------------------------------------
-def _enable_fp16_on_cpu():
-    """The one patch (see the module docstring): the CPU accelerator admits fp16."""
-    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
-    CPU_Accelerator.is_fp16_supported = lambda self: True
-
-
 def _inject_inf(engine):
     """On this rank only, at step INJECT_AT: an inf in one gradient just before the first reduction of the dense
     gradients across ranks, as if one of its layers had overflowed there. That is DeepSpeed's data-parallel
@@ -212,7 +207,7 @@ def _train(run, dp):
 
 
 def _train_all(dp, runs):
-    _enable_fp16_on_cpu()
+    enable_fp16_on_cpu()
     return {name: _train(name, dp) for name in runs}
 
 

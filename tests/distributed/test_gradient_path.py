@@ -17,8 +17,8 @@ import functools
 import pytest
 import torch
 
-from tests.distributed import test_equivalence as equivalence
-from tests.distributed.test_fp16 import _enable_fp16_on_cpu
+from tests.helpers import equivalence
+from tests.helpers.fp16 import enable_fp16_on_cpu
 from tests.helpers import harness
 
 P, STEPS = 2, 3
@@ -75,7 +75,7 @@ def _train(name):
 
 
 def _train_all(runs):
-    _enable_fp16_on_cpu()
+    enable_fp16_on_cpu()
     return {name: _train(name) for name in runs}
 
 

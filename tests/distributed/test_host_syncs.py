@@ -11,7 +11,7 @@ import functools
 
 import pytest
 
-from tests.distributed import test_equivalence as equivalence
+from tests.helpers import equivalence
 from tests.helpers import harness
 
 P = 2

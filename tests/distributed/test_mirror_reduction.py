@@ -15,7 +15,7 @@ import functools
 
 import pytest
 
-from tests.distributed import test_equivalence as equivalence
+from tests.helpers import equivalence
 from tests.helpers import harness, models
 
 P, DP, STEPS = 2, 3, 4

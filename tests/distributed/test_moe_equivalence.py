@@ -7,7 +7,7 @@ the same stage for two data-parallel replicas, and their experts are split betwe
 real all-to-alls between the replicas. Under every schedule of the registry, and under dualpipe, dualpipev and
 interleaved-1f1b-overlap with the all-to-alls of
 the overlapped pairs interleaved with the other micro-batch's compute (``overlap_moe_a2a``) and
-without, and with a planted serialisation of the interleaving ("serialised", tests/helpers/overlap.py), the
+without, and with a planted serialisation of the interleaving ("serialised", tests/helpers/serialised.py), the
 per-step losses and every parameter after 3 SGD steps equal one process running
 the whole model (all 4 experts, no all-to-all) on the same global batches, to 1e-6 relative;
 and so they do with selected islands recomputed in the backward (``dualpipe.recompute_islands``).
@@ -64,7 +64,7 @@ def _train(P, runs):
     from deepspeed.utils import groups
     from deepspeed_dualpipe.runtime.autograd import steps
     from deepspeed_dualpipe.runtime.overlap import hidden_all_to_alls
-    from tests.helpers.overlap import serialised_interleave
+    from tests.helpers.serialised import serialised_interleave
 
     batches = harness.make_batches(SEED, STEPS, DP, 2 * P, MBS)
     results = {}

@@ -22,14 +22,14 @@ def test_dualpipe_moe_equals_deepspeed_moe_on_two_expert_parallel_ranks_bit_for_
 
 
 # ----- interleaving two micro-batches on 2 expert-parallel ranks ----------------------------------
-ORDERS = ("interleaved", "in turn", "serialised")  # the last: a planted defect (tests/helpers/overlap.py)
+ORDERS = ("interleaved", "in turn", "serialised")  # the last: a planted defect (tests/helpers/serialised.py)
 
 
 def _interleave_rank(configs, repeats):
     import deepspeed.comm as dist
     from deepspeed_dualpipe.runtime.autograd.steps import Tape, backward_steps, forward_steps, interleave, run
     from deepspeed_dualpipe.runtime.overlap import hidden_all_to_alls
-    from tests.helpers.overlap import serialised_interleave
+    from tests.helpers.serialised import serialised_interleave
 
     rank, bad = dist.get_rank(), []
     hidden, recorded = {order: 0 for order in ORDERS}, {order: 0 for order in ORDERS}

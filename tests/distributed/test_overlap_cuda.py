@@ -46,7 +46,7 @@ def _rank(world):
     import torch.distributed as dist
     from deepspeed_dualpipe.runtime.autograd.steps import interleave, run
     from deepspeed_dualpipe.runtime.overlap import hidden_all_to_alls
-    from tests.helpers.overlap import serialised_interleave
+    from tests.helpers.serialised import serialised_interleave
 
     device = torch.device("cuda", dist.get_rank())
     torch.cuda.set_device(device)

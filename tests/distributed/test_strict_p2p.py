@@ -13,20 +13,18 @@ import functools
 import pytest
 import torch
 
-from tests.distributed import test_equivalence as equivalence
+from tests.helpers import equivalence
 from tests.helpers import harness
 
-STRICT_S = 60  # generous: 2 shared cores; a real deadlock is shown with a short one below
-SHORT_S = 3
+SHORT_S = 3  # a real deadlock, shown with a short timeout (the training runs use equivalence.STRICT_S)
 SLACK_S = 10
 
 EXTRA = ("dualpipe-tuple", "dualpipev-clipped", "zb1p-mask", "dualpipe-mask", "dualpipev-mask")
 
 
-@functools.lru_cache(maxsize=None)
 def _strict_launch(P):
-    runs = tuple(equivalence.SCHEDULES) + (EXTRA if P == 2 else ())
-    return harness.run_distributed(equivalence._train_all, P, P, 1, runs, timeout=900, strict_p2p=STRICT_S)
+    """test_equivalence's launch at P ranks: it runs in strict mode (one launch serves both files)."""
+    return equivalence.launch(P, 1)
 
 
 @pytest.mark.slow

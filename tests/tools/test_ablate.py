@@ -33,7 +33,7 @@ def test_the_ablation_file_has_every_schedule_and_overlap_and_the_variants_diffe
     got = {(v.schedule, v.overlap) for v in plan.variants}
     assert got == {("1f1b", None), ("zb1p", None), ("interleaved-1f1b", None), ("interleaved-1f1b-overlap", True),
                    ("zbv", None), ("ds-dualpipev", None), ("dualpipev", True), ("dualpipev", False),
-                   ("dualpipe", True), ("dualpipe", False)}
+                   ("dualpipe", True), ("dualpipe", False), ("plugin-1f1b", None)}
     from deepspeed_dualpipe.schedule import SCHEDULES
     assert {v.schedule for v in plan.variants} == set(SCHEDULES)  # every registered schedule
     assert A.differences(plan.variants) == []  # same seed, data, model, optimizer

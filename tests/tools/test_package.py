@@ -81,7 +81,11 @@ def test_the_version_lives_in_one_place_and_the_changelog_records_it():
 
 
 @pytest.mark.slow
-def test_the_wheel_installed_in_a_fresh_environment_runs_the_cli_and_trains_on_two_ranks(tmp_path):
+def test_the_wheel_installed_in_a_fresh_environment_runs_the_cli_and_trains_on_two_ranks(tmp_path, monkeypatch):
+    # The fresh environment's DeepSpeed lives at another path, so torch builds its shm op from other source and
+    # include paths: in the suite's TORCH_EXTENSIONS_DIR that build would replace the suite's, and the next ranks
+    # would compile the op again (~35 s of both cores each time). The fresh environment gets its own folder.
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
     tools = _venv(tmp_path / "build-env")
     _run([tools / "pip", "install", "--quiet", "build"], tmp_path)
     _run([tools / "python", "-m", "build", "--outdir", tmp_path / "dist", ROOT], tmp_path)

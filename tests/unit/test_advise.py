@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 
+from deepspeed_dualpipe.schedule import get_spec
 from deepspeed_dualpipe.tools import advise as A
 
 
@@ -108,7 +109,7 @@ def test_a_stage_that_ran_both_kinds_prices_the_whole_backward_of_those_that_onl
 
 def test_schedules_that_run_whole_backwards_are_priced_with_the_whole_backward():
     m = _model(backward_s=12.0, full_backward_s=8.0)
-    assert A.splits_backward("zbv", 2) and not A.splits_backward("interleaved-1f1b", 2)
+    assert get_spec("zbv").split_backward and not get_spec("interleaved-1f1b").split_backward
     assert A.chunk_costs(m, "zbv", 2).B == pytest.approx(12.0 / 4)
     assert A.chunk_costs(m, "interleaved-1f1b", 2).B == pytest.approx(8.0 / 4)
     assert A.chunk_costs(m, "1f1b", 2).B == pytest.approx(8.0 / 2)

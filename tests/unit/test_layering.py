@@ -82,3 +82,37 @@ def test_the_check_sees_an_import_that_goes_the_wrong_way(tmp_path):
                        "\n\ndef late():\n    from deepspeed_dualpipe.runtime import engine\n")
     assert _violations(PACKAGE / "schedule" / "layout.py", "schedule") == []
     assert [v.split(" imports ")[1] for v in _violations(planted, "schedule")] == ["runtime"]
+
+
+def _module(path: Path, root: Path) -> str:
+    return ".".join(("deepspeed_dualpipe", ) + path.relative_to(root).with_suffix("").parts)
+
+
+def _imported_modules(path: Path):
+    """Every module of the package that ``path`` imports, anywhere in it (functions and TYPE_CHECKING included)."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("deepspeed_dualpipe"):
+            yield node.module
+            yield from (f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names if alias.name.startswith("deepspeed_dualpipe"))
+
+
+def _mutual_imports(paths, root=PACKAGE):
+    modules = {_module(p, root): p for p in paths if p.name != "__init__.py"}  # a package imports its own modules
+    imports = {name: set(_imported_modules(path)) & set(modules) for name, path in modules.items()}
+    return sorted((a, b) for a in imports for b in imports[a] if a < b and a in imports[b])
+
+
+def test_no_two_modules_import_each_other():
+    assert _mutual_imports(MODULES) == []
+
+
+def test_the_check_sees_two_modules_that_import_each_other(tmp_path):
+    (tmp_path / "tools").mkdir()
+    for name, other in (("a", "b"), ("b", "a")):
+        (tmp_path / "tools" / f"{name}.py").write_text(
+            f"from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from deepspeed_dualpipe.tools.{other} import X\n"
+        )
+    planted = [tmp_path / "tools" / "a.py", tmp_path / "tools" / "b.py"]
+    assert _mutual_imports(planted, tmp_path) == [("deepspeed_dualpipe.tools.a", "deepspeed_dualpipe.tools.b")]

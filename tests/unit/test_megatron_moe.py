@@ -18,7 +18,7 @@ import types
 import pytest
 import torch
 
-from tests.helpers import megatron_standin as standin
+from tests.helpers import megatron_stand_in as stand_in
 from tests.helpers.moe_layers import mismatches
 
 RTOL, ATOL = 1e-6, 1e-7
@@ -26,7 +26,7 @@ RTOL, ATOL = 1e-6, 1e-7
 
 def build(seed=0, **kwargs):
     torch.manual_seed(seed)
-    return standin.ParallelTransformerLayerPipe(1, **kwargs)
+    return stand_in.ParallelTransformerLayerPipe(1, **kwargs)
 
 
 def chunk_of(*funcs):
@@ -35,19 +35,19 @@ def chunk_of(*funcs):
 
 @pytest.fixture(autouse=True)
 def causal_mask(monkeypatch):
-    monkeypatch.setattr(standin.ARGS, "attn_mask", standin.causal_mask())
+    monkeypatch.setattr(stand_in.ARGS, "attn_mask", stand_in.causal_mask())
 
 
 def inputs_for(form, seed=1):
     """The layer's inputs in one of Megatron's forms, fresh leaves (the same values for the same seed)."""
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(standin.S, standin.B, standin.H, generator=g).requires_grad_()
+    hidden = torch.randn(stand_in.S, stand_in.B, stand_in.H, generator=g).requires_grad_()
     aggregated = torch.rand((), generator=g).requires_grad_()
     return {
         "hidden": hidden,
         "(hidden, aggregated)": (hidden, aggregated),
-        "(hidden, mask)": (hidden, standin.causal_mask()),
-        "(hidden, mask, aggregated)": (hidden, standin.causal_mask(), aggregated),
+        "(hidden, mask)": (hidden, stand_in.causal_mask()),
+        "(hidden, mask, aggregated)": (hidden, stand_in.causal_mask(), aggregated),
     }[form]
 
 
@@ -131,7 +131,7 @@ def test_an_adapted_layer_as_phases_gives_the_outputs_and_gradients_of_its_own_f
 
 def moe_loss_chunk(seed=0):
     """Two MoE layers and GPTModelPipe's MoE loss layer: the last chunk of a Megatron GPT-MoE."""
-    owner = standin.GPTModelPipeLosses()
+    owner = stand_in.GPTModelPipeLosses()
     first = build(seed)
     second = build(seed + 1, input_aggregated_moe_loss=True)
     return owner, [first, second, owner._calculate_moe_loss]
@@ -170,7 +170,7 @@ def test_an_adapted_layer_keeps_its_class_name_parameters_and_deepspeeds_expert_
     megatron_moe.adapt(chunk_of(layer))
 
     assert type(layer).__name__ == "ParallelTransformerLayerPipe" and isinstance(
-        layer, standin.ParallelTransformerLayerPipe) and hasattr(layer, "forward_steps")
+        layer, stand_in.ParallelTransformerLayerPipe) and hasattr(layer, "forward_steps")
     assert layer.mlp is mlp and type(mlp) is DualPipeMoE and isinstance(mlp, MoE)
     assert {n: p for n, p in layer.named_parameters()} == params
     experts = list(mlp.deepspeed_moe.experts.parameters())
@@ -191,13 +191,13 @@ def test_adapting_twice_changes_nothing_more():
 
 def test_a_chunk_without_moe_layers_keeps_the_moe_loss_method():
     from deepspeed_dualpipe.integration import megatron_moe
-    owner = standin.GPTModelPipeLosses()
+    owner = stand_in.GPTModelPipeLosses()
     module = chunk_of(torch.nn.Identity(), owner._calculate_moe_loss)
     assert megatron_moe.adapt(module) == 0
     assert module.chunk_funcs[0][1] == owner._calculate_moe_loss
 
 
-class OwnForward(standin.ParallelTransformerLayerPipe):
+class OwnForward(stand_in.ParallelTransformerLayerPipe):
 
     def forward(self, inputs):
         return super().forward(inputs)
@@ -205,7 +205,7 @@ class OwnForward(standin.ParallelTransformerLayerPipe):
 
 UNPHASED = {  # how the layer is made, the flag its log line names
     "drop path": (lambda: build(drop_path_rate=0.1), "--drop-path-rate > 0"),
-    "decoder layer": (lambda: build(layer_type=standin.LayerType.decoder), "layer type decoder"),
+    "decoder layer": (lambda: build(layer_type=stand_in.LayerType.decoder), "layer type decoder"),
     "tutel": (lambda: _with(build(), lambda layer: setattr(layer.mlp.deepspeed_moe, "use_tutel", True)),
               "--use-tutel"),
     "tensor parallelism": (lambda: build(), "--tensor-model-parallel-size > 1"),
@@ -229,12 +229,12 @@ def test_a_configuration_the_phases_do_not_reproduce_is_left_as_it_is_with_the_f
     from deepspeed.utils import logger
     from deepspeed_dualpipe.integration import megatron_moe
     if case == "tensor parallelism":
-        monkeypatch.setattr(standin.ARGS, "tensor_model_parallel_size", 2)
+        monkeypatch.setattr(stand_in.ARGS, "tensor_model_parallel_size", 2)
     if case == "sequence parallelism":
-        monkeypatch.setattr(standin.ARGS, "sequence_parallel", True)
+        monkeypatch.setattr(stand_in.ARGS, "sequence_parallel", True)
     make, flag = UNPHASED[case]
     layer = make()
-    cls, owner = type(layer), standin.GPTModelPipeLosses()
+    cls, owner = type(layer), stand_in.GPTModelPipeLosses()
     module = chunk_of(layer, owner._calculate_moe_loss)
     records = []
     handler = logging.Handler()

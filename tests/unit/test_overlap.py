@@ -11,7 +11,7 @@ import torch
 from deepspeed_dualpipe.runtime.autograd.steps import interleave, run
 from deepspeed_dualpipe.runtime.autograd.tape import Pending
 from deepspeed_dualpipe.runtime.overlap import hidden_all_to_alls, hidden_seconds, pairs
-from tests.helpers.overlap import serialised_interleave
+from tests.helpers.serialised import serialised_interleave
 
 COMM_S, COMPUTE_S = 0.02, 0.06
 

@@ -5,7 +5,7 @@ from deepspeed.runtime.pipe import schedule as ds
 
 from deepspeed_dualpipe.analysis.events import Op, rank_events
 from deepspeed_dualpipe.analysis.render import schedule_json
-from deepspeed_dualpipe.schedule import SCHEDULES, build_schedule, get_spec, rank_steps
+from deepspeed_dualpipe.schedule import PLUGIN_SCHEDULES, SCHEDULES, build_schedule, get_spec, rank_steps
 from tests.helpers.reference_order import check_oracle_invariants, reference_compute_order
 from tests.helpers.shapes import valid_shapes
 
@@ -41,7 +41,28 @@ def test_schedules_are_deepspeed_pipe_schedules_of_pipe_instructions(schedule):
     assert isinstance(steps[-1][-1], ds.OptimizerStep)
 
 
-@pytest.mark.parametrize("schedule", ["zb1p", "interleaved-1f1b", "zbv", "dualpipe", "dualpipev"])
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_the_facts_a_schedule_states_are_what_its_instructions_do(schedule):
+    spec, M = get_spec(schedule), 8
+    kinds = {type(i).__name__ for steps in rank_steps(schedule, 4, M) for step in steps for i in step}
+    assert spec.split_backward == ("BackwardWeight" in kinds), kinds
+    assert spec.paired == ("OverlappedForwardBackward" in kinds), kinds
+    if spec.runs_on_plugin_engine:
+        assert spec.layout(4, M).kind is spec.train.layout_kind and spec.summary
+
+
+@pytest.mark.parametrize("schedule", PLUGIN_SCHEDULES)
+def test_a_program_is_a_function_of_its_builder_alone(schedule):
+    """Rank r's steps do not depend on which ranks were built before, nor on an instance of the schedule."""
+    cls, P, M = get_spec(schedule).train, 4, 8
+    layout = get_spec(schedule).layout(P, M)
+    alone = [repr(step) for step in cls.rank_program(layout, 2, False)]
+    for rank in (3, 0, 2):
+        build_schedule(schedule, micro_batches=M, stages=P, stage_id=rank)
+    assert [repr(step) for step in cls.rank_program(layout, 2, False)] == alone
+
+
+@pytest.mark.parametrize("schedule", PLUGIN_SCHEDULES)
 def test_buffer_slots_cover_every_instruction(schedule):
     for rank in range(4):
         sched = build_schedule(schedule, micro_batches=10, stages=4, stage_id=rank)
@@ -99,10 +120,7 @@ def test_invalid_shapes_raise_value_errors_that_name_the_value(schedule, stages,
 
 
 def test_unknown_schedule_names_the_valid_ones():
-    with pytest.raises(
-            ValueError,
-            match=("valid schedules: 1f1b, zb1p, interleaved-1f1b, interleaved-1f1b-overlap, zbv, dualpipe, "
-                   "dualpipev, ds-dualpipev")):
+    with pytest.raises(ValueError, match="valid schedules: " + ", ".join(SCHEDULES)):
         get_spec("gpipe")
 
 

@@ -19,13 +19,12 @@ and the engine's per-activation memory is the plugin's (DeepSpeed's own engines 
 from deepspeed_dualpipe.schedule import SCHEDULES
 from deepspeed_dualpipe.tools.advise.cli import add_parser, main, measured_runs, parse_budget
 from deepspeed_dualpipe.tools.advise.costs import FORMAT, ModelCosts, backward_costs, combine, load_profile, model_costs
-from deepspeed_dualpipe.tools.advise.memory import live_after_each_instruction, memory_fit, peak_activation_bytes, \
-    stage_units
-from deepspeed_dualpipe.tools.advise.predict import Prediction, backward_s, chunk_costs, predict, predict_all, \
-    recommend, splits_backward
+from deepspeed_dualpipe.tools.advise.memory import live_after_each_instruction, memory_fit
+from deepspeed_dualpipe.tools.advise.predict import Prediction, backward_s, chunk_costs, peak_activation_bytes, \
+    predict, predict_all, recommend, stage_units
 
 __all__ = [
     "FORMAT", "ModelCosts", "Prediction", "SCHEDULES", "add_parser", "backward_costs", "backward_s", "chunk_costs",
     "combine", "live_after_each_instruction", "load_profile", "main", "measured_runs", "memory_fit", "model_costs",
-    "parse_budget", "peak_activation_bytes", "predict", "predict_all", "recommend", "splits_backward", "stage_units"
+    "parse_budget", "peak_activation_bytes", "predict", "predict_all", "recommend", "stage_units"
 ]

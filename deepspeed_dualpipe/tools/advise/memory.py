@@ -1,14 +1,12 @@
-"""Activation memory: each model stage's bytes per live micro-batch, fitted from a profile's allocator samples,
-and walked through any schedule's instruction streams."""
+"""Activation memory: live micro-batches walked through any schedule's instruction streams, and each model stage's
+bytes per live micro-batch fitted from a profile's allocator samples (:mod:`.costs` reads profiles with it,
+:mod:`.predict` scales it to other schedules; this module imports neither)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional
+from typing import List
 
 from deepspeed_dualpipe.schedule import get_spec
-
-if TYPE_CHECKING:
-    from deepspeed_dualpipe.tools.advise.costs import ModelCosts
 
 
 def live_after_each_instruction(schedule: str, P: int, M: int, rank: int) -> List[List[int]]:
@@ -42,30 +40,3 @@ def memory_fit(schedule: str, P: int, M: int, rank: dict):
     layout = get_spec(schedule).layout(P, M)
     units = {layout.model_stage(r, c): max(float(u), 0.0) for c, u in enumerate(solution[:-1])}
     return units, float(solution[-1]), max(peak - max(used), 0)
-
-
-def stage_units(m: ModelCosts, K: int) -> List[float]:
-    """Bytes per live micro-batch of each of ``K`` model stages, from the profiled cut's (by overlap of layer
-    ranges: a stage of a coarser cut holds the finer cut's stages it covers)."""
-    fine = m.stage_activation_bytes
-    K0 = len(fine)
-    out = []
-    for t in range(K):
-        lo, hi = t / K, (t + 1) / K
-        out.append(sum(u * max(0.0, min(hi, (s + 1) / K0) - max(lo, s / K0)) * K0 for s, u in enumerate(fine)))
-    return out
-
-
-def peak_activation_bytes(m: ModelCosts, schedule: str, P: int, M: int) -> Optional[int]:
-    """The largest rank's bytes at any instruction end of ``schedule``, with each stage's bytes per live
-    micro-batch, plus the profiled base and transient."""
-    if not m.stage_activation_bytes:
-        return None
-    layout = get_spec(schedule).layout(P, M)
-    units = stage_units(m, layout.model_stages)
-    peaks = []
-    for r in range(P):
-        per_chunk = [units[layout.model_stage(r, c)] for c in range(layout.chunks_per_rank)]
-        live = live_after_each_instruction(schedule, P, M, r)
-        peaks.append(max(sum(u * n for u, n in zip(per_chunk, counts)) for counts in live))
-    return int(m.memory_base_bytes + m.memory_transient_bytes + max(peaks))

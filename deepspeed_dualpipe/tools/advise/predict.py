@@ -1,7 +1,6 @@
 """Every schedule predicted from a :class:`~.costs.ModelCosts`: the simulator with per-chunk costs, the serial
 work besides, the CPU bound where ranks share cores, and the recommendation."""
 
-import functools
 import statistics
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -10,9 +9,8 @@ from deepspeed_dualpipe.analysis.simulate import simulate
 from deepspeed_dualpipe.analysis.symbolic import Costs
 from deepspeed_dualpipe.schedule import PAIRED_SCHEDULES, get_spec
 from deepspeed_dualpipe.tools.advise.costs import ModelCosts
-from deepspeed_dualpipe.tools.advise.memory import peak_activation_bytes
+from deepspeed_dualpipe.tools.advise.memory import live_after_each_instruction
 
-OVERLAPPING = PAIRED_SCHEDULES  # their pairs interleave MoE all-to-alls (overlap_moe_a2a: true)
 TIE = 0.01  # predictions this close (relative) are equally fast
 
 
@@ -40,18 +38,9 @@ def instructions(schedule: str, P: int, M: int) -> float:
     return statistics.fmean(sum(len(step) for step in steps) for steps in rank_steps(schedule, P, M))
 
 
-@functools.lru_cache(maxsize=None)
-def splits_backward(schedule: str, P: int) -> bool:
-    """Whether ``schedule`` splits backwards into I and W (it runs weight passes of their own)."""
-    from deepspeed_dualpipe.schedule import rank_steps
-    return any(
-        type(ins).__name__ == "BackwardWeight" for steps in rank_steps(schedule, P, 2 * P) for step in steps
-        for ins in step)
-
-
 def backward_s(m: ModelCosts, schedule: str) -> float:
     """One micro-batch's backward through the model as ``schedule`` runs it: split (I + W) or whole (B)."""
-    return m.backward_s if splits_backward(schedule, m.stages) else m.full_backward_s
+    return m.backward_s if get_spec(schedule).split_backward else m.full_backward_s
 
 
 def _compute_work(m: ModelCosts) -> float:
@@ -64,7 +53,7 @@ def chunk_costs(m: ModelCosts, schedule: str, P: int) -> Costs:
     K = get_spec(schedule).layout(P, 2 * P).model_stages
     F, B, W = m.forward_s / K, backward_s(m, schedule) / K, m.weight_s / K
     pair = None
-    if m.clock == "wall" and schedule in OVERLAPPING and m.moe_layers and m.a2a_per_call_s:
+    if m.clock == "wall" and schedule in PAIRED_SCHEDULES and m.moe_layers and m.a2a_per_call_s:
         # The engine interleaves a pair's two micro-batches at their all-to-alls: replay that with these costs.
         # (Timed in CPU seconds, an all-to-all is no work of the computing thread: nothing to hide.)
         from deepspeed_dualpipe.tools.bench.predict import overlapped_pair
@@ -73,6 +62,33 @@ def chunk_costs(m: ModelCosts, schedule: str, P: int) -> Costs:
         compute_b = max(B - m.a2a_backward_s / K, 0.0) / layers
         pair = overlapped_pair(layers, compute_f, compute_b, m.a2a_per_call_s)
     return Costs(F=F, B=B, W=min(W, B), FB=pair)
+
+
+def stage_units(m: ModelCosts, K: int) -> List[float]:
+    """Bytes per live micro-batch of each of ``K`` model stages, from the profiled cut's (by overlap of layer
+    ranges: a stage of a coarser cut holds the finer cut's stages it covers)."""
+    fine = m.stage_activation_bytes
+    K0 = len(fine)
+    out = []
+    for t in range(K):
+        lo, hi = t / K, (t + 1) / K
+        out.append(sum(u * max(0.0, min(hi, (s + 1) / K0) - max(lo, s / K0)) * K0 for s, u in enumerate(fine)))
+    return out
+
+
+def peak_activation_bytes(m: ModelCosts, schedule: str, P: int, M: int) -> Optional[int]:
+    """The largest rank's bytes at any instruction end of ``schedule``, with each stage's bytes per live
+    micro-batch, plus the profiled base and transient."""
+    if not m.stage_activation_bytes:
+        return None
+    layout = get_spec(schedule).layout(P, M)
+    units = stage_units(m, layout.model_stages)
+    peaks = []
+    for r in range(P):
+        per_chunk = [units[layout.model_stage(r, c)] for c in range(layout.chunks_per_rank)]
+        live = live_after_each_instruction(schedule, P, M, r)
+        peaks.append(max(sum(u * n for u, n in zip(per_chunk, counts)) for counts in live))
+    return int(m.memory_base_bytes + m.memory_transient_bytes + max(peaks))
 
 
 def predict(m: ModelCosts, schedule: str, P: int, M: int) -> Prediction:

@@ -33,8 +33,6 @@ from deepspeed_dualpipe.analysis.symbolic import Costs
 from deepspeed_dualpipe.schedule import PAIRED_SCHEDULES, get_spec
 from deepspeed_dualpipe.analysis.simulate import simulate
 
-OVERLAPPING = set(PAIRED_SCHEDULES)  # the schedules whose pairs interleave a2a with the other micro-batch
-
 
 def layers_per_chunk(schedule: str, stages: int, layers: int) -> int:
     model_stages = get_spec(schedule).layout(stages, 2 * stages).model_stages
@@ -76,7 +74,7 @@ def chunk_costs(schedule: str,
     k = layers_per_chunk(schedule, stages, layers)
     if not a2a:
         return Costs(F=k * F, B=k * B, W=k * W)
-    pair = overlapped_pair(k, F, B, a2a) if overlap and schedule in OVERLAPPING else None
+    pair = overlapped_pair(k, F, B, a2a) if overlap and schedule in PAIRED_SCHEDULES else None
     return Costs(F=k * (F + 2 * a2a), B=k * (B + 2 * a2a), W=k * W, FB=pair)
 
 

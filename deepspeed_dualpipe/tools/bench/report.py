@@ -4,7 +4,7 @@ import os
 import statistics
 from typing import List, Optional
 
-from deepspeed_dualpipe.tools.bench import predict
+from deepspeed_dualpipe.schedule import PAIRED_SCHEDULES
 
 # Memory targets: peak activation bytes per rank over 1F1B's rank 0 within this factor of Table 2's ratio;
 # bytes left after a step within this fraction of the rank's peak.
@@ -32,9 +32,9 @@ def memory_targets(row: dict, base: Optional[dict], stages: int) -> dict:
 
 
 def a2a_targets(results: dict) -> dict:
-    """The issue's MoE targets for dualpipe (and the same figures for dualpipev), measured and simulated."""
+    """The MoE targets for dualpipe (and the same figures for dualpipev), measured and simulated."""
     out = {}
-    for name in sorted(predict.OVERLAPPING):
+    for name in sorted(PAIRED_SCHEDULES):
         if name not in results or f"{name} (no overlap)" not in results:
             continue
         row, off = results[name], results[f"{name} (no overlap)"]
@@ -98,7 +98,7 @@ def contention_warning(excess: float, cores_used: float, cores: int) -> Optional
             f"F=20ms,B=40ms,W=20ms) or run fewer ranks per core.")
 
 
-SIM_TOLERANCE = 0.05  # the issue's: every measured ratio within 0.05 of the simulator's
+SIM_TOLERANCE = 0.05  # the target: every measured ratio within 0.05 of the simulator's
 _TARGETS = {
     "vs_no_overlap": ("the same run without overlap", 0.75),
     "vs_1f1b": ("DeepSpeed 1F1B", 0.70),

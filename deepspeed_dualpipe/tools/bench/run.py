@@ -7,9 +7,9 @@ from typing import Dict, List
 from deepspeed_dualpipe.tools.bench import predict
 from deepspeed_dualpipe.tools.bench.report import a2a_targets, memory_targets, render
 from deepspeed_dualpipe.tools.units import parse_bytes, parse_time
-from deepspeed_dualpipe.schedule import get_spec
+from deepspeed_dualpipe.schedule import PAIRED_SCHEDULES, SCHEDULES, get_spec
 
-DEFAULT_SCHEDULES = "1f1b,zb1p,interleaved-1f1b,interleaved-1f1b-overlap,zbv,ds-dualpipev,dualpipev,dualpipe"
+DEFAULT_SCHEDULES = ",".join(SCHEDULES)  # every schedule the registry holds
 # ``--a2a`` without a size. On the 2 shared cores this was written on, one all-to-all of 1 MiB over
 # gloo between two ranks took 3.2-5 ms with every stage's at once (1.2-4 ms alone), about
 # (F + B) / 4 = 3.75 ms of the default costs: a layer's four all-to-alls (dispatch, combine and their
@@ -87,7 +87,7 @@ def _runs(names: List[str], a2a: bool):
     runs = []
     for name in names:
         runs.append(Run(name, name))
-        if a2a and name in predict.OVERLAPPING:
+        if a2a and name in PAIRED_SCHEDULES:
             runs.append(Run(f"{name} (no overlap)", name, overlap=False))
     return tuple(runs)
 

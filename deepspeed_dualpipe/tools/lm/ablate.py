@@ -30,7 +30,6 @@ from deepspeed_dualpipe.tools.lm import config_files
 KEYS = {"ranks", "out_dir", "configs", "shared"}
 # Config keys that name the variant rather than its training: they may differ between variants.
 VARIANT_KEYS = {("pipeline", ), ("dualpipe", ), ("lm", "name"), ("lm", "out_dir")}
-OVERLAP_SCHEDULES = PAIRED_SCHEDULES  # schedules with overlapped pairs, where the MoE overlap applies
 
 
 @dataclass
@@ -45,7 +44,7 @@ class Variant:
 
     @property
     def overlap(self) -> Optional[bool]:
-        if self.schedule not in OVERLAP_SCHEDULES:
+        if self.schedule not in PAIRED_SCHEDULES:  # overlapped pairs: where the MoE overlap applies
             return None
         return bool((self.config.get("dualpipe") or {}).get("overlap_moe_a2a", True))
 
