@@ -10,6 +10,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from deepspeed_dualpipe.runtime.autograd.clocks import HostClock, clock_for
+
 
 @dataclass
 class InstructionTime:
@@ -116,7 +118,6 @@ def start_recording(engine, clock=None) -> list:
     MoE phases into ``engine.phase_events``. On the host clock each entry is in seconds at once; on CUDA
     (``clock``: default :func:`~.autograd.clocks.clock_for` the engine's device) the instructions, their waits
     on peers and the phases are CUDA events on the stream, read once by :func:`resolve_recording`."""
-    from deepspeed_dualpipe.runtime.autograd.clocks import HostClock, clock_for
     stop_recording(engine)
     clock = clock_for(getattr(engine, "device", None)) if clock is None else clock
     timer, trace = InstructionClock(engine, clock), []
