@@ -213,9 +213,11 @@ def render(result: dict) -> str:
                 "simulated; torch runs an MoE pair's halves one after the other, its all-to-alls not hidden):"]
         for name, figures in result["peer_targets"].items():
             for other, v in figures.items():
-                line = f"  {name} / {other}{' (torch fastest)' if v['best'] else ''}: {v['measured']:.3f} / {v['sim']:.3f}"
+                line = f"  {name} / {other}{' (torch fastest)' if v['best'] else ''}: {v['measured']:.3f} / {v['sim']:.3f}  ("
                 if v["target"] is not None:
-                    line += f"  (target <= {v['target']:g}: {'met' if v['measured'] <= v['target'] else 'missed'})"
+                    line += f"target <= {v['target']:g}: {'met' if v['measured'] <= v['target'] else 'missed'}; "
+                close = abs(v["measured"] - v["sim"]) <= SIM_TOLERANCE
+                line += f"within {SIM_TOLERANCE} of the simulator: {'yes' if close else 'no'})"
                 out.append(line)
     out += ["", *render_memory(result)]
     out += [
