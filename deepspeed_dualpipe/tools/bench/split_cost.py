@@ -9,6 +9,7 @@ and prints the median CPU time of each and their ratio. Forwards are not timed.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -21,8 +22,7 @@ def _chunk(config_path: str, blocks: int):
     from deepspeed_dualpipe.moe.block import MoETransformerBlock
     from deepspeed_dualpipe.tools.lm.model import ModelConfig
     with open(config_path) as f:
-        cfg = ModelConfig.from_dict(json.load(f)["lm"]["model"])
-    cfg.ep_size = 1
+        cfg = dataclasses.replace(ModelConfig.from_dict(json.load(f)["lm"]["model"]), ep_size=1)
     return [MoETransformerBlock(**cfg.block_kwargs(i)) for i in range(blocks)], cfg
 
 
@@ -30,7 +30,8 @@ def _init_process_group() -> None:
     """DeepSpeed's MoE layers want a process group: a world of one, on gloo."""
     import deepspeed
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
+    from deepspeed_dualpipe.testing.launch import free_port
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
