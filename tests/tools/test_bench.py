@@ -103,9 +103,8 @@ def test_the_torch_peer_has_a_row_for_each_named_schedule_that_torch_has():
     names = ["1f1b", "dualpipe", "dualpipev", "ds-dualpipev"]
     assert torch_peer.available(names) == ["1f1b", "dualpipev"]  # torch has no DualPipe (no mirror copies)
     runs = _runs(names, a2a=True, peer="torch")
-    assert [(r.label, r.schedule, r.overlap, r.peer) for r in runs if r.peer] == [("torch 1f1b", "1f1b", False, True),
-                                                                                  ("torch dualpipev", "dualpipev",
-                                                                                   False, True)]
+    assert [(r.label, r.schedule, r.overlap, r.peer) for r in runs
+            if r.peer] == [("torch 1f1b", "1f1b", False, True), ("torch dualpipev", "dualpipev", False, True)]
     assert not any(r.peer for r in _runs(names, a2a=True, peer="none"))
 
 

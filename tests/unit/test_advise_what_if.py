@@ -46,18 +46,32 @@ def test_memory_per_rank_is_live_chunks_times_their_layers_and_dualpipe_holds_tw
 
 
 def test_the_command_prints_every_schedule_asked_for(tmp_path, capsys):
-    path = _write(tmp_path, stages=16, micro_batches=[32], layers=64, moe_layers=60, a2a_bytes=1e6,
-                  link_bandwidth=1e9, ep_size=8)
+    path = _write(tmp_path,
+                  stages=16,
+                  micro_batches=[32],
+                  layers=64,
+                  moe_layers=60,
+                  a2a_bytes=1e6,
+                  link_bandwidth=1e9,
+                  ep_size=8)
     assert main(["advise", "--what-if", str(path), "--schedules", "1f1b,dualpipev", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["predictions"]
     assert [(r["schedule"], r["micro_batches"]) for r in rows] == [("1f1b", 32), ("dualpipev", 32)]
     assert all(r["step_s"] > 0 and 0 <= r["bubble"] < 1 for r in rows)
 
 
-@pytest.mark.parametrize("overrides, message", [({"stages": 65}, "'stages' must be whole numbers from 1 to 64"),
-                                                ({"micro_batches": [2048]}, "'micro_batches' must be"),
-                                                ({"W": 0.05}, "'W'"), ({"bandwidth": 1}, "unknown key 'bandwidth'"),
-                                                ({"moe_layers": 4, "a2a_bytes": 8}, "'link_bandwidth'")])
+@pytest.mark.parametrize("overrides, message", [({
+    "stages": 65
+}, "'stages' must be whole numbers from 1 to 64"), ({
+    "micro_batches": [2048]
+}, "'micro_batches' must be"), ({
+    "W": 0.05
+}, "'W'"), ({
+    "bandwidth": 1
+}, "unknown key 'bandwidth'"), ({
+    "moe_layers": 4,
+    "a2a_bytes": 8
+}, "'link_bandwidth'")])
 def test_a_bad_description_is_refused_naming_the_file_and_key(tmp_path, overrides, message, capsys):
     path = _write(tmp_path, **overrides)
     with pytest.raises(SystemExit) as exit_:

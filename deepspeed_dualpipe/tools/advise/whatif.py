@@ -77,7 +77,8 @@ def load_what_if(path) -> WhatIf:
     for key, bound in _LIMITS.items():
         values = getattr(w, key) if isinstance(getattr(w, key), list) else [getattr(w, key)]
         if any(not isinstance(v, int) or not 1 <= v <= bound for v in values):
-            raise ValueError(f"--what-if {path}: {key!r} must be whole numbers from 1 to {bound}, got {getattr(w, key)!r}")
+            raise ValueError(
+                f"--what-if {path}: {key!r} must be whole numbers from 1 to {bound}, got {getattr(w, key)!r}")
     for key in ("F", "B", "W", "a2a_bytes", "a2a_latency", "activation_bytes_per_layer", "parameter_bytes_per_layer"):
         if not isinstance(getattr(w, key), (int, float)) or getattr(w, key) < 0:
             raise ValueError(f"--what-if {path}: {key!r} must be a number >= 0, got {getattr(w, key)!r}")
@@ -155,11 +156,15 @@ def render(w: WhatIf, rows: List[WhatIfRow]) -> str:
         f"({w.a2a_bytes / 2**20:.1f} MiB per rank, EP {w.ep_size}, {w.link_bandwidth / 1e9:.0f} GB/s); "
         f"per MoE layer comm:compute = {(4 * a) / (w.F + w.B) if w.F + w.B else math.inf:.2f}"
     ]
-    header = ["schedule", "M", "step s", "s/micro-batch", "bubble (worst rank)", "activations GiB/rank",
-              "params GiB/rank"]
-    table = [[r.schedule, str(r.micro_batches), f"{r.step_s:.3f}", f"{r.step_s / r.micro_batches:.4f}",
-              f"{100 * r.bubble:.1f}%", _gib(r.activation_bytes), _gib(r.parameter_bytes)]
-             for r in sorted(rows, key=lambda r: (r.micro_batches, r.step_s))]
+    header = [
+        "schedule", "M", "step s", "s/micro-batch", "bubble (worst rank)", "activations GiB/rank", "params GiB/rank"
+    ]
+    table = [[
+        r.schedule,
+        str(r.micro_batches), f"{r.step_s:.3f}", f"{r.step_s / r.micro_batches:.4f}", f"{100 * r.bubble:.1f}%",
+        _gib(r.activation_bytes),
+        _gib(r.parameter_bytes)
+    ] for r in sorted(rows, key=lambda r: (r.micro_batches, r.step_s))]
     widths = [max(len(row[i]) for row in table + [header]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(wd) for c, wd in zip(row, widths)).rstrip() for row in [header] + table]
     lines.insert(1, "  ".join("-" * wd for wd in widths))
@@ -168,8 +173,12 @@ def render(w: WhatIf, rows: List[WhatIfRow]) -> str:
 
 def as_json(w: WhatIf, rows: List[WhatIfRow]) -> dict:
     return {
-        "what_if": {k: getattr(w, k) for k in WhatIf.__dataclass_fields__},
-        "a2a_s": w.a2a_s,
+        "what_if": {
+            k: getattr(w, k)
+            for k in WhatIf.__dataclass_fields__
+        },
+        "a2a_s":
+        w.a2a_s,
         "predictions": [{
             "schedule": r.schedule,
             "micro_batches": r.micro_batches,
@@ -177,6 +186,11 @@ def as_json(w: WhatIf, rows: List[WhatIfRow]) -> dict:
             "bubble": r.bubble,
             "activation_bytes": r.activation_bytes,
             "parameter_bytes": r.parameter_bytes,
-            "chunk_costs_s": {"F": r.chunk.F, "B": r.chunk.B, "W": r.chunk.W, "FB": r.chunk.pair}
+            "chunk_costs_s": {
+                "F": r.chunk.F,
+                "B": r.chunk.B,
+                "W": r.chunk.W,
+                "FB": r.chunk.pair
+            }
         } for r in rows]
     }

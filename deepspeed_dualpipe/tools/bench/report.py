@@ -209,8 +209,10 @@ def render(result: dict) -> str:
                            f"{'met' if met else 'missed'}; within {SIM_TOLERANCE} of the simulator: "
                            f"{'yes' if close else 'no'})")
     if result.get("peer_targets"):
-        out += ["", "against torch.distributed.pipelining (step time of the plugin's row over torch's; measured / "
-                "simulated; torch runs an MoE pair's halves one after the other, its all-to-alls not hidden):"]
+        out += [
+            "", "against torch.distributed.pipelining (step time of the plugin's row over torch's; measured / "
+            "simulated; torch runs an MoE pair's halves one after the other, its all-to-alls not hidden):"
+        ]
         for name, figures in result["peer_targets"].items():
             for other, v in figures.items():
                 line = f"  {name} / {other}{' (torch fastest)' if v['best'] else ''}: {v['measured']:.3f} / {v['sim']:.3f}  ("
