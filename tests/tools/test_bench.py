@@ -129,16 +129,10 @@ def _check(result, runs, ranks):
 def test_bench_json_at_tiny_sizes(capsys):
     assert main([
         "bench", "--schedules", DEFAULT_SCHEDULES, "-P", "2", "-M", "4", "--layers", "4", "--cost",
-        "F=2ms,B=4ms,W=2ms", "--repeats", "1", "--width", "64", "--json", "--timeout", "300"
-    ]) == 0  # 13 runs: the plugin's 8 and torch's 5
+        "F=2ms,B=4ms,W=2ms", "--repeats", "1", "--width", "64", "--json", "--timeout", "120", "--peer", "none"
+    ]) == 0
     result = json.loads(capsys.readouterr().out)
-    peers = ["torch 1f1b", "torch zb1p", "torch interleaved-1f1b", "torch zbv", "torch dualpipev"]
-    _check(result, DEFAULT_SCHEDULES.split(",") + peers, 2)
-    targets = result["peer_targets"]
-    assert targets["dualpipev"]["torch dualpipev"]["target"] == 0.90
-    assert [(f["best"], f["target"]) for f in targets["dualpipe"].values()] == [(True, 0.85)]
-    from deepspeed_dualpipe.tools.bench.report import render
-    assert "against torch.distributed.pipelining" in render(result)
+    _check(result, DEFAULT_SCHEDULES.split(","), 2)
 
 
 @pytest.mark.slow
@@ -213,12 +207,16 @@ def test_the_report_warns_when_compute_runs_well_over_the_simulators_costs():
 def test_bench_with_all_to_alls_on_the_emulated_wire_at_tiny_sizes(capsys):
     assert main([
         "bench", "--schedules", "1f1b,dualpipev", "-P", "2", "-M", "4", "--layers", "4", "--cost", "F=2ms,B=4ms,W=2ms",
-        "--repeats", "1", "--width", "64", "--a2a-wire", "--json", "--timeout", "120"
+        "--repeats", "1", "--width", "64", "--a2a-wire", "--json", "--timeout", "300"
     ]) == 0
     result = json.loads(capsys.readouterr().out)
     # torch's DualPipeV runs the same MoE layers, their all-to-alls on the same wire
     _check(result, ["1f1b", "dualpipev", "dualpipev (no overlap)", "torch 1f1b", "torch dualpipev"], 2)
     assert result["schedules"]["torch dualpipev"]["a2a_median_s"] >= 0.0015
+    targets = result["peer_targets"]
+    assert targets["dualpipev"]["torch dualpipev"]["target"] == 0.90
+    from deepspeed_dualpipe.tools.bench.report import render
+    assert "against torch.distributed.pipelining" in render(result)
     assert result["a2a_wire_s"] == pytest.approx(0.0015)  # (F + B) / 4
     assert result["a2a_bytes"] == 65536
     assert result["a2a_alone_s"] >= 0.0015 and result["a2a_concurrent_s"] >= 0.0015

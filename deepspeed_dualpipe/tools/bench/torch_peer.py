@@ -54,10 +54,6 @@ def peer_label(schedule: str) -> str:
     return LABEL_PREFIX + schedule
 
 
-def is_peer(label: str) -> bool:
-    return label.startswith(LABEL_PREFIX)
-
-
 # ----- timing records, under the class names measure.COMPUTE knows ---------------------------
 class ForwardPass:
     pass
