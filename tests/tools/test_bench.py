@@ -83,6 +83,31 @@ def test_moe_costs_charge_two_all_to_alls_per_layer_and_pass():
     assert predict.chunk_costs("zb1p", 4, 8, 5.0, 10.0, 5.0, a2a=1.0).FB is None
 
 
+def test_torchs_split_backward_sleeps_the_input_part_in_its_input_pass_and_the_weight_part_in_its_weight_pass():
+    """The torch peer's rows are fair only if stage_backward_input sleeps B - W and stage_backward_weight W."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+    chunk = torch.nn.Sequential(L.SleepLayer(0.001, 0.003, 0.001), L.SleepLayer(0.001, 0.003, 0.001))
+    x = torch.randn(1, 8, requires_grad=True)
+    out = chunk(x)
+    L.SLEEPS.clear()
+    grads, groups = stage_backward_input([out], [torch.ones_like(out)], [x], chunk.parameters())
+    assert _sleeps() == [0.002, 0.002] and torch.equal(grads[0], torch.ones_like(x))
+    L.SLEEPS.clear()
+    stage_backward_weight(chunk.parameters(), groups)
+    assert _sleeps() == [0.001, 0.001] and all(p.grad is not None for p in chunk.parameters())
+
+
+def test_the_torch_peer_has_a_row_for_each_named_schedule_that_torch_has():
+    from deepspeed_dualpipe.tools.bench import torch_peer
+    from deepspeed_dualpipe.tools.bench.run import _runs
+    names = ["1f1b", "dualpipe", "dualpipev", "ds-dualpipev"]
+    assert torch_peer.available(names) == ["1f1b", "dualpipev"]  # torch has no DualPipe (no mirror copies)
+    runs = _runs(names, a2a=True, peer="torch")
+    assert [(r.label, r.schedule, r.overlap, r.peer) for r in runs
+            if r.peer] == [("torch 1f1b", "1f1b", False, True), ("torch dualpipev", "dualpipev", False, True)]
+    assert not any(r.peer for r in _runs(names, a2a=True, peer="none"))
+
+
 def _check(result, runs, ranks):
     assert list(result["schedules"]) == runs
     for name, row in result["schedules"].items():
@@ -90,6 +115,9 @@ def _check(result, runs, ranks):
         assert len(row["bubble"]) == ranks and all(0 <= b < 1 for b in row["bubble"]), (name, row["bubble"])
         assert row["ratio_to_1f1b"] > 0, name
         assert row["overhead_ms"] is not None, name
+        if row["peer"]:  # torch's rows: no memory measured
+            assert row["peak_activation_bytes"] == [None] * ranks and row["activation_ratio"] is None, name
+            continue
         assert len(row["peak_activation_bytes"]) == ranks and all(b > 0 for b in row["peak_activation_bytes"]), name
         assert len(row["sim_peak_activations"]) == ranks and row["activation_unit_bytes"] > 0, name
     assert result["schedules"]["1f1b"]["ratio_to_1f1b"] == 1
@@ -101,7 +129,7 @@ def _check(result, runs, ranks):
 def test_bench_json_at_tiny_sizes(capsys):
     assert main([
         "bench", "--schedules", DEFAULT_SCHEDULES, "-P", "2", "-M", "4", "--layers", "4", "--cost",
-        "F=2ms,B=4ms,W=2ms", "--repeats", "1", "--width", "64", "--json", "--timeout", "120"
+        "F=2ms,B=4ms,W=2ms", "--repeats", "1", "--width", "64", "--json", "--timeout", "120", "--peer", "none"
     ]) == 0
     result = json.loads(capsys.readouterr().out)
     _check(result, DEFAULT_SCHEDULES.split(","), 2)
@@ -112,7 +140,7 @@ def test_bench_with_all_to_alls_at_tiny_sizes(capsys):
     """P=2 with expert parallelism 2 inside data parallelism 2: 4 ranks, real gloo all-to-alls."""
     assert main([
         "bench", "--schedules", "1f1b,dualpipe", "-P", "2", "-M", "4", "--layers", "4", "--cost", "F=2ms,B=4ms,W=2ms",
-        "--repeats", "1", "--width", "64", "--a2a", "16KiB", "--json", "--timeout", "120"
+        "--repeats", "1", "--width", "64", "--a2a", "16KiB", "--json", "--timeout", "120", "--peer", "none"
     ]) == 0
     result = json.loads(capsys.readouterr().out)
     _check(result, ["1f1b", "dualpipe", "dualpipe (no overlap)"], 2)
@@ -178,11 +206,17 @@ def test_the_report_warns_when_compute_runs_well_over_the_simulators_costs():
 @pytest.mark.slow
 def test_bench_with_all_to_alls_on_the_emulated_wire_at_tiny_sizes(capsys):
     assert main([
-        "bench", "--schedules", "1f1b,dualpipe", "-P", "2", "-M", "4", "--layers", "4", "--cost", "F=2ms,B=4ms,W=2ms",
-        "--repeats", "1", "--width", "64", "--a2a-wire", "--json", "--timeout", "120"
+        "bench", "--schedules", "1f1b,dualpipev", "-P", "2", "-M", "4", "--layers", "4", "--cost", "F=2ms,B=4ms,W=2ms",
+        "--repeats", "1", "--width", "64", "--a2a-wire", "--json", "--timeout", "300"
     ]) == 0
     result = json.loads(capsys.readouterr().out)
-    _check(result, ["1f1b", "dualpipe", "dualpipe (no overlap)"], 2)
+    # torch's DualPipeV runs the same MoE layers, their all-to-alls on the same wire
+    _check(result, ["1f1b", "dualpipev", "dualpipev (no overlap)", "torch 1f1b", "torch dualpipev"], 2)
+    assert result["schedules"]["torch dualpipev"]["a2a_median_s"] >= 0.0015
+    targets = result["peer_targets"]
+    assert targets["dualpipev"]["torch dualpipev"]["target"] == 0.90
+    from deepspeed_dualpipe.tools.bench.report import render
+    assert "against torch.distributed.pipelining" in render(result)
     assert result["a2a_wire_s"] == pytest.approx(0.0015)  # (F + B) / 4
     assert result["a2a_bytes"] == 65536
     assert result["a2a_alone_s"] >= 0.0015 and result["a2a_concurrent_s"] >= 0.0015

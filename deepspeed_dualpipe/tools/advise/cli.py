@@ -99,7 +99,7 @@ def comparison_table(m: ModelCosts, runs: Dict[str, dict]) -> str:
 def add_parser(sub) -> None:
     p = sub.add_parser("advise", help="predict every schedule from a profiled step and recommend one")
     p.add_argument("profile",
-                   nargs="+",
+                   nargs="*",
                    help="the file dualpipe.profile_step wrote (docs/advise.md); more profiles of the same model under "
                    "other schedules fill in what the first cannot show (a full backward's cost from a schedule "
                    "that runs them, a split one's from a schedule that splits)")
@@ -111,6 +111,11 @@ def add_parser(sub) -> None:
     p.add_argument("--measured",
                    help="measured runs beside the predictions: the measured.json of 'measure' (or its directory), "
                    "or an ablation directory")
+    p.add_argument("--what-if",
+                   metavar="FILE",
+                   help="instead of profiles: a JSON description of a cluster and model (P up to 64, M up to 1024, "
+                   "layers, per-layer F/B/W, all-to-all bytes, link bandwidth, EP size; docs/advise.md), predicted "
+                   "for every schedule on paper (tools/advise/whatif.py)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=main)
 
@@ -124,7 +129,23 @@ def parse_budget(text: Optional[str]) -> Optional[int]:
         raise ValueError(f"--memory-budget {text!r}: expected bytes such as 1073741824, 512MiB or 24GiB") from None
 
 
+def what_if(args) -> None:
+    from deepspeed_dualpipe.tools.advise import whatif
+    w = whatif.load_what_if(args.what_if)
+    names = [n.strip() for n in args.schedules.split(",") if n.strip()]
+    for name in names:
+        get_spec(name)
+    rows = whatif.predict_what_if(w, names)
+    print(json.dumps(whatif.as_json(w, rows), indent=1) if args.json else whatif.render(w, rows))
+
+
 def main(args) -> None:
+    if getattr(args, "what_if", None):
+        if args.profile:
+            raise ValueError("advise: give profiles or --what-if FILE, not both")
+        return what_if(args)
+    if not args.profile:
+        raise ValueError("advise: give a profile (the file dualpipe.profile_step wrote) or --what-if FILE")
     profiles = [model_costs(load_profile(path)) for path in args.profile]
     m = combine(profiles[0], profiles[1:])
     names = [n.strip() for n in args.schedules.split(",") if n.strip()]

@@ -23,6 +23,7 @@ class Run:
     label: str  # row name: the schedule, or e.g. "dualpipe (no overlap)"
     schedule: str
     overlap: bool = True
+    peer: bool = False  # torch.distributed.pipelining's schedule of that name (tools/bench/torch_peer.py)
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,11 @@ def _memory_step(engine, data, source: Optional[str] = None) -> dict:
     return {**meter.result.as_dict(), "parameters": parameter_bytes(engine.module)}
 
 
+def _peer_memory() -> dict:
+    from deepspeed_dualpipe.tools.bench.torch_peer import no_memory
+    return no_memory()
+
+
 # ----- one all-to-all alone ------------------------------------------------------------------
 def _calibrate(spec: BenchSpec, stage: int) -> Dict[str, float]:
     """Median seconds of one all-to-all of ``a2a_bytes`` over this rank's expert-parallel group:
@@ -225,8 +231,12 @@ def bench_rank(spec: BenchSpec) -> dict:
     torch.manual_seed(0)
     sample = (torch.randn(1, spec.width), torch.zeros(1))
     data = itertools.repeat(sample)  # every rank may load; the same micro-batch each time is enough
-    engines = {run.label: _engine(spec, run) for run in spec.runs}
+    engines = {run.label: _engine(spec, run) for run in spec.runs if not run.peer}
     first = next(iter(engines.values()))
+    if any(run.peer for run in spec.runs):
+        from deepspeed_dualpipe.tools.bench import torch_peer
+        peers = {run.label: torch_peer.make_peer(spec, run.schedule, first) for run in spec.runs if run.peer}
+        engines = {run.label: engines.get(run.label) or peers[run.label] for run in spec.runs}
     stage, replica = first.grid.get_stage_id(), first.grid.get_data_parallel_id()
     if spec.a2a_wire_s:
         from deepspeed_dualpipe.tools.bench import wire
@@ -240,5 +250,8 @@ def bench_rank(spec: BenchSpec) -> dict:
             step = _step(engine, data)
             if round_ >= spec.warmup:
                 steps[label].append(step)
-    memory = {label: _memory_step(engine, data, spec.memory_source) for label, engine in engines.items()}
+    memory = {
+        run.label: _peer_memory() if run.peer else _memory_step(engines[run.label], data, spec.memory_source)
+        for run in spec.runs
+    }
     return {"steps": steps, "memory": memory, "stage": stage, "replica": replica, "a2a": calibration}

@@ -5,7 +5,7 @@ import statistics
 from typing import Dict, List
 
 from deepspeed_dualpipe.tools.bench import predict
-from deepspeed_dualpipe.tools.bench.report import a2a_targets, memory_targets, render
+from deepspeed_dualpipe.tools.bench.report import a2a_targets, memory_targets, peer_targets, render
 from deepspeed_dualpipe.tools.units import parse_bytes, parse_time
 from deepspeed_dualpipe.schedule import PAIRED_SCHEDULES, SCHEDULES, get_spec
 
@@ -76,19 +76,29 @@ def add_parser(sub) -> None:
                    help="how the memory step reads the CPU allocator (deepspeed_dualpipe/runtime/memory.py): "
                    "malloc (glibc's mallinfo2: every thread, and small C++/Python objects too; the default where "
                    "glibc has it) or profiler (torch's allocator events: tensors only, this thread only)")
+    p.add_argument("--peer",
+                   choices=("torch", "none"),
+                   default="torch",
+                   help="torch: also run torch.distributed.pipelining's schedule of each named schedule that this "
+                   "torch has (1f1b, zb1p, interleaved-1f1b, zbv, dualpipev), as rows 'torch NAME' timed between "
+                   "the plugin's (tools/bench/torch_peer.py); none: the plugin's rows only")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before the ranks are given up on")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=main)
 
 
-def _runs(names: List[str], a2a: bool):
+def _runs(names: List[str], a2a: bool, peer: str = "none"):
     from deepspeed_dualpipe.tools.bench.rank import Run
     runs = []
     for name in names:
         runs.append(Run(name, name))
         if a2a and name in PAIRED_SCHEDULES:
             runs.append(Run(f"{name} (no overlap)", name, overlap=False))
+    if peer == "torch":
+        from deepspeed_dualpipe.tools.bench import torch_peer
+        # torch runs a pair's halves one after the other: its all-to-alls are never hidden.
+        runs += [Run(torch_peer.peer_label(n), n, overlap=False, peer=True) for n in torch_peer.available(names)]
     return tuple(runs)
 
 
@@ -112,7 +122,7 @@ def bench(args) -> dict:
     if a2a_bytes and 4 * args.width > a2a_bytes // 2:
         raise ValueError(f"--a2a {a2a_bytes}: each rank's share ({a2a_bytes // 2} bytes) must hold an activation "
                          f"({4 * args.width} bytes, --width {args.width}); use --a2a >= {8 * args.width}")
-    runs = _runs(names, bool(a2a_bytes))
+    runs = _runs(names, bool(a2a_bytes), getattr(args, "peer", "none"))
     spec = BenchSpec(runs,
                      args.stages,
                      args.micro_batches,
@@ -133,7 +143,7 @@ def bench(args) -> dict:
     a2a_s = alone.get("concurrent", 0.0)
     results = {}
     for run in runs:
-        row = measure.summarize(per_rank, run.label, plugin=run.schedule in PLUGIN_SCHEDULES)
+        row = measure.summarize(per_rank, run.label, plugin=run.schedule in PLUGIN_SCHEDULES and not run.peer)
         row.update(
             predict.predicted(run.schedule,
                               args.stages,
@@ -144,15 +154,16 @@ def bench(args) -> dict:
                               overlap=run.overlap,
                               width=args.width,
                               a2a_bytes=a2a_bytes))
-        row["schedule"], row["overlap"] = run.schedule, run.overlap
+        row["schedule"], row["overlap"], row["peer"] = run.schedule, run.overlap, run.peer
         results[run.label] = row
     base = results.get("1f1b")
     for row in results.values():
         row["ratio_to_1f1b"] = row["step_s"] / base["step_s"] if base else None
         row["sim_ratio_to_1f1b"] = row["sim_step_s"] / base["sim_step_s"] if base else None
         row.update(memory_targets(row, base, args.stages))
-    plugin = [r["overhead_ms"] for r in results.values() if r["schedule"] in PLUGIN_SCHEDULES]
-    plugin_mean = [r["overhead_mean_ms"] for r in results.values() if r["schedule"] in PLUGIN_SCHEDULES]
+    ours = [r for r in results.values() if r["schedule"] in PLUGIN_SCHEDULES and not r["peer"]]
+    plugin = [r["overhead_ms"] for r in ours]
+    plugin_mean = [r["overhead_mean_ms"] for r in ours]
     result = {
         "stages":
         args.stages,
@@ -190,6 +201,7 @@ def bench(args) -> dict:
         result["a2a_concurrent_s"] = alone.get("concurrent")
         result["a2a_sim_s"] = a2a_s
         result["a2a_targets"] = a2a_targets(results)
+    result["peer_targets"] = peer_targets(results)
     return result
 
 
