@@ -49,7 +49,7 @@ class ProgramSchedule(PipeSchedule):
         self.forward_only = forward_only
         self.layout = Layout(self.layout_kind, stages, micro_batches)
         if self.lockstep_p2p:
-            self._steps = copy.deepcopy(self._lockstep_programs()[stage_id])  # buffers are assigned in place
+            self._steps = _copy_steps(self._lockstep_programs()[stage_id])  # buffers are assigned in place
         else:
             self._steps = self._program_of(stage_id)
         self._buffers = assign_buffers(self._steps)
@@ -59,7 +59,7 @@ class ProgramSchedule(PipeSchedule):
         schedule, and the verifier's, needs them all)."""
         key = (type(self), self.micro_batches, self.stages, self.forward_only)
         if key not in _LOCKSTEP_CACHE:
-            if len(_LOCKSTEP_CACHE) > 64:
+            if len(_LOCKSTEP_CACHE) >= 4:  # every rank's program of a shape: large ones must not pile up
                 _LOCKSTEP_CACHE.clear()
             _LOCKSTEP_CACHE[key] = lockstep([self._program_of(rank, commits=False) for rank in range(self.stages)])
         return _LOCKSTEP_CACHE[key]
@@ -87,3 +87,15 @@ class ProgramSchedule(PipeSchedule):
 
     def num_pipe_buffers(self) -> int:
         return max(1, self._buffers)
+
+
+def _copy_instruction(instruction):
+    """A copy as ``copy.deepcopy`` makes it, in a fraction of its time: an instruction's attributes are ints and
+    strings, and ``kwargs``, a dict of them."""
+    copied = object.__new__(type(instruction))
+    copied.__dict__ = {k: dict(v) if isinstance(v, dict) else v for k, v in vars(instruction).items()}
+    return copied
+
+
+def _copy_steps(steps):
+    return [[_copy_instruction(i) for i in step] for step in steps]

@@ -73,9 +73,21 @@ class Layout:
         return P + rank if self.kind is LayoutKind.INTERLEAVED else 2 * P - 1 - rank
 
     def _neighbour(self, rank: int, chunk: int, micro_batch: int, step: int) -> Optional[Location]:
-        path = self.path(micro_batch)
-        i = path.index((rank, chunk)) + step
+        path, position = self._indexed_path(self.kind is LayoutKind.BIDIRECTIONAL
+                                            and micro_batch >= self.micro_batches // 2)
+        i = position[(rank, chunk)] + step
         return path[i] if 0 <= i < len(path) else None
+
+    def _indexed_path(self, reverse: bool):
+        """(path, location -> its index): one per direction, built once (asked for at every send and receive)."""
+        cache = self.__dict__.get("_paths")
+        if cache is None:
+            cache = {}
+            object.__setattr__(self, "_paths", cache)
+        if reverse not in cache:
+            path = self.path(self.micro_batches - 1 if reverse else 0)
+            cache[reverse] = (path, {location: i for i, location in enumerate(path)})
+        return cache[reverse]
 
     def upstream(self, rank: int, chunk: int, micro_batch: int) -> Optional[Location]:
         """The location feeding activations into ``(rank, chunk)``; None at the first stage."""

@@ -97,9 +97,11 @@ def comparison_table(m: ModelCosts, runs: Dict[str, dict]) -> str:
 
 
 def add_parser(sub) -> None:
+    from deepspeed_dualpipe.cli_args import existing_file, existing_path, name_list
     p = sub.add_parser("advise", help="predict every schedule from a profiled step and recommend one")
     p.add_argument("profile",
                    nargs="+",
+                   type=existing_file,
                    help="the file dualpipe.profile_step wrote (docs/advise.md); more profiles of the same model under "
                    "other schedules fill in what the first cannot show (a full backward's cost from a schedule "
                    "that runs them, a split one's from a schedule that splits)")
@@ -107,8 +109,9 @@ def add_parser(sub) -> None:
     p.add_argument("--micro-batches",
                    help="comma-separated M to consider (default: P, 2P, 3P, 4P, 6P, 8P and the "
                    "profiled M)")
-    p.add_argument("--schedules", default=",".join(SCHEDULES))
+    p.add_argument("--schedules", type=name_list, default=",".join(SCHEDULES))
     p.add_argument("--measured",
+                   type=existing_path,
                    help="measured runs beside the predictions: the measured.json of 'measure' (or its directory), "
                    "or an ablation directory")
     p.add_argument("--json", action="store_true")
@@ -124,8 +127,18 @@ def parse_budget(text: Optional[str]) -> Optional[int]:
         raise ValueError(f"--memory-budget {text!r}: expected bytes such as 1073741824, 512MiB or 24GiB") from None
 
 
+def _costs_of(path):
+    """The model costs of one profile; a profile without the entries and numbers they need names itself."""
+    profile = load_profile(path)
+    try:
+        return model_costs(profile)
+    except (KeyError, TypeError, IndexError, AttributeError, ZeroDivisionError) as error:
+        raise ValueError(f"{path} is not a complete profile ({type(error).__name__}: {error} where a "
+                         f"dualpipe.profile_step profile has a number); profile the step again") from None
+
+
 def main(args) -> None:
-    profiles = [model_costs(load_profile(path)) for path in args.profile]
+    profiles = [_costs_of(path) for path in args.profile]
     m = combine(profiles[0], profiles[1:])
     names = [n.strip() for n in args.schedules.split(",") if n.strip()]
     for name in names:
