@@ -6,11 +6,11 @@ import os
 import sys
 
 # The largest schedule the analysis commands (schedule, simulate, verify, plot) take: P ranks x M micro-batches.
-# They are linear in the instructions (about 6 P M of them); this bound keeps one command under a minute and a few
-# hundred MiB on one core (docs/troubleshooting.md has the figures).
+# They are linear in the instructions (about 12 P M of them per schedule); this bound keeps one schedule to
+# seconds and under 1 GiB on one core (docs/troubleshooting.md has the figures).
 MAX_STAGES = 64
 MAX_MICRO_BATCHES = 4096
-MAX_STAGE_MICRO_BATCHES = 64 * 1024  # P x M
+MAX_STAGE_MICRO_BATCHES = 16 * 1024  # P x M
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -63,7 +63,7 @@ def check_size(parser, P, M) -> None:
     if P is not None and M is not None and P * M > MAX_STAGE_MICRO_BATCHES:
         parser.error(f"-P {P} x -M {M} = {P * M} stage-micro-batches: the analysis takes at most "
                      f"{MAX_STAGE_MICRO_BATCHES} (e.g. P=64 with M up to {MAX_STAGE_MICRO_BATCHES // 64}, or "
-                     f"P=16 with M up to {MAX_MICRO_BATCHES})")
+                     f"P={MAX_STAGE_MICRO_BATCHES // MAX_MICRO_BATCHES} with M up to {MAX_MICRO_BATCHES})")
 
 
 def name_list(text) -> str:

@@ -51,7 +51,10 @@ class Layout:
         return 2 if self.kind is LayoutKind.BIDIRECTIONAL else 1
 
     def path(self, micro_batch: int) -> List[Location]:
-        """The locations ``micro_batch`` visits, in model-stage order."""
+        """The locations ``micro_batch`` visits, in model-stage order (one list per direction, shared: read only)."""
+        return self._indexed_path(self.kind is LayoutKind.BIDIRECTIONAL and micro_batch >= self.micro_batches // 2)[0]
+
+    def _build_path(self, micro_batch: int) -> List[Location]:
         P = self.ranks
         if self.kind is LayoutKind.LINEAR:
             return [(r, 0) for r in range(P)]
@@ -85,7 +88,7 @@ class Layout:
             cache = {}
             object.__setattr__(self, "_paths", cache)
         if reverse not in cache:
-            path = self.path(self.micro_batches - 1 if reverse else 0)
+            path = self._build_path(self.micro_batches - 1 if reverse else 0)
             cache[reverse] = (path, {location: i for i, location in enumerate(path)})
         return cache[reverse]
 
@@ -107,4 +110,5 @@ class Layout:
 
     def micro_batches_of(self, rank: int, chunk: int) -> List[int]:
         """The micro-batches that pass through ``(rank, chunk)``, in id order."""
-        return [m for m in range(self.micro_batches) if (rank, chunk) in self.path(m)]
+        return [m for m in range(self.micro_batches) if (rank, chunk) in self._indexed_path(
+            self.kind is LayoutKind.BIDIRECTIONAL and m >= self.micro_batches // 2)[1]]

@@ -130,6 +130,15 @@ def parse_budget(text: Optional[str]) -> Optional[int]:
 def _costs_of(path):
     """The model costs of one profile; a profile without the entries and numbers they need names itself."""
     profile = load_profile(path)
+    for key in ("stages", "micro_batches"):
+        value = profile.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path}: {key!r} is {value!r}, not a positive integer; profile the step again")
+    if not isinstance(profile.get("schedule"), str):
+        raise ValueError(f"{path}: 'schedule' is {profile.get('schedule')!r}, not a schedule name")
+    if not isinstance(profile.get("ranks"), list) or not profile["ranks"] or not all(
+            isinstance(r, dict) for r in profile["ranks"]):
+        raise ValueError(f"{path}: 'ranks' is not a non-empty list of rank entries; profile the step again")
     try:
         return model_costs(profile)
     except (KeyError, TypeError, IndexError, AttributeError, ZeroDivisionError) as error:
