@@ -89,8 +89,8 @@ def stage_list(text):
 
 def existing_file(text) -> str:
     if not os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"{text}: no such file" if not os.path.exists(text) else
-                                         f"{text} is not a file")
+        raise argparse.ArgumentTypeError(
+            f"{text}: no such file" if not os.path.exists(text) else f"{text} is not a file")
     if not os.access(text, os.R_OK):
         raise argparse.ArgumentTypeError(f"{text} cannot be read (permissions)")
     return text

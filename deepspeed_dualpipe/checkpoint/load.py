@@ -167,13 +167,13 @@ def load_checkpoint(engine,
                 across = moe.loading_across_placements(engine, path)
         with across, _unmarked(engine):
             return deepspeed_load_checkpoint()(engine,
-                                                  load_dir,
-                                                  tag,
-                                                  load_module_strict=load_module_strict,
-                                                  load_optimizer_states=load_optimizer_states,
-                                                  load_lr_scheduler_states=load_lr_scheduler_states,
-                                                  load_module_only=load_module_only,
-                                                  custom_load_fn=custom_load_fn)
+                                               load_dir,
+                                               tag,
+                                               load_module_strict=load_module_strict,
+                                               load_optimizer_states=load_optimizer_states,
+                                               load_lr_scheduler_states=load_lr_scheduler_states,
+                                               load_module_only=load_module_only,
+                                               custom_load_fn=custom_load_fn)
 
 
 @contextlib.contextmanager

@@ -26,8 +26,10 @@ def mark(state_dict, layout: dict):
     for key in keys:
         marked[PREFIX + key] = marked[key]
         marked[key] = {
-            "dualpipe_placement": {k: layout.get(k)
-                                   for k in ("schedule", "layout", "pipe_parallel_size", "stage_boundaries")},
+            "dualpipe_placement": {
+                k: layout.get(k)
+                for k in ("schedule", "layout", "pipe_parallel_size", "stage_boundaries")
+            },
             "why": (f"optimizer state of schedule {layout.get('schedule')} ({layout.get('layout')} placement): "
                     f"it is under '{PREFIX + key}' and loads only with deepspeed_dualpipe installed, into the same "
                     f"placement; pass load_optimizer_states=False to load the weights only")

@@ -110,5 +110,8 @@ class Layout:
 
     def micro_batches_of(self, rank: int, chunk: int) -> List[int]:
         """The micro-batches that pass through ``(rank, chunk)``, in id order."""
-        return [m for m in range(self.micro_batches) if (rank, chunk) in self._indexed_path(
-            self.kind is LayoutKind.BIDIRECTIONAL and m >= self.micro_batches // 2)[1]]
+        return [
+            m for m in range(self.micro_batches)
+            if (rank,
+                chunk) in self._indexed_path(self.kind is LayoutKind.BIDIRECTIONAL and m >= self.micro_batches // 2)[1]
+        ]

@@ -129,9 +129,20 @@ def _checksummed(directory):
     path = _checkpoint(directory, layout=_LAYOUT)
     names = sorted(n for n in os.listdir(path) if n != MANIFEST)
     with open(os.path.join(path, MANIFEST), "w") as f:
-        json.dump({"format": 1, "tag": "step1", "layout": _LAYOUT,
-                   "files": {n: os.path.getsize(os.path.join(path, n)) for n in names},
-                   "checksums": {n: checksums.of_file(os.path.join(path, n)) for n in names}}, f)
+        json.dump(
+            {
+                "format": 1,
+                "tag": "step1",
+                "layout": _LAYOUT,
+                "files": {
+                    n: os.path.getsize(os.path.join(path, n))
+                    for n in names
+                },
+                "checksums": {
+                    n: checksums.of_file(os.path.join(path, n))
+                    for n in names
+                }
+            }, f)
     return path
 
 
@@ -165,7 +176,8 @@ def test_a_manifest_that_is_not_json_names_itself_and_what_to_do(tmp_path):
 
 
 @pytest.mark.parametrize("content, says", [(b"", "is empty"), (b"\n  \n", "is empty"),
-                                           (b"\x00\x01\xff\xfe", "is not text"), (b"a/../b", "names .a/../b., which is not a checkpoint tag")])
+                                           (b"\x00\x01\xff\xfe", "is not text"),
+                                           (b"a/../b", "names .a/../b., which is not a checkpoint tag")])
 def test_a_latest_that_names_no_tag_is_refused_naming_it_and_what_to_write(tmp_path, content, says):
     _checkpoint(str(tmp_path))
     with open(tmp_path / "latest", "wb") as f:

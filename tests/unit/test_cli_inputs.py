@@ -14,18 +14,49 @@ SHAPE = ["-P", "2", "-M", "4"]
 
 def _profiles(tmp_path):
     missing_keys = tmp_path / "missing_keys.json"
-    missing_keys.write_text(json.dumps({"format": FORMAT, "schedule": "zbv", "stages": 2, "micro_batches": 4,
-                                        "ranks": [{"pipeline_rank": 0}]}))
+    missing_keys.write_text(
+        json.dumps({
+            "format": FORMAT,
+            "schedule": "zbv",
+            "stages": 2,
+            "micro_batches": 4,
+            "ranks": [{
+                "pipeline_rank": 0
+            }]
+        }))
     strings = tmp_path / "strings.json"
-    strings.write_text(json.dumps({"format": FORMAT, "schedule": "zbv", "stages": "2", "micro_batches": "4",
-                                   "ranks": [{"pipeline_rank": "0"}]}))
+    strings.write_text(
+        json.dumps({
+            "format": FORMAT,
+            "schedule": "zbv",
+            "stages": "2",
+            "micro_batches": "4",
+            "ranks": [{
+                "pipeline_rank": "0"
+            }]
+        }))
     sample_strings = tmp_path / "sample_strings.json"
-    sample_strings.write_text(json.dumps({"format": FORMAT, "schedule": "zbv", "stages": 2, "micro_batches": 4,
-                                          "ranks": [{"pipeline_rank": 0, "compute_cpu_s": {"F:0": ["fast"]}}]}))
+    sample_strings.write_text(
+        json.dumps({
+            "format": FORMAT,
+            "schedule": "zbv",
+            "stages": 2,
+            "micro_batches": 4,
+            "ranks": [{
+                "pipeline_rank": 0,
+                "compute_cpu_s": {
+                    "F:0": ["fast"]
+                }
+            }]
+        }))
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{nope")
-    return {"missing_keys": str(missing_keys), "strings": str(strings), "sample_strings": str(sample_strings),
-            "garbage": str(garbage)}
+    return {
+        "missing_keys": str(missing_keys),
+        "strings": str(strings),
+        "sample_strings": str(sample_strings),
+        "garbage": str(garbage)
+    }
 
 
 CASES = {

@@ -131,7 +131,10 @@ def add_parser(sub) -> None:
     p.add_argument("--ranks", type=positive_int, default=4)
     p.add_argument("--schedules", type=name_list, default=",".join(SCHEDULES))
     p.add_argument("--rounds", type=positive_int, default=10, help="timed steps per schedule, taken in turn")
-    p.add_argument("--out", type=writable_dir, default="runs/measure", help="directory for measured.json and the profiles")
+    p.add_argument("--out",
+                   type=writable_dir,
+                   default="runs/measure",
+                   help="directory for measured.json and the profiles")
     p.add_argument("--timeout", type=positive_float, default=1800.0)
     p.set_defaults(func=main)
 
