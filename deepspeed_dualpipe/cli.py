@@ -4,7 +4,7 @@ import argparse
 import json
 import sys
 
-from deepspeed_dualpipe import cli_args as a
+from deepspeed_dualpipe.tools import args as a
 from deepspeed_dualpipe.analysis.symbolic import Costs, ScheduleError
 from deepspeed_dualpipe.schedule import SCHEDULES, get_spec
 

@@ -97,7 +97,7 @@ def comparison_table(m: ModelCosts, runs: Dict[str, dict]) -> str:
 
 
 def add_parser(sub) -> None:
-    from deepspeed_dualpipe.cli_args import existing_file, existing_path, name_list
+    from deepspeed_dualpipe.tools.args import existing_file, existing_path, name_list
     p = sub.add_parser("advise", help="predict every schedule from a profiled step and recommend one")
     p.add_argument("profile",
                    nargs="+",

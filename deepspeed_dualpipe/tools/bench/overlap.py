@@ -113,7 +113,7 @@ def measure(spec: OverlapSpec, timeout: float = 600.0) -> dict:
 
 
 def add_parser(sub) -> None:
-    from deepspeed_dualpipe.cli_args import positive_int
+    from deepspeed_dualpipe.tools.args import positive_int
     p = sub.add_parser("overlap",
                        help="time one overlapped forward/backward pair with real MoE all-to-alls "
                        "on 2 ranks, against the same pair run sequentially")

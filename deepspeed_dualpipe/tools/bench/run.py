@@ -40,7 +40,7 @@ def parse_costs(text: str) -> Dict[str, float]:
 
 
 def add_parser(sub) -> None:
-    from deepspeed_dualpipe.cli_args import name_list, positive_float, positive_int
+    from deepspeed_dualpipe.tools.args import name_list, positive_float, positive_int
     p = sub.add_parser("bench", help="time every schedule through the real engine with cost-model layers")
     p.add_argument("--schedules", type=name_list, default=DEFAULT_SCHEDULES)
     p.add_argument("--stages", "-P", type=positive_int, default=4, help="pipeline ranks P")

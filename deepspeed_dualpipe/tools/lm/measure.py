@@ -122,7 +122,7 @@ def summarize(per_rank: List[dict], spec: MeasureSpec, out_dir: Path) -> dict:
 
 
 def add_parser(sub) -> None:
-    from deepspeed_dualpipe.cli_args import name_list, positive_float, positive_int, writable_dir
+    from deepspeed_dualpipe.tools.args import name_list, positive_float, positive_int, writable_dir
     from deepspeed_dualpipe.schedule import SCHEDULES
     p = sub.add_parser("measure",
                        help="the demo model under every schedule in one launch: step time, memory, "
