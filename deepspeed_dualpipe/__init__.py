@@ -22,6 +22,10 @@ from deepspeed_dualpipe.integration.recording import record_pipeline_module_args
 # Remember every PipelineModule's constructor arguments, so that initialize() can rebuild a
 # user's model for the schedule its config names.
 record_pipeline_module_args()
+# DeepSpeed's own engine.load_checkpoint checks the plugin's manifest from now on (checkpoint/guard.py).
+from deepspeed_dualpipe.checkpoint import guard as _load_guard  # noqa: E402
+
+_load_guard.install()
 
 
 def __getattr__(name):

@@ -4,6 +4,7 @@ import argparse
 import json
 import sys
 
+from deepspeed_dualpipe.tools import args as a
 from deepspeed_dualpipe.analysis.symbolic import Costs, ScheduleError
 from deepspeed_dualpipe.schedule import SCHEDULES, get_spec
 
@@ -20,8 +21,13 @@ def _names(text: str):
 def _add_shape(p, schedule=True):
     if schedule:
         p.add_argument("--schedule", required=True, help=f"one of: {', '.join(SCHEDULES)}")
-    p.add_argument("--stages", "-P", type=int, required=True, help="pipeline ranks P")
-    p.add_argument("--micro-batches", "-M", type=int, required=True, help="micro-batches per batch M")
+    p.add_argument("--stages", "-P", type=a.stages, required=True, help=f"pipeline ranks P (at most {a.MAX_STAGES})")
+    p.add_argument("--micro-batches",
+                   "-M",
+                   type=a.micro_batches,
+                   required=True,
+                   help=f"micro-batches per batch M (at most {a.MAX_MICRO_BATCHES}; P x M at most "
+                   f"{a.MAX_STAGE_MICRO_BATCHES})")
 
 
 def _add_costs(p, default=DEFAULT_COSTS):
@@ -68,8 +74,7 @@ def cmd_simulate(args) -> None:
 def cmd_verify(args) -> None:
     from deepspeed_dualpipe.analysis.verify import verify, verify_table
     if args.table:
-        stages = [int(p) for p in args.table_stages.split(",")]
-        print(verify_table(_names(args.schedules), stages, unbatched=args.unbatched))
+        print(verify_table(_names(args.schedules), args.table_stages, unbatched=args.unbatched))
         return
     if args.stages is None or args.micro_batches is None:
         raise ValueError("verify needs --stages and --micro-batches (or --table)")
@@ -115,7 +120,7 @@ def cmd_ablate(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m deepspeed_dualpipe", description=__doc__)
+    parser = a.OneLineParser(prog="python -m deepspeed_dualpipe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("schedule", help="print one schedule: a picture, its JSON, or torch's CSV")
@@ -127,17 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="simulated makespan, bubble and memory beside the report's Table 2")
     _add_shape(p, schedule=False)
     _add_costs(p)
-    p.add_argument("--schedules", default=",".join(SCHEDULES))
+    p.add_argument("--schedules", type=a.name_list, default=",".join(SCHEDULES))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("verify",
                        help="prove every rank's instruction stream deadlock-free under NCCL's point-to-point rules")
-    p.add_argument("--stages", "-P", type=int, help="pipeline ranks P")
-    p.add_argument("--micro-batches", "-M", type=int, help="micro-batches per batch M")
-    p.add_argument("--schedules", default=",".join(SCHEDULES))
+    p.add_argument("--stages", "-P", type=a.stages, help="pipeline ranks P")
+    p.add_argument("--micro-batches", "-M", type=a.micro_batches, help="micro-batches per batch M")
+    p.add_argument("--schedules", type=a.name_list, default=",".join(SCHEDULES))
     p.add_argument("--table", action="store_true", help="a table over P (--table-stages) and M in {2P, 2P+2, 4P}")
-    p.add_argument("--table-stages", default="2,4,8,16", help="the P of --table (default 2,4,8,16)")
+    p.add_argument("--table-stages", type=a.stage_list, default="2,4,8,16", help="the P of --table (default 2,4,8,16)")
     p.add_argument("--unbatched",
                    action="store_true",
                    help="with --table: also each send and receive posted on its own (the engine before commits)")
@@ -146,17 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="draw a schedule's timeline (PNG or SVG)")
     _add_shape(p)
     _add_costs(p)
-    p.add_argument("--out", required=True, help="FILE.png or FILE.svg")
+    p.add_argument("--out", type=a.writable_file, required=True, help="FILE.png or FILE.svg")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("demo", help="the main job: train the MoE language model of a config on local ranks")
     p.add_argument("--config", default="configs/dualpipe_moe.json", help="DeepSpeed config with an \"lm\" section")
-    p.add_argument("--ranks", type=int, default=4, help="local ranks to launch (default 4)")
-    p.add_argument("--steps", type=int, help="override lm.steps")
+    p.add_argument("--ranks", type=a.positive_int, default=4, help="local ranks to launch (default 4)")
+    p.add_argument("--steps", type=a.positive_int, help="override lm.steps")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("ablate", help="train the demo model under each config of an ablation file; table and plot")
-    p.add_argument("config", help="ablation file, e.g. configs/ablation.json (configs plus shared settings)")
+    p.add_argument("config",
+                   type=a.existing_file,
+                   help="ablation file, e.g. configs/ablation.json (configs plus shared settings)")
     p.add_argument("--only", help="comma-separated variant names (lm.name) to run; the report covers all")
     p.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the runs' metrics")
     p.set_defaults(func=cmd_ablate)
@@ -175,8 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("schedule", "simulate", "verify", "plot"):
+        a.check_size(parser, args.stages, args.micro_batches)
+    if args.command == "plot" and not args.out.lower().endswith((".png", ".svg")):
+        parser.error(f"argument --out: {args.out}: expected a file name ending in .png or .svg")
     try:
         args.func(args)
-    except (ValueError, ScheduleError) as error:
-        parser.exit(2, f"error: {error}\n")
+    except (ValueError, ScheduleError, OSError) as error:  # bad input found while working: one line, no traceback
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     return 0

@@ -34,6 +34,7 @@ from deepspeed.utils import logger
 from deepspeed_dualpipe.schedule import PLUGIN_SCHEDULES, SCHEDULES, get_spec
 
 DEFAULT_SCHEDULE = "1f1b"
+MIN_TIMEOUT_S = 1.0  # dualpipe.p2p_timeout_s below this is refused
 
 
 class DualPipeSection(DeepSpeedConfigModel):
@@ -82,12 +83,23 @@ class DualPipeSection(DeepSpeedConfigModel):
     profile_path: str = "dualpipe_profile.json"
     """Where global rank 0 writes the profile of ``profile_step``."""
 
+    @field_validator("p2p_timeout_s", "monitor_interval", "profile_step", mode="before")
+    @classmethod
+    def _a_number_not_a_bool_or_a_string(cls, value):
+        # pydantic's lax mode turns true into 1 and "20" into 20: a config that says either means something else.
+        if isinstance(value, (bool, str)):
+            raise ValueError(f"must be a number, not {type(value).__name__} {value!r}")
+        return value
+
     @field_validator("p2p_timeout_s")
     @classmethod
     def _finite(cls, value):
         # inf would mean "hang forever", which is exactly what the timeout exists to prevent.
         if not math.isfinite(value):
             raise ValueError("must be a finite number of seconds")
+        if value < MIN_TIMEOUT_S:
+            raise ValueError(f"{value:g} s is below the minimum {MIN_TIMEOUT_S:g} s: a wait that short fails healthy "
+                             f"steps (a slow step or a checkpoint save waits longer); use seconds such as 300")
         return value
 
 

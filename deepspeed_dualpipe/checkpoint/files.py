@@ -7,6 +7,7 @@ from typing import Optional
 STAGING_PREFIX = ".dualpipe-partial-"
 REPLACED_PREFIX = ".dualpipe-replaced-"
 MANIFEST = "dualpipe_checkpoint.json"
+CHECKSUMS_PREFIX = ".dualpipe-checksums-"  # one per writing rank in the staging directory, merged into the manifest
 FORMAT_VERSION = 1
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -38,13 +39,31 @@ def check_tag(tag) -> str:
     return tag
 
 
-def read_latest(directory: str) -> Optional[str]:
-    """The tag that ``directory/latest`` names, or None without one."""
+def read_latest(directory: str, strict: bool = False) -> Optional[str]:
+    """The tag that ``directory/latest`` names, or None without one. ``strict`` (a load about to use it): a
+    ``latest`` that is empty, not text, or names no single directory raises :class:`CheckpointError` naming it."""
+    path = os.path.join(directory, "latest")
     try:
-        with open(os.path.join(directory, "latest")) as f:
-            return f.read().strip() or None
-    except FileNotFoundError:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    try:
+        tag = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        tag = None
+    if strict:
+        fix = (f"write the tag of a complete checkpoint into it (one of the directories in {directory}), "
+               f"or pass tag= explicitly")
+        if tag is None or "\x00" in tag:
+            raise CheckpointError(f"{path} is not text ({len(raw)} bytes that are not a tag): {fix}")
+        if not tag:
+            raise CheckpointError(f"{path} is empty: {fix}")
+        try:
+            check_tag(tag)
+        except ValueError:
+            raise CheckpointError(f"{path} names {tag[:80]!r}, which is not a checkpoint tag: {fix}") from None
+    return tag or None
 
 
 def fsync_dir(path: str) -> None:
@@ -77,11 +96,24 @@ def write_latest(save_dir: str, tag: str) -> None:
 
 
 def read_manifest(checkpoint_dir: str) -> Optional[dict]:
+    """The manifest of a checkpoint, or None without one (DeepSpeed's own save); a manifest that is not the
+    plugin's JSON raises :class:`CheckpointError` naming it."""
+    path = os.path.join(checkpoint_dir, MANIFEST)
     try:
-        with open(os.path.join(checkpoint_dir, MANIFEST)) as f:
-            return json.load(f)
-    except FileNotFoundError:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read().decode("utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path} is damaged ({type(error).__name__}: {error}): the checkpoint cannot be "
+                              f"checked; load another checkpoint, or delete {path} to load it as DeepSpeed would, "
+                              f"unchecked") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not isinstance(
+            manifest.get("layout"), dict):
+        raise CheckpointError(f"{path} is damaged (not a manifest with 'files' and 'layout'): the checkpoint cannot "
+                              f"be checked; load another checkpoint, or delete {path} to load it as DeepSpeed would, "
+                              f"unchecked")
+    return manifest
 
 
 def manifest_files(directory: str) -> dict:
@@ -90,7 +122,7 @@ def manifest_files(directory: str) -> dict:
         for name in names:
             path = os.path.join(root, name)
             relative = os.path.relpath(path, directory)
-            if relative != MANIFEST:
+            if relative != MANIFEST and not name.startswith(CHECKSUMS_PREFIX):
                 files[relative] = os.path.getsize(path)
     return dict(sorted(files.items()))
 

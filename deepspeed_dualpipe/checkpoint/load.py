@@ -8,7 +8,7 @@ from typing import Optional
 
 from deepspeed.utils import logger
 
-from deepspeed_dualpipe.checkpoint import moe
+from deepspeed_dualpipe.checkpoint import checksums, marker, moe
 from deepspeed_dualpipe.checkpoint.files import (CheckpointError, MANIFEST, describe_layout, same_placement, layout_of,
                                                  read_latest, read_manifest, replaced_dir, staging_dir)
 
@@ -33,11 +33,15 @@ def prepare_load(engine, load_dir, tag=None, load_optimizer_states=True, load_mo
     incomplete, or its optimizer state cannot be loaded into ``engine``'s pipeline placement. Every rank
     reaches the same verdict (it reads the same files), so none is left waiting in a collective."""
     if tag is None:
-        tag = read_latest(load_dir)
+        tag = read_latest(load_dir, strict=True)
         if tag is None:
             return None
     tag = str(tag)
     path = os.path.join(load_dir, tag)
+    if not os.path.isdir(load_dir):
+        raise CheckpointError(f"cannot load checkpoint {tag!r}: {load_dir} is not a directory. Check the path (a "
+                              f"load without a tag and without 'latest' starts from scratch; one that names a tag "
+                              f"does not)")
     if not os.path.isdir(path):
         replaced = replaced_dir(load_dir, tag)
         if not os.path.isdir(replaced):
@@ -56,6 +60,7 @@ def prepare_load(engine, load_dir, tag=None, load_optimizer_states=True, load_mo
             raise CheckpointError(f"checkpoint {path} is damaged: {', '.join(wrong[:5])}"
                                   f"{' and more' if len(wrong) > 5 else ''} differ from the manifest {MANIFEST} "
                                   f"written when it was saved; load another checkpoint")
+        _verify_checksums(path, manifest)
     rank_files = glob.glob(os.path.join(path, "*mp_rank_*_model_states.pt"))
     if not rank_files:
         raise CheckpointError(f"{path} has no mp_rank_XX_model_states.pt files: it is not a complete DeepSpeed "
@@ -73,6 +78,46 @@ def prepare_load(engine, load_dir, tag=None, load_optimizer_states=True, load_mo
                 f"--finetune, which also restarts the iteration count). Or resume with the schedule placement and "
                 f"pipeline depth it was saved with.")
     return tag
+
+
+def _share_of_files(names):
+    """The files this rank checks: every rank one share, so the checkpoint is read once in all."""
+    import torch.distributed as tdist
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return names
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    return names[rank::world]
+
+
+def _everyones(found):
+    """What every rank found in its share (the same list on every rank, so all reach the same verdict)."""
+    import torch.distributed as tdist
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return found
+    gathered = [None] * tdist.get_world_size()
+    tdist.all_gather_object(gathered, found)
+    return [item for share in gathered for item in share]
+
+
+def _verify_checksums(path: str, manifest: dict) -> None:
+    """Every file against its checksum in the manifest; a mismatch raises :class:`CheckpointError` on every rank,
+    naming the files. Manifests written before checksums were recorded have none to check."""
+    recorded = manifest.get("checksums") or {}
+    unknown = sorted({checksums.algorithm_of(v) for v in recorded.values()} - set(checksums.ALGORITHMS))
+    if unknown:
+        raise CheckpointError(f"checkpoint {path} records checksums of algorithm {unknown[0]!r}, which this "
+                              f"Python cannot compute: install the module that provides it (crc32c, xxhash), or "
+                              f"delete its 'checksums' entry from {os.path.join(path, MANIFEST)} to load unchecked")
+    damaged = []
+    for name in _share_of_files(sorted(recorded)):
+        file = os.path.join(path, name)
+        if checksums.of_file(file, checksums.algorithm_of(recorded[name])) != recorded[name]:
+            damaged.append(name)
+    damaged = sorted(_everyones(damaged))
+    if damaged:
+        raise CheckpointError(f"checkpoint {path} is damaged: the content of {', '.join(damaged[:5])}"
+                              f"{' and more' if len(damaged) > 5 else ''} differs from the checksum recorded in "
+                              f"{MANIFEST} when it was saved (same size, other bytes); load another checkpoint")
 
 
 def _layouts(engine, path):
@@ -110,7 +155,7 @@ def load_checkpoint(engine,
     engine calls it too). Runs under ``torch.no_grad()``: DeepSpeed's ``PipelineModule`` broadcasts tied weights
     into parameters as it loads, which autograd would otherwise record."""
     import torch
-    from deepspeed.runtime.pipe.engine import PipelineEngine
+    from deepspeed_dualpipe.checkpoint.guard import deepspeed_load_checkpoint
     with torch.no_grad():
         tag = prepare_load(engine, load_dir, tag, load_optimizer_states, load_module_only)
         across = contextlib.nullcontext()
@@ -120,12 +165,28 @@ def load_checkpoint(engine,
             if not same_placement(saved, mine):
                 moe.check_loadable(path, describe_layout(saved) + source, describe_layout(mine))
                 across = moe.loading_across_placements(engine, path)
-        with across:
-            return PipelineEngine.load_checkpoint(engine,
-                                                  load_dir,
-                                                  tag,
-                                                  load_module_strict=load_module_strict,
-                                                  load_optimizer_states=load_optimizer_states,
-                                                  load_lr_scheduler_states=load_lr_scheduler_states,
-                                                  load_module_only=load_module_only,
-                                                  custom_load_fn=custom_load_fn)
+        with across, _unmarked(engine):
+            return deepspeed_load_checkpoint()(engine,
+                                               load_dir,
+                                               tag,
+                                               load_module_strict=load_module_strict,
+                                               load_optimizer_states=load_optimizer_states,
+                                               load_lr_scheduler_states=load_lr_scheduler_states,
+                                               load_module_only=load_module_only,
+                                               custom_load_fn=custom_load_fn)
+
+
+@contextlib.contextmanager
+def _unmarked(engine):
+    """Within the block, ``engine``'s checkpoint engine reads files as DeepSpeed wrote them (:mod:`.marker`)."""
+    checkpoint_engine = engine.checkpoint_engine
+    patched_before = "load" in vars(checkpoint_engine)
+    load = checkpoint_engine.load
+    checkpoint_engine.load = lambda *args, **kwargs: marker.unmark(load(*args, **kwargs))
+    try:
+        yield
+    finally:
+        if patched_before:
+            checkpoint_engine.load = load
+        else:
+            del checkpoint_engine.load

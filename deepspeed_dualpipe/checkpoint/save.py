@@ -7,10 +7,11 @@ from contextlib import contextmanager
 
 from deepspeed.utils import logger
 
-from deepspeed_dualpipe.checkpoint.files import (DEFAULT_TIMEOUT_S, FORMAT_VERSION, MANIFEST, REPLACED_PREFIX,
-                                                 STAGING_PREFIX, fsync_dir, fsync_file, manifest_files, check_tag,
-                                                 layout_of, replaced_dir, staging_dir, write_latest)
-from deepspeed_dualpipe.checkpoint import moe
+from deepspeed_dualpipe.checkpoint.files import (CHECKSUMS_PREFIX, DEFAULT_TIMEOUT_S, FORMAT_VERSION, MANIFEST,
+                                                 REPLACED_PREFIX, STAGING_PREFIX, fsync_dir, fsync_file,
+                                                 manifest_files, check_tag, layout_of, replaced_dir, staging_dir,
+                                                 write_latest)
+from deepspeed_dualpipe.checkpoint import checksums, marker, moe
 from deepspeed_dualpipe.checkpoint.rendezvous import SaveRendezvous
 
 
@@ -67,17 +68,40 @@ def _universal_checkpoint_info(module, client_state: dict):
             del vars(module)[key]
 
 
+def _hashing_save(checkpoint_engine):
+    """A ``save(state_dict, path)`` that writes like DeepSpeed's torch checkpoint engine and returns the file's
+    checksum, computed from the bytes as they pass (None: another checkpoint engine; checked after writing)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    save = checkpoint_engine.save
+    if type(checkpoint_engine) is not TorchCheckpointEngine or "save" in vars(checkpoint_engine):
+        return lambda state_dict, path: (save(state_dict, path), None)[1]
+
+    def save_and_hash(state_dict, path):
+        import torch
+        with open(path, "wb") as f:
+            writer = checksums.HashingWriter(f)
+            torch.save(state_dict, writer, _use_new_zipfile_serialization=checkpoint_engine.zipfile_serialization)
+        return writer.digest()
+
+    return save_and_hash
+
+
 def _write_files(engine, save_dir, staging_tag, client_state, exclude_frozen_parameters):
-    """This rank's part of DeepSpeed's ``save_checkpoint``, into ``save_dir/staging_tag``, flushed to disk."""
+    """This rank's part of DeepSpeed's ``save_checkpoint``, into ``save_dir/staging_tag``, flushed to disk, with
+    a checksum of each file (``.dualpipe-checksums-<rank>.json``, merged into the manifest by the commit)."""
     from deepspeed.runtime.checkpoint_engine import CheckpointCommitInfo
 
-    checkpoint_engine, written = engine.checkpoint_engine, []
+    checkpoint_engine, written = engine.checkpoint_engine, {}
     patched_before = "save" in vars(checkpoint_engine)
-    save = checkpoint_engine.save
+    save, layout = checkpoint_engine.save, layout_of(engine)
+    hashing_save = _hashing_save(checkpoint_engine)
 
     def recording_save(state_dict, path, *args, **kwargs):
-        result = save(state_dict, path, *args, **kwargs)
-        written.append(path)
+        if args or kwargs:  # a checkpoint engine of another signature: DeepSpeed's save, checked after writing
+            result, digest = save(marker.mark(state_dict, layout), path, *args, **kwargs), None
+        else:
+            result, digest = None, hashing_save(marker.mark(state_dict, layout), path)
+        written[path] = digest
         return result
 
     checkpoint_engine.save = recording_save
@@ -113,13 +137,37 @@ def _write_files(engine, save_dir, staging_tag, client_state, exclude_frozen_par
             del checkpoint_engine.save
     for path in written:
         fsync_file(path)
-    return written
+    staging = os.path.join(save_dir, staging_tag)
+    sums = {os.path.relpath(path, staging): digest for path, digest in written.items() if digest is not None}
+    with open(os.path.join(staging, f"{CHECKSUMS_PREFIX}{engine.global_rank}.json"), "w") as f:
+        json.dump(sums, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return list(written)
+
+
+def _checksums(staging: str, files) -> dict:
+    """Every file's checksum: as its writer recorded it, else (a file written another way) read now."""
+    recorded = {}
+    for name in os.listdir(staging):
+        if name.startswith(CHECKSUMS_PREFIX):
+            with open(os.path.join(staging, name)) as f:
+                recorded.update(json.load(f))
+            os.remove(os.path.join(staging, name))
+    return {name: recorded.get(name) or checksums.of_file(os.path.join(staging, name)) for name in files}
 
 
 def _commit(engine, save_dir: str, tag: str, save_latest: bool) -> None:
     """Add the manifest, rename the staging directory to ``tag``, then point ``latest`` at it."""
     staging, final, replaced = staging_dir(save_dir, tag), os.path.join(save_dir, tag), replaced_dir(save_dir, tag)
-    manifest = {"format": FORMAT_VERSION, "tag": tag, "layout": layout_of(engine), "files": manifest_files(staging)}
+    files = manifest_files(staging)
+    manifest = {
+        "format": FORMAT_VERSION,
+        "tag": tag,
+        "layout": layout_of(engine),
+        "files": files,
+        "checksums": _checksums(staging, files)
+    }
     with open(os.path.join(staging, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
         f.flush()

@@ -17,6 +17,7 @@ import inspect
 
 import deepspeed
 
+from deepspeed_dualpipe.checkpoint import guard as load_guard
 from deepspeed_dualpipe.config import dualpipe_config
 from deepspeed_dualpipe.integration import convert, megatron
 from deepspeed_dualpipe.integration.optimizer import check_optimizer
@@ -85,6 +86,7 @@ def initialize(args=None, model=None, *positional, **kwargs):
             raise TypeError(f"initialize() got multiple values for argument {name!r}")
         kwargs[name] = value
     strict_mode_from_env()  # DS_DUALPIPE_STRICT_P2P: NCCL's rules emulated, from here on
+    load_guard.install()  # engine.load_checkpoint of every engine checks the plugin's manifest
     ds_initialize = _deepspeed_initialize()
     config = _find_config(args, kwargs)
     from deepspeed.pipe import PipelineModule
@@ -172,6 +174,7 @@ def install() -> None:
     """Make ``deepspeed.initialize`` honour ``pipeline.schedule``. Idempotent."""
     global _ORIGINAL_INITIALIZE
     record_pipeline_module_args()
+    load_guard.install()
     if _ORIGINAL_INITIALIZE is not None:
         return
     original = deepspeed.initialize
@@ -186,8 +189,10 @@ def install() -> None:
 
 
 def uninstall() -> None:
-    """Restore the ``deepspeed.initialize`` that :func:`install` replaced. Idempotent."""
+    """Restore the ``deepspeed.initialize`` that :func:`install` replaced, and DeepSpeed's own
+    ``load_checkpoint``. Idempotent."""
     global _ORIGINAL_INITIALIZE
+    load_guard.uninstall()
     if _ORIGINAL_INITIALIZE is None:
         return
     deepspeed.initialize = _ORIGINAL_INITIALIZE

@@ -51,7 +51,10 @@ class Layout:
         return 2 if self.kind is LayoutKind.BIDIRECTIONAL else 1
 
     def path(self, micro_batch: int) -> List[Location]:
-        """The locations ``micro_batch`` visits, in model-stage order."""
+        """The locations ``micro_batch`` visits, in model-stage order (one list per direction, shared: read only)."""
+        return self._indexed_path(self.kind is LayoutKind.BIDIRECTIONAL and micro_batch >= self.micro_batches // 2)[0]
+
+    def _build_path(self, micro_batch: int) -> List[Location]:
         P = self.ranks
         if self.kind is LayoutKind.LINEAR:
             return [(r, 0) for r in range(P)]
@@ -73,9 +76,21 @@ class Layout:
         return P + rank if self.kind is LayoutKind.INTERLEAVED else 2 * P - 1 - rank
 
     def _neighbour(self, rank: int, chunk: int, micro_batch: int, step: int) -> Optional[Location]:
-        path = self.path(micro_batch)
-        i = path.index((rank, chunk)) + step
+        path, position = self._indexed_path(self.kind is LayoutKind.BIDIRECTIONAL
+                                            and micro_batch >= self.micro_batches // 2)
+        i = position[(rank, chunk)] + step
         return path[i] if 0 <= i < len(path) else None
+
+    def _indexed_path(self, reverse: bool):
+        """(path, location -> its index): one per direction, built once (asked for at every send and receive)."""
+        cache = self.__dict__.get("_paths")
+        if cache is None:
+            cache = {}
+            object.__setattr__(self, "_paths", cache)
+        if reverse not in cache:
+            path = self._build_path(self.micro_batches - 1 if reverse else 0)
+            cache[reverse] = (path, {location: i for i, location in enumerate(path)})
+        return cache[reverse]
 
     def upstream(self, rank: int, chunk: int, micro_batch: int) -> Optional[Location]:
         """The location feeding activations into ``(rank, chunk)``; None at the first stage."""
@@ -95,4 +110,8 @@ class Layout:
 
     def micro_batches_of(self, rank: int, chunk: int) -> List[int]:
         """The micro-batches that pass through ``(rank, chunk)``, in id order."""
-        return [m for m in range(self.micro_batches) if (rank, chunk) in self.path(m)]
+        return [
+            m for m in range(self.micro_batches)
+            if (rank,
+                chunk) in self._indexed_path(self.kind is LayoutKind.BIDIRECTIONAL and m >= self.micro_batches // 2)[1]
+        ]

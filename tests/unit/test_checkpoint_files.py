@@ -116,3 +116,90 @@ def test_a_tag_caught_between_the_two_renames_of_its_replacement_loads_its_previ
     os.rename(_checkpoint(str(tmp_path)), replaced_dir(str(tmp_path), "step1"))
     assert prepare_load(_fake_engine(), str(tmp_path), load_optimizer_states=False) == \
         os.path.basename(replaced_dir("", "step1"))
+
+
+# ----- what a load verifies, and how it says what is wrong -------------------------------------------------------
+
+_LAYOUT = {"schedule": "dualpipe", "layout": "bidirectional", "pipe_parallel_size": 2, "tensor_parallel_size": 1}
+
+
+def _checksummed(directory):
+    """A checkpoint whose manifest records the size and checksum of each of its files."""
+    from deepspeed_dualpipe.checkpoint import checksums
+    path = _checkpoint(directory, layout=_LAYOUT)
+    names = sorted(n for n in os.listdir(path) if n != MANIFEST)
+    with open(os.path.join(path, MANIFEST), "w") as f:
+        json.dump(
+            {
+                "format": 1,
+                "tag": "step1",
+                "layout": _LAYOUT,
+                "files": {
+                    n: os.path.getsize(os.path.join(path, n))
+                    for n in names
+                },
+                "checksums": {
+                    n: checksums.of_file(os.path.join(path, n))
+                    for n in names
+                }
+            }, f)
+    return path
+
+
+def test_bytes_overwritten_in_place_are_refused_by_the_checksum_naming_the_file(tmp_path):
+    path = _checksummed(str(tmp_path))
+    assert prepare_load(_fake_engine(P=2), str(tmp_path), load_optimizer_states=False) == "step1"
+    with open(os.path.join(path, "mp_rank_01_model_states.pt"), "r+b") as f:
+        f.write(b"y")  # same size, other content
+    with pytest.raises(CheckpointError, match=r"content of mp_rank_01_model_states.pt differs from the checksum"):
+        prepare_load(_fake_engine(P=2), str(tmp_path), load_optimizer_states=False)
+
+
+def test_the_checksum_written_while_saving_is_the_checksum_of_the_file(tmp_path):
+    import torch
+    from deepspeed_dualpipe.checkpoint import checksums
+    path = str(tmp_path / "f.pt")
+    with open(path, "wb") as f:
+        writer = checksums.HashingWriter(f)
+        torch.save({"w": torch.arange(100000.0)}, writer)
+    assert writer.digest() == checksums.of_file(path)
+    assert torch.load(path)["w"][-1] == 99999.0
+
+
+def test_a_manifest_that_is_not_json_names_itself_and_what_to_do(tmp_path):
+    path = _checksummed(str(tmp_path))
+    for garbage in (b"{not json", b"\xff\xfe\x00", b"[1, 2]"):
+        with open(os.path.join(path, MANIFEST), "wb") as f:
+            f.write(garbage)
+        with pytest.raises(CheckpointError, match=rf"{MANIFEST} is damaged .*load another checkpoint, or delete"):
+            prepare_load(_fake_engine(P=2), str(tmp_path), load_optimizer_states=False)
+
+
+@pytest.mark.parametrize("content, says", [(b"", "is empty"), (b"\n  \n", "is empty"),
+                                           (b"\x00\x01\xff\xfe", "is not text"),
+                                           (b"a/../b", "names .a/../b., which is not a checkpoint tag")])
+def test_a_latest_that_names_no_tag_is_refused_naming_it_and_what_to_write(tmp_path, content, says):
+    _checkpoint(str(tmp_path))
+    with open(tmp_path / "latest", "wb") as f:
+        f.write(content)
+    with pytest.raises(CheckpointError, match=rf"latest {says}.*pass tag= explicitly"):
+        prepare_load(_fake_engine(), str(tmp_path))
+    assert read_latest(str(tmp_path)) in (None, content.decode(errors="replace").strip())  # lenient for messages
+
+
+def test_a_tag_asked_for_in_a_directory_that_does_not_exist_is_an_error_not_a_fresh_start(tmp_path):
+    with pytest.raises(CheckpointError, match=r"cannot load checkpoint 'step1': .*missing is not a directory"):
+        prepare_load(_fake_engine(), str(tmp_path / "missing"), "step1")
+    assert prepare_load(_fake_engine(), str(tmp_path / "missing")) is None  # no tag, no latest: DeepSpeed warns
+
+
+def test_the_plugins_optimizer_files_of_a_chunked_placement_carry_no_param_groups_for_deepspeeds_loader():
+    import torch
+    from deepspeed_dualpipe.checkpoint import marker
+    state = {"module": None, "optimizer": torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=1).state_dict()}
+    marked = marker.mark(state, {"schedule": "dualpipev", "layout": "v"})
+    with pytest.raises(KeyError, match="param_groups"):
+        marked["optimizer"]["param_groups"]
+    assert "load_optimizer_states=False" in marked["optimizer"]["why"]
+    assert marker.unmark(marked) == state
+    assert marker.mark(state, {"schedule": "zb1p", "layout": "linear"}) is state  # DeepSpeed's own placement

@@ -203,3 +203,20 @@ def test_bad_key_in_a_json_file_is_reported_too(tmp_path):
 def test_config_that_is_neither_dict_nor_path_is_a_value_error():
     with pytest.raises(ValueError):
         dualpipe_config(42)
+
+
+@pytest.mark.parametrize("key,value", [("p2p_timeout_s", True), ("p2p_timeout_s", False), ("p2p_timeout_s", "20"),
+                                       ("monitor_interval", True), ("monitor_interval", "2"), ("profile_step", "3"),
+                                       ("profile_step", False)])
+def test_numeric_keys_refuse_booleans_and_strings_which_pydantic_would_convert(key, value):
+    expect_error(cfg("dualpipev", dualpipe={key: value}), f"dualpipe.{key}=")
+
+
+@pytest.mark.parametrize("value", [1e-9, 0.5, 0.999])
+def test_a_timeout_below_the_minimum_is_refused_with_its_value(value):
+    expect_error(cfg("dualpipev", dualpipe={"p2p_timeout_s": value}), f"{value:g} s is below the minimum 1 s")
+
+
+def test_the_minimum_timeout_and_integers_are_accepted():
+    assert dualpipe_config(cfg("dualpipev", dualpipe={"p2p_timeout_s": 1})).p2p_timeout_s == 1.0
+    assert dualpipe_config(cfg("dualpipev", dualpipe={"monitor_interval": 3})).dualpipe.monitor_interval == 3

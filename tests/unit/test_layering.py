@@ -20,11 +20,12 @@ ALLOWED = {
     "runtime": {"schedule", "config", "checkpoint", "analysis"},  # analysis: the verifier, once at start-up
     "moe": {"runtime"},
     # moe: the Megatron MoE adapter; testing: strict mode from the environment (integration/strict.py)
-    "integration": {"runtime", "schedule", "config", "moe", "testing"},
+    # checkpoint: DeepSpeed's own load_checkpoint guarded when the plugin is installed (checkpoint/guard.py)
+    "integration": {"runtime", "schedule", "config", "moe", "testing", "checkpoint"},
     "tools": {"schedule", "analysis", "config", "runtime", "moe", "integration", "checkpoint", "testing"},
     "cli": {"schedule", "analysis", "tools"},
     "__main__": {"cli"},
-    "__init__": {"schedule", "integration", "runtime"},
+    "__init__": {"schedule", "integration", "runtime", "checkpoint"},
 }
 # Modules that import nothing from the package at all.
 # trace.py reads the step clock (runtime/autograd/clocks.py), which is the leaf now

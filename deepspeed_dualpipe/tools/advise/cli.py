@@ -97,9 +97,11 @@ def comparison_table(m: ModelCosts, runs: Dict[str, dict]) -> str:
 
 
 def add_parser(sub) -> None:
+    from deepspeed_dualpipe.tools.args import existing_file, existing_path, name_list
     p = sub.add_parser("advise", help="predict every schedule from a profiled step and recommend one")
     p.add_argument("profile",
                    nargs="*",
+                   type=existing_file,
                    help="the file dualpipe.profile_step wrote (docs/advise.md); more profiles of the same model under "
                    "other schedules fill in what the first cannot show (a full backward's cost from a schedule "
                    "that runs them, a split one's from a schedule that splits)")
@@ -107,12 +109,14 @@ def add_parser(sub) -> None:
     p.add_argument("--micro-batches",
                    help="comma-separated M to consider (default: P, 2P, 3P, 4P, 6P, 8P and the "
                    "profiled M)")
-    p.add_argument("--schedules", default=",".join(SCHEDULES))
+    p.add_argument("--schedules", type=name_list, default=",".join(SCHEDULES))
     p.add_argument("--measured",
+                   type=existing_path,
                    help="measured runs beside the predictions: the measured.json of 'measure' (or its directory), "
                    "or an ablation directory")
     p.add_argument("--what-if",
                    metavar="FILE",
+                   type=existing_file,
                    help="instead of profiles: a JSON description of a cluster and model (P up to 64, M up to 1024, "
                    "layers, per-layer F/B/W, all-to-all bytes, link bandwidth, EP size; docs/advise.md), predicted "
                    "for every schedule on paper (tools/advise/whatif.py)")
@@ -139,6 +143,25 @@ def what_if(args) -> None:
     print(json.dumps(whatif.as_json(w, rows), indent=1) if args.json else whatif.render(w, rows))
 
 
+def _costs_of(path):
+    """The model costs of one profile; a profile without the entries and numbers they need names itself."""
+    profile = load_profile(path)
+    for key in ("stages", "micro_batches"):
+        value = profile.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path}: {key!r} is {value!r}, not a positive integer; profile the step again")
+    if not isinstance(profile.get("schedule"), str):
+        raise ValueError(f"{path}: 'schedule' is {profile.get('schedule')!r}, not a schedule name")
+    if not isinstance(profile.get("ranks"), list) or not profile["ranks"] or not all(
+            isinstance(r, dict) for r in profile["ranks"]):
+        raise ValueError(f"{path}: 'ranks' is not a non-empty list of rank entries; profile the step again")
+    try:
+        return model_costs(profile)
+    except (KeyError, TypeError, IndexError, AttributeError, ZeroDivisionError) as error:
+        raise ValueError(f"{path} is not a complete profile ({type(error).__name__}: {error} where a "
+                         f"dualpipe.profile_step profile has a number); profile the step again") from None
+
+
 def main(args) -> None:
     if getattr(args, "what_if", None):
         if args.profile:
@@ -146,7 +169,7 @@ def main(args) -> None:
         return what_if(args)
     if not args.profile:
         raise ValueError("advise: give a profile (the file dualpipe.profile_step wrote) or --what-if FILE")
-    profiles = [model_costs(load_profile(path)) for path in args.profile]
+    profiles = [_costs_of(path) for path in args.profile]
     m = combine(profiles[0], profiles[1:])
     names = [n.strip() for n in args.schedules.split(",") if n.strip()]
     for name in names:

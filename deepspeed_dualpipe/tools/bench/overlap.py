@@ -113,15 +113,16 @@ def measure(spec: OverlapSpec, timeout: float = 600.0) -> dict:
 
 
 def add_parser(sub) -> None:
+    from deepspeed_dualpipe.tools.args import positive_int
     p = sub.add_parser("overlap",
                        help="time one overlapped forward/backward pair with real MoE all-to-alls "
                        "on 2 ranks, against the same pair run sequentially")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--tokens", type=int, default=256, help="tokens per micro-batch and rank")
-    p.add_argument("--experts", type=int, default=4)
-    p.add_argument("--blocks", type=int, default=2, help="MoE blocks in the chunk")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--hidden", type=positive_int, default=256)
+    p.add_argument("--tokens", type=positive_int, default=256, help="tokens per micro-batch and rank")
+    p.add_argument("--experts", type=positive_int, default=4)
+    p.add_argument("--blocks", type=positive_int, default=2, help="MoE blocks in the chunk")
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads per rank")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=main)
 

@@ -40,16 +40,17 @@ def parse_costs(text: str) -> Dict[str, float]:
 
 
 def add_parser(sub) -> None:
+    from deepspeed_dualpipe.tools.args import name_list, positive_float, positive_int
     p = sub.add_parser("bench", help="time every schedule through the real engine with cost-model layers")
-    p.add_argument("--schedules", default=DEFAULT_SCHEDULES)
-    p.add_argument("--stages", "-P", type=int, default=4, help="pipeline ranks P")
-    p.add_argument("--micro-batches", "-M", type=int, default=16)
-    p.add_argument("--layers", type=int, default=8, help="layers of the whole model (a multiple of 2P)")
+    p.add_argument("--schedules", type=name_list, default=DEFAULT_SCHEDULES)
+    p.add_argument("--stages", "-P", type=positive_int, default=4, help="pipeline ranks P")
+    p.add_argument("--micro-batches", "-M", type=positive_int, default=16)
+    p.add_argument("--layers", type=positive_int, default=8, help="layers of the whole model (a multiple of 2P)")
     p.add_argument("--cost",
                    default="F=5ms,B=10ms,W=5ms",
                    help="per-layer times F, B (full backward), W (its "
                    "weight part)")
-    p.add_argument("--width", type=int, default=4096, help="floats per activation (sent between stages)")
+    p.add_argument("--width", type=positive_int, default=4096, help="floats per activation (sent between stages)")
     p.add_argument("--a2a",
                    type=parse_bytes,
                    nargs="?",
@@ -82,8 +83,8 @@ def add_parser(sub) -> None:
                    help="torch: also run torch.distributed.pipelining's schedule of each named schedule that this "
                    "torch has (1f1b, zb1p, interleaved-1f1b, zbv, dualpipev), as rows 'torch NAME' timed between "
                    "the plugin's (tools/bench/torch_peer.py); none: the plugin's rows only")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds before the ranks are given up on")
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--timeout", type=positive_float, default=600.0, help="seconds before the ranks are given up on")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=main)
 

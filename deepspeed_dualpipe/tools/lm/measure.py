@@ -122,16 +122,20 @@ def summarize(per_rank: List[dict], spec: MeasureSpec, out_dir: Path) -> dict:
 
 
 def add_parser(sub) -> None:
+    from deepspeed_dualpipe.tools.args import name_list, positive_float, positive_int, writable_dir
     from deepspeed_dualpipe.schedule import SCHEDULES
     p = sub.add_parser("measure",
                        help="the demo model under every schedule in one launch: step time, memory, "
                        "profiles (for advise)")
     p.add_argument("--config", default="configs/dualpipe_moe.json", help="DeepSpeed config with an \"lm\" section")
-    p.add_argument("--ranks", type=int, default=4)
-    p.add_argument("--schedules", default=",".join(SCHEDULES))
-    p.add_argument("--rounds", type=int, default=10, help="timed steps per schedule, taken in turn")
-    p.add_argument("--out", default="runs/measure", help="directory for measured.json and the profiles")
-    p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument("--ranks", type=positive_int, default=4)
+    p.add_argument("--schedules", type=name_list, default=",".join(SCHEDULES))
+    p.add_argument("--rounds", type=positive_int, default=10, help="timed steps per schedule, taken in turn")
+    p.add_argument("--out",
+                   type=writable_dir,
+                   default="runs/measure",
+                   help="directory for measured.json and the profiles")
+    p.add_argument("--timeout", type=positive_float, default=1800.0)
     p.set_defaults(func=main)
 
 
