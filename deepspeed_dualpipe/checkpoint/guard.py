@@ -18,16 +18,10 @@ import functools
 import inspect
 import os
 
+from deepspeed_dualpipe.checkpoint.load import (_deepspeed_engine, deepspeed_load_checkpoint, load_checkpoint as
+                                                checked_load, prepare_load)
 
-def _deepspeed_engine():
-    from deepspeed.runtime.engine import DeepSpeedEngine
-    return DeepSpeedEngine
-
-
-def deepspeed_load_checkpoint():
-    """DeepSpeed's ``load_checkpoint`` itself, without the guard."""
-    method = _deepspeed_engine().load_checkpoint
-    return getattr(method, "_dualpipe_original", method)
+__all__ = ["install", "uninstall", "installed", "deepspeed_load_checkpoint"]
 
 
 def _is_pipeline_engine(engine) -> bool:
@@ -43,7 +37,6 @@ def _guarded(original):
         if not _is_pipeline_engine(self):
             return original(self, *args, **kwargs)
         from deepspeed_dualpipe.checkpoint.files import read_latest, read_manifest
-        from deepspeed_dualpipe.checkpoint.load import load_checkpoint as checked_load, prepare_load
         bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
         arguments = dict(bound.arguments)

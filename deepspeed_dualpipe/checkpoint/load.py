@@ -13,6 +13,17 @@ from deepspeed_dualpipe.checkpoint.files import (CheckpointError, MANIFEST, desc
                                                  read_latest, read_manifest, replaced_dir, staging_dir)
 
 
+def _deepspeed_engine():
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    return DeepSpeedEngine
+
+
+def deepspeed_load_checkpoint():
+    """DeepSpeed's ``load_checkpoint`` itself, without the guard that :mod:`.guard` installs over it."""
+    method = _deepspeed_engine().load_checkpoint
+    return getattr(method, "_dualpipe_original", method)
+
+
 def _missing_tag(load_dir: str, tag: str) -> CheckpointError:
     latest = read_latest(load_dir)
     hint = f"; 'latest' names {latest!r}" if latest is not None else ""
@@ -155,7 +166,6 @@ def load_checkpoint(engine,
     engine calls it too). Runs under ``torch.no_grad()``: DeepSpeed's ``PipelineModule`` broadcasts tied weights
     into parameters as it loads, which autograd would otherwise record."""
     import torch
-    from deepspeed_dualpipe.checkpoint.guard import deepspeed_load_checkpoint
     with torch.no_grad():
         tag = prepare_load(engine, load_dir, tag, load_optimizer_states, load_module_only)
         across = contextlib.nullcontext()
