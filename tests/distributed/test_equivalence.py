@@ -146,6 +146,7 @@ def test_stages_that_exchange_tuples_with_integer_tensors_train_to_the_same_numb
     _check(2, 1, f"{schedule}-tuple")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["zb1p", "dualpipe", "dualpipev"])
 def test_stages_that_exchange_bool_tensors_train_to_the_same_numbers(schedule):
     _check(2, 1, f"{schedule}-mask")  # NCCL has no bool type: the engine sends their bytes
