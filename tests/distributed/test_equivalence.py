@@ -62,7 +62,11 @@ RUNS = {  # name -> (schedule, model, dualpipe settings, other config keys)
     "zbv-clipped": ("zbv", "tied", None, {"gradient_clipping": CLIP}),
     "dualpipe-zero1": ("dualpipe", "tied", None, {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}),
     "dualpipev-zero1": ("dualpipev", "tied", None, {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}),
-    **{f"{s}-bf16": (s, "tied", None, {"bf16": {"enabled": True}}) for s in ("zb1p", "dualpipe", "dualpipev")},
+    "interleaved-1f1b-overlap-clipped": ("interleaved-1f1b-overlap", "tied", None, {"gradient_clipping": CLIP}),
+    **{f"{s}-zero1": (s, "tied", None, {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True})
+       for s in ("1f1b", "ds-dualpipev")},  # DeepSpeed's own engines, as the status table claims
+    **{f"{s}-bf16": (s, "tied", None, {"bf16": {"enabled": True}})
+       for s in ("zb1p", "dualpipe", "dualpipev", "1f1b", "ds-dualpipev")},
     **{f"{s}-tuple": (s, "tuple", None, {}) for s in SCHEDULES},
     **{f"{s}-mask": (s, "mask", None, {}) for s in ("zb1p", "dualpipe", "dualpipev")},
 }
@@ -156,21 +160,23 @@ def test_stages_that_exchange_bool_tensors_train_to_the_same_numbers(schedule):
 @pytest.mark.parametrize(
     "P, dp, run",
     [(2, 1, r)
-     for r in ("dualpipe-clipped", "dualpipev-clipped", "zb1p-clipped", "interleaved-1f1b-clipped", "zbv-clipped")] +
+     for r in ("dualpipe-clipped", "dualpipev-clipped", "zb1p-clipped", "interleaved-1f1b-clipped", "zbv-clipped",
+               "interleaved-1f1b-overlap-clipped")] +
     [(2, 2, "dualpipe-clipped"), (4, 1, "dualpipe-clipped"), (4, 1, "dualpipev-clipped")])
 def test_gradient_clipping_counts_every_parameter_once(P, dp, run):
     _check(P, dp, run)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("P, dp, run", [(2, 1, "dualpipe-zero1"), (2, 1, "dualpipev-zero1"), (2, 2, "dualpipe-zero1")])
+@pytest.mark.parametrize("P, dp, run", [(2, 1, "dualpipe-zero1"), (2, 1, "dualpipev-zero1"), (2, 2, "dualpipe-zero1"),
+                                        (2, 1, "1f1b-zero1"), (2, 1, "ds-dualpipev-zero1")])
 def test_zero_stage_1_trains_to_the_same_numbers(P, dp, run):
     _check(P, dp, run)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("P, dp, run", [(2, 1, "zb1p-bf16"), (2, 1, "dualpipe-bf16"), (2, 1, "dualpipev-bf16"),
-                                        (2, 2, "dualpipe-bf16")])
+                                        (2, 2, "dualpipe-bf16"), (2, 1, "1f1b-bf16"), (2, 1, "ds-dualpipev-bf16")])
 def test_bf16_trains_close_to_the_fp32_single_process(P, dp, run):
     # bf16 keeps 8 bits of mantissa: agreement to ~1e-2 is what precision allows. Copies of a
     # parameter must still be bit-identical, and accumulation happens in fp32.
