@@ -32,9 +32,13 @@ CLAIMS = {
     },
     "per-rank order equals a reference": {
         "*": ["tests/unit/test_schedules.py::test_every_rank_runs_the_compute_order_of_deepseeks_reference[{s}]"],
-        "il-1f1b": ["tests/unit/test_torch_orders.py::"
-                    "test_every_rank_runs_torchs_compute_order_and_accepts_the_same_shapes[interleaved-1f1b]"],
-        "zbv": ["tests/unit/test_torch_orders.py::test_every_rank_runs_torchs_compute_order_and_accepts_the_same_shapes[zbv]"],
+        "il-1f1b": [
+            "tests/unit/test_torch_orders.py::"
+            "test_every_rank_runs_torchs_compute_order_and_accepts_the_same_shapes[interleaved-1f1b]"
+        ],
+        "zbv": [
+            "tests/unit/test_torch_orders.py::test_every_rank_runs_torchs_compute_order_and_accepts_the_same_shapes[zbv]"
+        ],
     },
     "same losses and weights as one process": {
         "*": [
@@ -76,8 +80,10 @@ CLAIMS = {
         "*": [EQUIVALENCE + "test_eval_batch_returns_the_mean_loss_of_the_trained_model_on_every_rank[2-1-{s}]"],
     },
     "tensor parallelism": {
-        "*": ["tests/distributed/test_tensor_parallel.py::"
-              "test_every_schedule_trains_tensor_parallel_shards_to_the_numbers_of_one_process[{s}]"],
+        "*": [
+            "tests/distributed/test_tensor_parallel.py::"
+            "test_every_schedule_trains_tensor_parallel_shards_to_the_numbers_of_one_process[{s}]"
+        ],
         "dualpipe": [
             "tests/distributed/test_tensor_parallel.py::"
             "test_every_schedule_trains_tensor_parallel_shards_to_the_numbers_of_one_process[dualpipe]",

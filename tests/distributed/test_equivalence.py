@@ -102,6 +102,10 @@ EXTRA = {
     (4, 1): ("dualpipe-clipped", "dualpipev-clipped")
 }
 
+CLIPPED = [(2, 1, f"{s}-clipped") for s in ("dualpipe", "dualpipev", "zb1p", "interleaved-1f1b", "zbv")]
+CLIPPED += [(2, 1, "interleaved-1f1b-overlap-clipped"), (2, 2, "dualpipe-clipped"), (4, 1, "dualpipe-clipped"),
+            (4, 1, "dualpipev-clipped")]
+
 
 def _check(P, dp, run, perturb=None, rtol=1e-6, atol=harness.ATOL):
     results = [per_rank[run] for per_rank in _launch(P, dp)]
@@ -157,12 +161,7 @@ def test_stages_that_exchange_bool_tensors_train_to_the_same_numbers(schedule):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "P, dp, run",
-    [(2, 1, r)
-     for r in ("dualpipe-clipped", "dualpipev-clipped", "zb1p-clipped", "interleaved-1f1b-clipped", "zbv-clipped",
-               "interleaved-1f1b-overlap-clipped")] +
-    [(2, 2, "dualpipe-clipped"), (4, 1, "dualpipe-clipped"), (4, 1, "dualpipev-clipped")])
+@pytest.mark.parametrize("P, dp, run", CLIPPED)
 def test_gradient_clipping_counts_every_parameter_once(P, dp, run):
     _check(P, dp, run)
 

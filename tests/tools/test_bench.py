@@ -121,7 +121,10 @@ def test_the_busiest_ranks_peak_activation_memory_keeps_table_2s_ratio_to_deepsp
         "bench", "--schedules", "1f1b," + ",".join(TABLE2_AT_P4), "-P", "4", "-M", "8", "--layers", "8", "--cost",
         "F=1ms,B=2ms,W=1ms", "--repeats", "1", "--memory-source", "profiler", "--json", "--timeout", "300"
     ]) == 0
-    peaks = {name: row["peak_activation_bytes"] for name, row in json.loads(capsys.readouterr().out)["schedules"].items()}
+    peaks = {
+        name: row["peak_activation_bytes"]
+        for name, row in json.loads(capsys.readouterr().out)["schedules"].items()
+    }
     one_f_one_b = peaks["1f1b"]
     # the meter sees 1F1B's staircase: rank 0 holds P micro-batches in flight, the last rank one
     assert one_f_one_b[0] >= 4 * one_f_one_b[3] > 0, peaks

@@ -114,8 +114,10 @@ def measure(spec: OverlapSpec, timeout: float = 600.0) -> dict:
         "overlapped_s": overlapped,
         "efficiency": (sequential - overlapped) / min(compute, comm),
         # over every rank and timed pair: none can hide sequentially; overlapped, some must
-        "hidden_all_to_alls": {kind: sum(p["hidden"] for r in per_rank for p in r[kind])
-                               for kind in ("sequential", "overlapped")},
+        "hidden_all_to_alls": {
+            kind: sum(p["hidden"] for r in per_rank for p in r[kind])
+            for kind in ("sequential", "overlapped")
+        },
     }
 
 

@@ -46,7 +46,8 @@ def _save_then_continue(pairs, directory, batches):
 
 
 PAIRS = (("dualpipe", "1f1b"), ("1f1b", "dualpipe"), ("dualpipev", "zb1p"), ("zb1p", "dualpipev"),
-         ("dualpipe", "dualpipe"), ("dualpipev", "dualpipev"), ("ds-dualpipev", "dualpipev"), ("dualpipe", "ds-dualpipev"))
+         ("dualpipe", "dualpipe"), ("dualpipev", "dualpipev"), ("ds-dualpipev", "dualpipev"), ("dualpipe",
+                                                                                               "ds-dualpipev"))
 
 
 @functools.lru_cache(maxsize=None)
