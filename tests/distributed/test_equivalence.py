@@ -14,6 +14,10 @@ from tests.helpers import harness
 from tests.helpers.equivalence import MBS, MODELS, RUNS, SCHEDULES, SEED, STEPS, micro_batches
 from tests.helpers.equivalence import launch as _launch
 
+CLIPPED = [(2, 1, f"{s}-clipped") for s in ("dualpipe", "dualpipev", "zb1p", "interleaved-1f1b", "zbv")]
+CLIPPED += [(2, 1, "interleaved-1f1b-overlap-clipped"), (2, 2, "dualpipe-clipped"), (4, 1, "dualpipe-clipped"),
+            (4, 1, "dualpipev-clipped")]
+
 
 def _check(P, dp, run, perturb=None, rtol=1e-6, atol=harness.ATOL):
     results = [per_rank[run] for per_rank in _launch(P, dp)]
@@ -62,30 +66,28 @@ def test_stages_that_exchange_tuples_with_integer_tensors_train_to_the_same_numb
     _check(2, 1, f"{schedule}-tuple")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["zb1p", "dualpipe", "dualpipev"])
 def test_stages_that_exchange_bool_tensors_train_to_the_same_numbers(schedule):
     _check(2, 1, f"{schedule}-mask")  # NCCL has no bool type: the engine sends their bytes
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "P, dp, run",
-    [(2, 1, r)
-     for r in ("dualpipe-clipped", "dualpipev-clipped", "zb1p-clipped", "interleaved-1f1b-clipped", "zbv-clipped")] +
-    [(2, 2, "dualpipe-clipped"), (4, 1, "dualpipe-clipped"), (4, 1, "dualpipev-clipped")])
+@pytest.mark.parametrize("P, dp, run", CLIPPED)
 def test_gradient_clipping_counts_every_parameter_once(P, dp, run):
     _check(P, dp, run)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("P, dp, run", [(2, 1, "dualpipe-zero1"), (2, 1, "dualpipev-zero1"), (2, 2, "dualpipe-zero1")])
+@pytest.mark.parametrize("P, dp, run", [(2, 1, "dualpipe-zero1"), (2, 1, "dualpipev-zero1"), (2, 2, "dualpipe-zero1"),
+                                        (2, 1, "1f1b-zero1"), (2, 1, "ds-dualpipev-zero1")])
 def test_zero_stage_1_trains_to_the_same_numbers(P, dp, run):
     _check(P, dp, run)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("P, dp, run", [(2, 1, "zb1p-bf16"), (2, 1, "dualpipe-bf16"), (2, 1, "dualpipev-bf16"),
-                                        (2, 2, "dualpipe-bf16")])
+                                        (2, 2, "dualpipe-bf16"), (2, 1, "1f1b-bf16"), (2, 1, "ds-dualpipev-bf16")])
 def test_bf16_trains_close_to_the_fp32_single_process(P, dp, run):
     # bf16 keeps 8 bits of mantissa: agreement to ~1e-2 is what precision allows. Copies of a
     # parameter must still be bit-identical, and accumulation happens in fp32.

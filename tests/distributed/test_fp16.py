@@ -84,6 +84,10 @@ RUNS = {
         **STATIC,
         **ZERO1
     }, 3, False),
+    "dualpipev-zero1": ("dualpipev", {
+        **STATIC,
+        **ZERO1
+    }, 3, False),
     "dualpipe-clipped": ("dualpipe", {
         **STATIC, "gradient_clipping": CLIP
     }, 3, False),
@@ -100,6 +104,7 @@ RUNS = {
     "1f1b-inject": ("1f1b", DYNAMIC, 5, True),  # DeepSpeed's own engine: the bookkeeping baseline
     "dualpipe-inject": ("dualpipe", DYNAMIC, 5, True),
     "dualpipev-inject": ("dualpipev", DYNAMIC, 5, True),
+    "zb1p-inject": ("zb1p", DYNAMIC, 5, True),
     "1f1b-zero1-huge": ("1f1b", {
         **HUGE,
         **ZERO1
@@ -275,7 +280,7 @@ def _moved(results):
 
 # ----- (a) static loss scale: the numbers of fp32, and of DeepSpeed's own fp16 1F1B -----------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["dualpipe", "dualpipev", "zb1p", "dualpipe-zero1", "1f1b-zero1"])
+@pytest.mark.parametrize("run", ["dualpipe", "dualpipev", "zb1p", "dualpipe-zero1", "dualpipev-zero1", "1f1b-zero1"])
 def test_fp16_with_a_static_loss_scale_trains_close_to_the_fp32_single_process(run):
     results, reference = _check_against_reference(run)
     assert all(r["scales"] == [1024.0] * 4 and r["skipped"] == [0, 0, 0] for r in results)
@@ -304,7 +309,7 @@ def test_the_fp16_comparison_fails_when_the_loss_scale_is_not_applied():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["dualpipe", "dualpipev", "zb1p", "dualpipe-zero1"])
+@pytest.mark.parametrize("run", ["dualpipe", "dualpipev", "zb1p", "dualpipe-zero1", "dualpipev-zero1"])
 def test_fp16_losses_equal_those_of_deepspeeds_own_fp16_1f1b(run):
     ours, theirs = _results(run), _results("1f1b-zero1")
     start = harness.initial_params_from(theirs)
@@ -348,7 +353,7 @@ def _check_skipped(results, steps):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["dualpipe-inject", "dualpipev-inject"])
+@pytest.mark.parametrize("run", ["dualpipe-inject", "dualpipev-inject", "zb1p-inject"])
 def test_an_inf_on_one_rank_skips_the_step_on_every_rank_as_in_deepspeed(run):
     results, _ = _check_against_reference(run)  # training goes on, to the numbers of fp32
     _check_skipped(results, {INJECT_AT})

@@ -8,6 +8,7 @@ writes the profile (docs/advise.md).
 import functools
 import json
 import os
+import re
 
 import pytest
 
@@ -101,7 +102,10 @@ def test_advise_predicts_every_registered_schedule_from_the_profile(profiles, ca
     # the profiled schedule, predicted from its own profile, comes back to what was measured
     profile = advise.load_profile(profiles["zbv"])
     measured = max(r["activation_peak_bytes"] for r in profile["ranks"])
-    assert advise.predict(m, "zbv", P, M).activation_bytes == pytest.approx(measured, rel=0.35)
+    predicted = advise.predict(m, "zbv", P, M).activation_bytes
+    # closer than one micro-batch of the smallest stage (the old 35% let one more micro-batch in flight on every
+    # chunk pass: +14% here); measured 2026-12-07: 298087 predicted, 303832 measured, smallest stage 14622 bytes
+    assert abs(predicted - measured) < min(m.stage_activation_bytes), (predicted, measured, m.stage_activation_bytes)
 
 
 @pytest.mark.slow
@@ -122,8 +126,11 @@ def test_advise_respects_the_memory_budget_and_says_when_nothing_fits(profiles, 
     budget = min(p.memory_bytes() for p in predictions)
     assert main(["advise", profiles["zbv"], "--micro-batches", str(M), "--memory-budget", str(budget)]) == 0
     out = capsys.readouterr().out
-    chosen = advise.recommend(advise.predict_all(m, advise.SCHEDULES, [M]), budget)
-    assert chosen.memory_bytes() <= budget and f"schedule={chosen.schedule!r}" in out
+    # the pick fits the budget and none that fits is predicted faster (beyond advise's 1% tie)
+    fitting = {p.schedule: p for p in advise.predict_all(m, advise.SCHEDULES, [M]) if p.memory_bytes() <= budget}
+    pick = re.search(r"recommended: pipeline\.schedule='([\w-]+)'", out)[1]
+    fastest = min(p.per_micro_batch_s for p in fitting.values())
+    assert pick in fitting and fitting[pick].per_micro_batch_s <= 1.01 * fastest, (pick, sorted(fitting), out)
     with pytest.raises(SystemExit) as exit_:
         main(["advise", profiles["zbv"], "--micro-batches", str(M), "--memory-budget", "1KiB"])
     assert exit_.value.code == 1

@@ -105,7 +105,8 @@ def _bare(cases):
     results = {}
     for case in cases:
         group = dist.new_group([0, 1])
-        out, into = torch.full((4, ), float(rank)), torch.zeros(4)
+        # distinct non-zero values on each side, into a buffer holding neither: a receive must show its sender's
+        out, into = torch.full((4, ), float(rank + 1)), torch.full((4, ), -1.0)
 
         def op(kind, tensor):
             return dist.P2POp(kind, tensor, peer, group=group)
@@ -140,7 +141,7 @@ def _bare_outcomes(strict=True):
 def test_the_emulation_completes_a_send_and_a_receive_posted_in_one_group():
     (kind0, _, got0), (kind1, _, got1) = (r["one group"] for r in _bare_outcomes())
     assert (kind0, kind1) == ("no error", "no error")
-    assert got0 == [1.0] * 4 and got1 == [0.0] * 4
+    assert got0 == [2.0] * 4 and got1 == [1.0] * 4  # each rank holds what the other sent
 
 
 @pytest.mark.slow

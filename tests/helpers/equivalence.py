@@ -55,7 +55,11 @@ RUNS = {  # name -> (schedule, model, dualpipe settings, other config keys)
     "zbv-clipped": ("zbv", "tied", None, {"gradient_clipping": CLIP}),
     "dualpipe-zero1": ("dualpipe", "tied", None, {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}),
     "dualpipev-zero1": ("dualpipev", "tied", None, {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}),
-    **{f"{s}-bf16": (s, "tied", None, {"bf16": {"enabled": True}}) for s in ("zb1p", "dualpipe", "dualpipev")},
+    "interleaved-1f1b-overlap-clipped": ("interleaved-1f1b-overlap", "tied", None, {"gradient_clipping": CLIP}),
+    **{f"{s}-zero1": (s, "tied", None, {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True})
+       for s in ("1f1b", "ds-dualpipev")},  # DeepSpeed's own engines, as the status table claims
+    **{f"{s}-bf16": (s, "tied", None, {"bf16": {"enabled": True}})
+       for s in ("zb1p", "dualpipe", "dualpipev", "1f1b", "ds-dualpipev")},
     **{f"{s}-tuple": (s, "tuple", None, {}) for s in SCHEDULES},
     **{f"{s}-mask": (s, "mask", None, {}) for s in ("zb1p", "dualpipe", "dualpipev")},
 }

@@ -213,6 +213,7 @@ def run(tree: Path,
     calls = [json.loads(p.read_text()) for p in sorted(probe.glob("rank*.json"))]
     return {
         "iterations": [iterations[i] for i in sorted(iterations)],
+        "numbers": sorted(iterations),  # Megatron's own iteration numbers, as logged
         "calls": calls,
         "log": log,
         "returncode": returncode

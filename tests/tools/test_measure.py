@@ -2,6 +2,8 @@
 reads; ``advise`` then puts its predictions beside those measurements."""
 
 import json
+import re
+import statistics
 import types
 
 import pytest
@@ -66,4 +68,12 @@ def test_measure_then_advise_beside_it(tmp_path, capsys):
     profile = written["schedules"]["zbv"]["profile"]
     assert main(["advise", profile, "--measured", str(out), "--micro-batches", "4"]) == 0
     text = capsys.readouterr().out
-    assert "predicted beside measured" in text and "advise's pick at M=4:" in text
+    # each measured run's row beside its prediction shows the figures measure wrote, and the pick names one of them
+    table = text.split("predicted beside measured", 1)[1]
+    for name, entry in written["schedules"].items():
+        assert entry["step_s"] == statistics.median(entry["steps_s"]), entry
+        cells = next(line for line in table.splitlines() if line.startswith(name + " ")).split()
+        assert cells[:3] == [name, name, "4"] and cells[4] == f"{1e3 * entry['step_s']:.0f}", (cells, entry)
+        assert f"{entry['activation_bytes'] / 2**20:.2f}" in cells[6:], (cells, entry)
+    pick = re.search(r"advise's pick at M=4: (\S+) \(measured (\d+) ms\)", table)
+    assert pick and f"{1e3 * written['schedules'][pick[1]]['step_s']:.0f}" == pick[2], table

@@ -1,7 +1,9 @@
 """The host-sync counter behind tests/distributed/test_host_syncs.py sees every kind of call it names."""
 
+import pytest
 import torch
 
+from deepspeed_dualpipe.runtime.gradients import GradientReductions
 from deepspeed_dualpipe.testing.host_syncs import count_host_syncs
 
 
@@ -20,13 +22,33 @@ def test_every_host_reading_call_is_counted_and_nothing_after_the_context():
     assert sum(counts.values()) == 7 + (1 if torch.cuda.is_available() else 0)
 
 
-def test_clipping_by_a_clamped_coefficient_needs_no_host_sync_where_a_branch_would():
-    grads = [torch.ones(3), torch.ones(2)]
-    coefficient = 0.1 / (torch.stack(torch._foreach_norm(grads, 2)).pow(2).sum().sqrt() + 1e-6)
+class _OneRankClipping:
+    """Just what the engine's ``clip_fp32_gradients`` reads, on one rank: a module, the clip value, every
+    gradient counted (the counting rule is the distributed tests' business), the engine's own squared norm."""
+
+    def __init__(self, module, clip):
+        self.module, self.device, self._clip = module, torch.device("cpu"), clip
+
+    def gradient_clipping(self):
+        return self._clip
+
+    def _counts_in_norm(self, p):
+        return True
+
+    _squared_norm = GradientReductions._squared_norm
+
+
+def test_the_engines_gradient_clipping_needs_no_host_sync(monkeypatch):
+    from deepspeed_dualpipe.runtime import gradients
+    monkeypatch.setattr(gradients.dist, "all_reduce", lambda tensor, *args, **kwargs: None)  # one rank: the sum
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    for p in module.parameters():
+        p.grad = torch.ones_like(p)
+    grads = [p.grad.clone() for p in module.parameters()]
     with count_host_syncs() as counts:
-        torch._foreach_mul_(grads, coefficient.clamp(max=1.0))
-    assert sum(counts.values()) == 0
-    with count_host_syncs() as counts:
-        if coefficient < 1:  # the old clipping: a branch on the coefficient
-            pass
-    assert counts["__bool__"] == 1
+        coefficient = GradientReductions.clip_fp32_gradients(_OneRankClipping(module, 0.1))
+    assert sum(counts.values()) == 0, dict(counts)
+    norm = torch.cat([g.flatten() for g in grads]).norm()
+    assert float(coefficient) == pytest.approx(0.1 / (float(norm) + 1e-6))  # it clipped: the path was taken
+    for p, g in zip(module.parameters(), grads):
+        torch.testing.assert_close(p.grad, g * coefficient)

@@ -340,17 +340,40 @@ def test_a_custom_function_runs_its_backward_once_and_its_deferred_weight_gradie
         assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-7)
 
 
+class _PureLinear(torch.autograd.Function):
+    """``x @ weight.t()`` returning both gradients to autograd (pure: torch's split may run it in both parts)."""
+    dualpipe_split_safe = True
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight = ctx.saved_tensors
+        return grad_output @ weight, grad_output.t() @ x
+
+
 def test_a_function_marked_split_safe_is_split_like_builtin_ops():
-    from tests.helpers import client
+    Safe = _PureLinear
+    torch.manual_seed(0)
+    w, x = torch.nn.Parameter(torch.randn(4, 4)), torch.randn(2, 4)
 
-    class Safe(client.CountingLinear):
-        dualpipe_split_safe = True
+    def forward(inp):
+        return torch.tanh(Safe.apply(inp, w) + inp @ w)  # w also reaches the output through a built-in matmul
 
-    w = torch.nn.Parameter(torch.randn(4, 4))
-    inp = torch.randn(2, 4, requires_grad=True)
-    out = torch.tanh(Safe.apply(inp, w) + inp @ w)  # w also reaches the output through a built-in matmul
+    inp = x.clone().requires_grad_()
+    forward(inp).sum().backward()  # the reference: one whole backward
+    want_input, want_weight = inp.grad, w.grad
+    w.grad, inp = None, x.clone().requires_grad_()
+    out = forward(inp)
     handle = sb.SplitBackward.input_part(out, torch.ones_like(out), [inp], [w])
     assert handle.split and handle.reason is None
+    assert w.grad is None  # deferred, the custom Function's share as the matmul's
+    torch.testing.assert_close(inp.grad, want_input)
+    handle.weight_part()
+    torch.testing.assert_close(w.grad, want_weight)  # both paths' shares, each once
 
 
 class _HandLinear(torch.autograd.Function):

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from deepspeed_dualpipe.runtime.overlap import hidden_all_to_alls
+
 
 @dataclass(frozen=True)
 class OverlapSpec:
@@ -67,7 +69,9 @@ def _pair(blocks, spec: OverlapSpec, overlapped: bool) -> dict:
     weights.weight_part()  # the deferred W: outside the pair, as in the schedule
     compute = sum(e - s for name, s, e in events if name.endswith(":compute"))
     comm = sum(e - s for name, s, e in events if not name.endswith(":compute"))
-    return {"wall": wall, "compute": compute, "comm": comm}
+    # all-to-alls that completed while the other micro-batch computed: the proof that the halves ran together
+    hidden = len(hidden_all_to_alls(events))
+    return {"wall": wall, "compute": compute, "comm": comm, "hidden": hidden}
 
 
 def overlap_rank(spec: OverlapSpec) -> dict:
@@ -108,7 +112,12 @@ def measure(spec: OverlapSpec, timeout: float = 600.0) -> dict:
         "a2a_s": comm,
         "sequential_s": sequential,
         "overlapped_s": overlapped,
-        "efficiency": (sequential - overlapped) / min(compute, comm)
+        "efficiency": (sequential - overlapped) / min(compute, comm),
+        # over every rank and timed pair: none can hide sequentially; overlapped, some must
+        "hidden_all_to_alls": {
+            kind: sum(p["hidden"] for r in per_rank for p in r[kind])
+            for kind in ("sequential", "overlapped")
+        },
     }
 
 
