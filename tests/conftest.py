@@ -1,6 +1,8 @@
 import os
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 # DeepSpeed's CPU shm op is JIT-built once, at set-up (`make venv`), in TORCH_EXTENSIONS_DIR, and every rank of the
@@ -34,3 +36,16 @@ def pytest_terminal_summary(terminalreporter, config):
             f"DeepSpeed's shm op was rebuilt during this run ({links - links_before} completed build(s){rewritten}) "
             f"in {_SHM_OP}; expected never: `make venv` builds it once for the suite (tests/conftest.py)",
             yellow=True)
+
+
+@pytest.fixture
+def warnings_logged():
+    """The records DeepSpeed's logger emits at WARNING and above while the test runs."""
+    import logging
+    from deepspeed.utils import logger
+    records = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)

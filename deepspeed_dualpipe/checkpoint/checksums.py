@@ -10,59 +10,44 @@ import zlib
 CHUNK = 1 << 22  # 4 MiB reads when a file is checked
 
 
-def _crc32():
+class _Crc:
+    """A running CRC-32 of any implementation ``update(data, value) -> value`` (zlib's, crc32c's)."""
 
-    class Crc32:
-        name = "crc32"
+    def __init__(self, name, function):
+        self.name, self._function, self.value = name, function, 0
 
-        def __init__(self):
-            self.value = 0
+    def update(self, data):
+        self.value = self._function(data, self.value)
 
-        def update(self, data):
-            self.value = zlib.crc32(data, self.value)
+    def hexdigest(self):
+        return f"{self.value:08x}"
 
-        def hexdigest(self):
-            return f"{self.value:08x}"
 
-    return Crc32
+class _Xxh64:
+    name = "xxh64"
+
+    def __init__(self):
+        import xxhash
+        self.state = xxhash.xxh64()
+
+    def update(self, data):
+        self.state.update(data)
+
+    def hexdigest(self):
+        return self.state.hexdigest()
 
 
 def _algorithms():
-    found = {"crc32": _crc32()}
+    """Name -> a factory of running checksums, for the algorithms this interpreter can import."""
+    found = {"crc32": lambda: _Crc("crc32", zlib.crc32)}
     try:
         import crc32c
-
-        class Crc32c:
-            name = "crc32c"
-
-            def __init__(self):
-                self.value = 0
-
-            def update(self, data):
-                self.value = crc32c.crc32c(data, self.value)
-
-            def hexdigest(self):
-                return f"{self.value:08x}"
-
-        found["crc32c"] = Crc32c
+        found["crc32c"] = lambda: _Crc("crc32c", crc32c.crc32c)
     except ImportError:
         pass
     try:
-        import xxhash
-
-        class Xxh64:
-            name = "xxh64"
-
-            def __init__(self):
-                self.state = xxhash.xxh64()
-
-            def update(self, data):
-                self.state.update(data)
-
-            def hexdigest(self):
-                return self.state.hexdigest()
-
-        found["xxh64"] = Xxh64
+        import xxhash  # noqa: F401
+        found["xxh64"] = _Xxh64
     except ImportError:
         pass
     return found

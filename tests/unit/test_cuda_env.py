@@ -1,23 +1,11 @@
 """CUDA_DEVICE_MAX_CONNECTIONS=1 (Megatron's setting) serialises the overlapped pairs' all-to-alls on CUDA: the
 engine warns at start-up, naming the variable, when the schedule has such pairs."""
 
-import logging
 import types
 
 import pytest
-from deepspeed.utils import logger
 
 from deepspeed_dualpipe.runtime.cuda_env import has_overlapped_pairs, warn_about_connections
-
-
-@pytest.fixture
-def warnings_logged():
-    records = []
-    handler = logging.Handler(level=logging.WARNING)
-    handler.emit = records.append
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def _engine(schedule, device="cuda", stages=4, micro_batches=8):

@@ -1,24 +1,10 @@
 """DualPipeMoE(drop_tokens=False) dispatches one row per token per expert: the buffer of a micro-batch is sized
 when the first one is routed, and a warning names the size and the option when it is over the limit."""
 
-import logging
-
-import pytest
 import torch
-from deepspeed.utils import logger
 
 from deepspeed_dualpipe.moe.sizes import dispatch_buffer_bytes, warn_limit
 from tests.helpers.moe_layers import B, H, T, moe_block
-
-
-@pytest.fixture
-def warnings_logged():
-    records = []
-    handler = logging.Handler(level=logging.WARNING)
-    handler.emit = records.append
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def test_a_deepseek_v3_sized_layer_needs_15_gb_per_dispatch_buffer():
