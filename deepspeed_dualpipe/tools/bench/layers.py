@@ -29,9 +29,15 @@ all-to-all itself. The data makes the round trip dispatch -> experts -> combine 
 
 Activation memory is what the allocator holds (``deepspeed_dualpipe/runtime/memory.py``): these
 layers keep their inputs for the weight gradients as real tensors, and nothing else.
+
+On CUDA a host sleep would hold the CPU, not the GPU stream the engine's kernels and NCCL's all-to-alls
+queue behind. There each layer time is spent on the tensor's stream instead, as one spin kernel
+(``torch.cuda._sleep``) of as many GPU cycles as that time takes, the rate measured once per process
+against CUDA events (:func:`gpu_cycles_per_second`). The host returns at once; ``SLEEPS`` stays empty.
 """
 
 import time
+from typing import Callable, Optional
 
 import torch
 
@@ -40,11 +46,59 @@ import torch
 SLEEPS = []
 
 
-def _sleep(seconds: float) -> None:
-    if seconds > 0:
-        start = time.perf_counter()
-        time.sleep(seconds)
-        SLEEPS.append((start, time.perf_counter(), seconds))
+def _sleep(seconds: float, on: Optional[torch.Tensor] = None) -> None:
+    """``seconds`` of layer time: on the host, or on the GPU stream when ``on`` (a tensor the layer works
+    on) is a CUDA tensor."""
+    if seconds <= 0:
+        return
+    if on is not None and on.is_cuda:
+        with torch.cuda.device(on.device):
+            torch.cuda._sleep(cycles_for(seconds, gpu_cycles_per_second()))
+        return
+    start = time.perf_counter()
+    time.sleep(seconds)
+    SLEEPS.append((start, time.perf_counter(), seconds))
+
+
+# ----- GPU time: a spin kernel calibrated against CUDA events ----------------------------------
+CALIBRATION_CYCLES = 10_000_000  # a few ms at 1-2 GHz: long next to a launch, short next to a step
+_CYCLES_PER_SECOND = {}  # per CUDA device index, measured once
+
+
+def calibrate(spin: Callable[[int], None],
+              seconds_of: Callable[[Callable[[], None]], float],
+              cycles: int = CALIBRATION_CYCLES,
+              repeats: int = 3) -> float:
+    """Cycles per second of ``spin(cycles)``, timed by ``seconds_of(fn)`` (the seconds ``fn`` takes): the
+    fastest of ``repeats`` runs after one warm-up (a first launch also pays for loading the kernel)."""
+    seconds_of(lambda: spin(cycles))
+    seconds = min(seconds_of(lambda: spin(cycles)) for _ in range(repeats))
+    if not seconds > 0:
+        raise RuntimeError(f"calibrating the GPU spin: {cycles} cycles took {seconds} s (must be > 0)")
+    return cycles / seconds
+
+
+def cycles_for(seconds: float, cycles_per_second: float) -> int:
+    """The spin of ``seconds`` at the calibrated rate (at least one cycle)."""
+    return max(1, round(seconds * cycles_per_second))
+
+
+def _cuda_seconds_of(fn: Callable[[], None]) -> float:
+    """Seconds ``fn``'s kernels take on the current stream, between two CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def gpu_cycles_per_second() -> float:
+    """The current CUDA device's spin rate, measured on its first use in this process."""
+    index = torch.cuda.current_device()
+    if index not in _CYCLES_PER_SECOND:
+        _CYCLES_PER_SECOND[index] = calibrate(torch.cuda._sleep, _cuda_seconds_of)
+    return _CYCLES_PER_SECOND[index]
 
 
 # ----- the sleeping pieces ---------------------------------------------------------------------
@@ -56,12 +110,12 @@ class InputSleep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, forward_s, input_s):
         ctx.input_s = input_s
-        _sleep(forward_s)
+        _sleep(forward_s, x)
         return x.clone()  # a new tensor: x may be a stage input that the engine frees
 
     @staticmethod
     def backward(ctx, grad):
-        _sleep(ctx.input_s)
+        _sleep(ctx.input_s, grad)
         return grad, None, None
 
 
@@ -83,7 +137,7 @@ class WeightSleep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        _sleep(ctx.weight_s)
+        _sleep(ctx.weight_s, grad)
         return grad.expand(ctx.shape).contiguous(), None, None
 
 
@@ -140,7 +194,7 @@ class _Experts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, received, parts, used, forward_s, input_s):
         ctx.shares, ctx.input_s = _shares(received.numel(), parts, used), input_s
-        _sleep(forward_s)
+        _sleep(forward_s, received)
         out = received.new_empty(received.shape)
         for share in ctx.shares:
             out[share] = received[share]
@@ -148,7 +202,7 @@ class _Experts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        _sleep(ctx.input_s)
+        _sleep(ctx.input_s, grad)
         grad_in = grad.new_empty(grad.shape)
         for share in ctx.shares:
             grad_in[share] = grad[share]

@@ -168,9 +168,21 @@ def _step(engine, data) -> dict:
     L.SLEEPS.clear()
     ALL_TO_ALLS.clear()
     dist.barrier()  # every rank starts the step together
+    on_gpu = torch.device(engine.device).type == "cuda"
+    if on_gpu:  # the barrier's kernel done: the stream is idle from here
+        torch.cuda.synchronize(engine.device)
     cpu, start = time.process_time(), time.perf_counter()
+    if on_gpu:
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        events[0].record()
     engine.train_batch(data_iter=data)
-    end, cpu = time.perf_counter(), time.process_time() - cpu
+    if on_gpu:  # the host returned when the work was queued: the step ends when the stream has run it
+        events[1].record()
+        events[1].synchronize()
+        end = start + events[0].elapsed_time(events[1]) / 1e3
+    else:
+        end = time.perf_counter()
+    cpu = time.process_time() - cpu
     waits = [(s, e) for _, s, e in ALL_TO_ALLS]
     return {
         "start": start,
@@ -197,14 +209,14 @@ def _peer_memory() -> dict:
 
 
 # ----- one all-to-all alone ------------------------------------------------------------------
-def _calibrate(spec: BenchSpec, stage: int) -> Dict[str, float]:
+def _calibrate(spec: BenchSpec, stage: int, device="cpu") -> Dict[str, float]:
     """Median seconds of one all-to-all of ``a2a_bytes`` over this rank's expert-parallel group:
     ``alone`` with the other groups idle (one stage after the other), ``concurrent`` with every
     stage's group at once."""
     from deepspeed import comm as dist
     from deepspeed.utils import groups
     group = groups._get_expert_parallel_group("ep_size_2")
-    send = torch.randn(spec.a2a_bytes // 4 // 2 * 2)
+    send = torch.randn(spec.a2a_bytes // 4 // 2 * 2, device=device)
 
     def times():
         out = []
@@ -212,6 +224,8 @@ def _calibrate(spec: BenchSpec, stage: int) -> Dict[str, float]:
             recv = torch.empty_like(send)
             start = time.perf_counter()
             dist.all_to_all_single(recv, send, group=group, async_op=True).wait()
+            if send.is_cuda:  # the wait above only queued the stream's wait on NCCL's
+                torch.cuda.synchronize(send.device)
             out.append(time.perf_counter() - start)
         return statistics.median(out[min(3, len(out) - 1):])
 
@@ -241,7 +255,7 @@ def bench_rank(spec: BenchSpec) -> dict:
     if spec.a2a_wire_s:
         from deepspeed_dualpipe.tools.bench import wire
         wire.install(spec.a2a_wire_s)
-    calibration = _calibrate(spec, stage) if spec.a2a_bytes else None
+    calibration = _calibrate(spec, stage, first.device) if spec.a2a_bytes else None
     if spec.a2a_bytes:
         _time_all_to_alls()
     steps = {label: [] for label in engines}

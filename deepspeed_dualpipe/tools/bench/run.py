@@ -103,7 +103,10 @@ def _runs(names: List[str], a2a: bool, peer: str = "none"):
     return tuple(runs)
 
 
-def bench(args) -> dict:
+def bench(args, launch=None) -> dict:
+    """The bench's result (what ``--json`` prints). ``launch(fn, world_size, spec, timeout=)``: how the ranks are
+    started (default: gloo ranks on the CPU, :func:`~deepspeed_dualpipe.testing.launch.run_ranks`; tests/gpu starts
+    them on NCCL, one GPU each, where the layers spend their time on the GPU stream)."""
     # Imported here: the CLI builds its parser without loading torch's process machinery.
     from deepspeed_dualpipe.tools.bench import measure
     from deepspeed_dualpipe.testing.launch import run_ranks
@@ -136,7 +139,7 @@ def bench(args) -> dict:
                      a2a_bytes=a2a_bytes,
                      a2a_wire_s=wire_s,
                      memory_source=getattr(args, "memory_source", None))
-    per_rank = run_ranks(bench_rank, spec.world_size, spec, timeout=args.timeout)
+    per_rank = (launch or run_ranks)(bench_rank, spec.world_size, spec, timeout=args.timeout)
     alone = measure.all_to_all_alone(per_rank)
     # The simulator charges each all-to-all its time with every stage's at once: in a pipeline's
     # steady state all stages run their layers, and so their all-to-alls, at the same time. On the
