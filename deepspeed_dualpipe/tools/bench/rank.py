@@ -252,6 +252,10 @@ def bench_rank(spec: BenchSpec) -> dict:
         peers = {run.label: torch_peer.make_peer(spec, run.schedule, first) for run in spec.runs if run.peer}
         engines = {run.label: engines.get(run.label) or peers[run.label] for run in spec.runs}
     stage, replica = first.grid.get_stage_id(), first.grid.get_data_parallel_id()
+    if torch.device(first.device).type == "cuda":
+        # the layers' spin rate, measured now on an idle stream: its host wait must not fall inside a step
+        with torch.cuda.device(first.device):
+            L.gpu_cycles_per_second()
     if spec.a2a_wire_s:
         from deepspeed_dualpipe.tools.bench import wire
         wire.install(spec.a2a_wire_s)
