@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from tests.gpu.test_engine_gpu import _on_gpus
+from tests.helpers.gpu import on_gpus as _on_gpus
 
 pytestmark = [
     pytest.mark.gpu,
