@@ -23,5 +23,5 @@ def waiting_at_once(gen):
         return stop.value
 
 
-def serialised_interleave(first, second, events=None, labels=("first", "second"), device=None):
-    return _interleave(waiting_at_once(first), waiting_at_once(second), events, labels, device)
+def serialised_interleave(first, second, events=None, labels=("first", "second"), device=None, clock=None):
+    return _interleave(waiting_at_once(first), waiting_at_once(second), events, labels, device, clock)
