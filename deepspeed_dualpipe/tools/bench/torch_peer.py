@@ -120,6 +120,7 @@ class TorchPeer:
             raise ValueError(f"{spec.layers} layers do not split into torch {cls_name}'s {model_stages} stages")
         k = spec.layers // model_stages
         rank = torch.distributed.get_rank(pipe_group)
+        self.device = torch.device("cpu")  # torch's stages are built on the CPU, as the bench's CPU rows
         self.trace: List[_Item] = []
         self.modules, stages = [], []
         # torch gives a received input a gradient when the example input has one
@@ -129,7 +130,7 @@ class TorchPeer:
             stage = PipelineStage(module,
                                   index,
                                   model_stages,
-                                  torch.device("cpu"),
+                                  self.device,
                                   input_args=(example.detach() if index == 0 else example, ),
                                   output_args=(example, ),
                                   group=pipe_group)
