@@ -13,16 +13,15 @@ from typing import Mapping, Optional
 
 from deepspeed.utils import logger
 
-from deepspeed_dualpipe.schedule.instructions import OverlappedForwardBackward
-from deepspeed_dualpipe.schedule.registry import build_schedule
+from deepspeed_dualpipe.schedule.registry import get_spec
 
 VARIABLE = "CUDA_DEVICE_MAX_CONNECTIONS"
 
 
-def has_overlapped_pairs(schedule: str, stages: int, micro_batches: int, stage_id: int) -> bool:
-    """True if rank ``stage_id``'s training schedule holds an overlapped forward-backward pair."""
-    steps = build_schedule(schedule, micro_batches, stages, stage_id).steps()
-    return any(isinstance(i, OverlappedForwardBackward) for step in steps for i in step)
+def has_overlapped_pairs(schedule: str) -> bool:
+    """True if ``schedule`` runs overlapped forward-backward pairs: its class's ``paired`` fact, which
+    tests/unit/test_schedules.py checks against every rank's instructions (no schedule is rebuilt here)."""
+    return get_spec(schedule).paired
 
 
 def connections_warning(env: Mapping[str, str], pairs: bool) -> Optional[str]:
@@ -40,8 +39,7 @@ def warn_about_connections(engine, env: Mapping[str, str] = os.environ) -> Optio
     import torch
     if torch.device(engine.device).type != "cuda" or env.get(VARIABLE) is None:
         return None
-    pairs = has_overlapped_pairs(engine.schedule_name, engine.num_stages, engine.micro_batches, engine.stage_id)
-    message = connections_warning(env, pairs)
+    message = connections_warning(env, has_overlapped_pairs(engine.schedule_name))
     if message is not None:
         logger.warning(message)
     return message
