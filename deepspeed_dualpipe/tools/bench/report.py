@@ -49,7 +49,7 @@ def a2a_targets(results: dict) -> dict:
     return out
 
 
-# The targets against torch.distributed.pipelining at 1:1 wire (P=4, M=16, 20 ms layers): the plugin's
+# Targets against torch.distributed.pipelining at 1:1 wire (P=4, M=16, 20 ms layers): the plugin's
 # dualpipev at most 0.90 of torch's DualPipeV ("same"); dualpipe at most 0.85 of torch's fastest row ("best").
 PEER_TARGETS = {"dualpipev": ("same", 0.90), "dualpipe": ("best", 0.85)}
 
